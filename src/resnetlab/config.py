@@ -1,0 +1,368 @@
+"""Typed, frozen configuration: defaults <- YAML recipe <- ``key=value`` overrides.
+
+Every value carries its unit and reason in a comment. ``load()`` builds a :class:`Config`,
+``validate()`` checks cross-field rules, and unknown keys are refused with the closest valid key
+named, so a typo such as ``optim.lr_rate=0.1`` never silently trains with the default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names the one at fault."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet20"  # registry name: see `resnetlab models`
+    num_classes: int | None = None  # None: taken from the dataset
+    in_chans: int | None = None  # None: taken from the dataset (1 for digits, 3 for CIFAR)
+    shortcut: Literal["A", "B", "C"] | None = None  # None: the registry's (A for CIFAR nets)
+    zero_init_residual: bool = False  # last BN of each residual branch starts at 0
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory
+    drop_rate: float = 0.0  # dropout before the classifier, probability
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_padding: int = 4  # pixels of zero padding before the random crop (paper: 4 on 32x32)
+    flip: bool = True  # random horizontal flip with p=0.5 (off for digits: a 2 is not a mirrored 2)
+    scale_min: float = 0.08  # folder data: smallest area fraction of the random-resized crop
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["digits", "cifar10", "cifar100", "folder"] = "digits"
+    root: str | None = None  # folder with the files; cifar: batches or the official .tar.gz
+    download: bool = False  # cifar only: let torchvision fetch the archive (needs network)
+    val_fraction: float = 0.1  # share of the training set held out for model choice (cifar: 5k/50k)
+    test_fraction: float = 0.2  # digits only: share held out as the test split
+    image_size: int = 224  # folder data: training crop and evaluation crop, pixels
+    resize: int = 256  # folder data: shorter side before the evaluation centre crop, pixels
+    num_workers: int = 2  # folder data: DataLoader worker processes
+    in_memory: bool = True  # keep small datasets on the device as one uint8 tensor
+    on_bad_image: Literal["error", "skip"] = "error"  # unreadable image files: stop, or count and skip
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1  # peak learning rate for the batch size in train.batch_size
+    momentum: float = 0.9  # SGD momentum (adamw: beta1)
+    nesterov: bool = False
+    weight_decay: float = 1e-4  # L2 on the weights (decoupled for adamw)
+    no_weight_decay_bn_bias: bool = False  # exclude BN weights and all biases from weight decay
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of training, lr *= gamma
+    gamma: float = 0.1  # step schedule: factor at each milestone
+    min_lr: float = 0.0  # cosine schedule: floor, absolute
+    warmup: Literal["none", "linear", "constant"] = "none"  # constant: paper's resnet110 trick
+    warmup_epochs: float = 0.0  # length of the warm-up, epochs (fractions allowed)
+    warmup_lr: float = 0.01  # constant warm-up lr; linear warm-up starts here
+    label_smoothing: float = 0.0  # cross-entropy target smoothing, 0 = off
+    clip_grad_norm: float | None = None  # max global L2 norm of the gradients, None = off
+    ema_decay: float | None = None  # exponential moving average of weights per step, e.g. 0.999
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128  # global batch, images per optimiser step (split across ranks)
+    eval_batch_size: int = 512  # images per forward pass in evaluation
+    device: str = "auto"  # auto: cuda, then mps, then cpu; or any torch device string
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; for GPUs (slow on CPU)
+    compile: bool = False  # torch.compile the model; for GPUs
+    channels_last: bool = True  # NHWC memory format: ~15% faster on CPU, faster on tensor cores
+    sync_bn: bool = False  # DDP only: synchronise BN statistics across ranks
+    resume: Literal["never", "auto"] = "never"  # auto: continue when the run folder has last.pt
+    checkpoint_every_steps: int = 0  # also save last.pt every N steps mid-epoch, 0 = epoch ends only
+    eval_every: int = 1  # validate every N epochs (and always after the last)
+    test_at_end: bool = True  # evaluate the test split once, after training
+    quiet: bool = False  # no progress bar
+    tensorboard: bool = True  # write event files when tensorboard is installed
+    threads: int = 0  # torch CPU threads, 0 = torch's default
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str | None = None  # run folder name; None: <model>-<data>-<timestamp>
+    root: str = "runs"  # parent folder of the run folders
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0  # drives the split, the init, the batch order and the augmentation
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass, with type checking
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_describe(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"list of {_describe(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: expected one of {_describe(tp)}, got {value!r}{hint}")
+    if origin is tuple:
+        (item,) = get_args(tp)[:1]
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = _type_hints(cls)
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from ``data`` over ``base`` (or the defaults)."""
+    hints = _type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(f"{prefix}{key}")
+        tp = hints[key]
+        if is_dataclass(tp) and isinstance(value, Mapping):
+            sub_base = getattr(base, key) if base is not None else None
+            kwargs[key] = _build(tp, value, prefix=f"{prefix}{key}.", base=sub_base)
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    if base is not None:
+        return replace(base, **kwargs)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-Python dict (lists for tuples) of a config, for YAML, JSON and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
+    """Inverse of :func:`to_dict`; also merges a partial dict over ``base``."""
+    return validate(_build(Config, data, base=base or Config()))
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=0.05"`` -> ``("optim.lr", 0.05)``; values are read as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _check_key(dotted: str) -> None:
+    if dotted not in _all_keys(Config):
+        raise _unknown_key(dotted)
+
+
+def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults <- YAML file ``path`` <- ``key=value`` overrides, then :func:`validate`."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        try:
+            cfg = _build(Config, data, base=cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """``cfg`` with ``key=value`` strings applied in order, then :func:`validate`."""
+    for text in overrides:
+        key, value = parse_override(text)
+        _check_key(key)
+        cfg = _build(Config, _nest(key, value), base=cfg)
+    return validate(cfg)
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; returns ``cfg`` unchanged or raises ConfigError naming the key."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    need(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+    need(cfg.train.eval_every >= 1, "train.eval_every must be >= 1")
+    need(cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
+    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    need(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)")
+    need(all(0 < m < 1 for m in cfg.optim.milestones), "optim.milestones are fractions in (0, 1)")
+    need(list(cfg.optim.milestones) == sorted(cfg.optim.milestones), "optim.milestones must increase")
+    need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+    if cfg.optim.ema_decay is not None:
+        need(0 < cfg.optim.ema_decay < 1, f"optim.ema_decay must be in (0, 1), got {cfg.optim.ema_decay}")
+    if cfg.optim.clip_grad_norm is not None:
+        need(cfg.optim.clip_grad_norm > 0, "optim.clip_grad_norm must be > 0")
+    need(0 <= cfg.data.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    need(0 < cfg.data.test_fraction < 1, "data.test_fraction must be in (0, 1)")
+    need(cfg.data.augment.crop_padding >= 0, "data.augment.crop_padding must be >= 0")
+    need(0 < cfg.data.augment.scale_min <= 1, "data.augment.scale_min must be in (0, 1]")
+    need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
+    need(cfg.data.image_size >= 8, "data.image_size must be >= 8")
+    need(cfg.data.resize >= cfg.data.image_size, "data.resize must be >= data.image_size")
+    if cfg.data.name in ("cifar10", "cifar100", "folder"):
+        need(cfg.data.root is not None or (cfg.data.download and cfg.data.name != "folder"),
+             f"data.root is required for data.name={cfg.data.name}")
+    if cfg.model.num_classes is not None:
+        need(cfg.model.num_classes >= 1, "model.num_classes must be >= 1")
+    need(0 <= cfg.model.drop_rate < 1, "model.drop_rate must be in [0, 1)")
+    from resnetlab.models import list_models  # late import: config must not need torch at import
+
+    if cfg.model.name not in list_models():
+        close = difflib.get_close_matches(cfg.model.name, list_models(), n=3)
+        hint = f"; closest: {', '.join(close)}" if close else "; see `resnetlab models`"
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}{hint}")
+    return cfg
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run folder's ``config.yaml``)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def override(cfg: Config, **dotted: Any) -> Config:
+    """Return ``cfg`` with ``key=value`` changes, e.g. ``override(cfg, **{"train.epochs": 2})``."""
+    for key, value in dotted.items():
+        _check_key(key)
+        cfg = _build(Config, _nest(key, value), base=cfg)
+    return validate(cfg)
+
+
+__all__ = [
+    "AugmentConfig", "Config", "apply_overrides", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig",
+    "RunConfig", "TrainConfig", "from_dict", "load", "override", "parse_override", "save_yaml",
+    "to_dict", "validate",
+]

@@ -1,0 +1,204 @@
+"""Checkpoints: atomic saves, safe loads, the full training state, safetensors weights.
+
+Small functions, no class hierarchy. Every save goes to a temp file in the same folder, is
+flushed and fsynced, then ``os.replace``d over the target, so a kill at any moment leaves the
+previous file intact. Every load uses ``weights_only=True``: a file that would need arbitrary
+pickled objects is refused and the code inside it never runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the model; the message names the file/keys."""
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write_fn) -> None:
+    """Call ``write_fn(file_object)`` on a temp file beside ``path``, fsync, then rename over it.
+
+    If ``write_fn`` raises (disk full, a bug, an interrupt) the temp file is removed and the
+    previous ``path`` is untouched, byte for byte.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
+    """Atomically ``torch.save`` a checkpoint dict (tensors, numbers, strings, lists, dicts)."""
+    atomic_write(path, lambda f: torch.save(dict(state), f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; refuse, with the file named, anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: it holds pickled objects other than tensors and plain "
+            f"data, which could run code (weights_only=True). Detail: {first}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+    return obj
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """``runs/<name>/checkpoints/last.pt`` if it exists."""
+    p = Path(run_dir) / CHECKPOINT_DIR / LAST
+    return p if p.is_file() else None
+
+
+def resolve(path: str | Path, prefer: str = BEST) -> Path:
+    """A checkpoint file from a run folder (``best.pt``, else ``last.pt``) or a file path."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for name in (prefer, BEST, LAST):
+            cand = p / CHECKPOINT_DIR / name
+            if cand.is_file():
+                return cand
+        raise CheckpointError(f"{p}: run folder has no {CHECKPOINT_DIR}/{BEST} or {CHECKPOINT_DIR}/{LAST}")
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such run folder or checkpoint file")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# random states (as tensors and plain data, so weights_only loading accepts them)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and (if present) every CUDA device's random state."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------------------------
+# weights
+
+
+def model_state(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights to use for inference: the EMA copy when training kept one."""
+    return ckpt.get("ema") or ckpt["model"]
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "weights",
+                 reinit_head: bool = False) -> None:
+    """Load ``state`` into ``model`` strictly; name every missing, unexpected or mis-shaped key.
+
+    ``reinit_head=True`` drops the classifier (``fc.*``) from ``state`` when its shape does not
+    fit, keeping the model's freshly initialised head (fine-tuning to another class count).
+    """
+    own = model.state_dict()
+    state = dict(state)
+    if reinit_head:
+        for k in [k for k in state if k.startswith("fc.")]:
+            if k in own and own[k].shape != state[k].shape:
+                del state[k]
+                state[k] = own[k]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(f"{k}: {tuple(state[k].shape)} in {source} vs {tuple(own[k].shape)} in model"
+                   for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        parts = []
+        if shape:
+            parts.append("shape mismatch: " + "; ".join(shape))
+        if missing:
+            parts.append("missing: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        if unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
+        hint = " (to fine-tune on another number of classes, re-initialise the head)" if any(
+            k.startswith("fc.") for k in shape) else ""
+        raise CheckpointError(f"{source} does not fit the model: " + " | ".join(parts) + hint)
+    model.load_state_dict(state, strict=True)
+
+
+def save_safetensors(model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | Path,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Atomically write weights as safetensors (contiguous CPU copies; shared storage split)."""
+    from safetensors.torch import save
+
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    blob = save(tensors, metadata=dict(metadata or {}))
+    atomic_write(path, lambda f: f.write(blob))
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (no code can run on load); errors name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None

@@ -1,0 +1,87 @@
+"""Optimiser with parameter groups, the learning-rate schedule as a pure function, and EMA."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from resnetlab.config import OptimConfig
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """One group, or two when BN weights and biases (every 0/1-dim tensor) skip weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not cfg.no_weight_decay_bn_bias:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (the paper's) or AdamW over :func:`param_groups`; lr is set per step by lr_at()."""
+    groups = param_groups(model, cfg)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
+    """Learning rate for optimiser step ``step`` (0-based) of ``total_steps``.
+
+    A pure function of the step, so resuming needs no scheduler state and a plot of the
+    schedule is one list comprehension. Warm-up comes first; ``constant`` warm-up is the
+    paper's resnet110 trick (lr 0.01 until training gets going, then the full lr).
+    """
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup != "none" else 0
+    if step < warm:
+        if cfg.warmup == "constant":
+            return cfg.warmup_lr
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        passed = sum(step >= round(m * total_steps) for m in cfg.milestones)
+        return cfg.lr * cfg.gamma**passed
+    progress = (step - warm) / max(1, total_steps - warm)  # cosine over the post-warm-up steps
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights (buffers are copied, not averaged).
+
+    ``ema = decay * ema + (1 - decay) * weights`` after every optimiser step; the averaged
+    copy is what evaluation and export use when ``optim.ema_decay`` is set.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self._param_names = {name for name, _ in self.module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_state = self.module.state_dict()
+        for name, value in model.state_dict().items():
+            target = ema_state[name]
+            if name in self._param_names:
+                target.lerp_(value, 1.0 - self.decay)
+            else:
+                target.copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
