@@ -195,7 +195,9 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
     net = wrap_ddp(model, dist, device, cfg.train.sync_bn)
     if cfg.train.compile:
         net = torch.compile(net)
-    eval_net = ema.module if ema is not None else net
+    # Evaluate the plain module: ranks hold shards of unequal length, and a DDP forward could
+    # wait on a collective that a rank with one batch fewer never joins.
+    eval_net = ema.module if ema is not None else unwrap(net)
 
     def checkpoint_state() -> dict[str, Any]:
         return {
