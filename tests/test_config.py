@@ -82,3 +82,9 @@ def test_every_shipped_recipe_loads() -> None:
     paper = load(ROOT / "configs/cifar10_resnet110.yaml")
     assert (paper.optim.lr, paper.optim.momentum, paper.optim.weight_decay) == (0.1, 0.9, 1e-4)
     assert paper.optim.warmup == "constant" and paper.optim.warmup_lr == 0.01
+
+
+def test_zero_init_residual_is_refused_for_plain_nets() -> None:
+    assert load(None, ["model.zero_init_residual=true"]).model.zero_init_residual
+    with pytest.raises(ConfigError, match="plain20"):
+        load(None, ["model.name=plain20", "model.zero_init_residual=true"])

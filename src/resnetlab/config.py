@@ -339,12 +339,15 @@ def validate(cfg: Config) -> Config:
     if cfg.model.num_classes is not None:
         need(cfg.model.num_classes >= 1, "model.num_classes must be >= 1")
     need(0 <= cfg.model.drop_rate < 1, "model.drop_rate must be in [0, 1)")
-    from resnetlab.models import list_models  # late import: config must not need torch at import
+    from resnetlab.models import list_models, model_defaults  # late: config needs no torch to import
 
     if cfg.model.name not in list_models():
         close = difflib.get_close_matches(cfg.model.name, list_models(), n=3)
         hint = f"; closest: {', '.join(close)}" if close else "; see `resnetlab models`"
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}{hint}")
+    need(not (cfg.model.zero_init_residual and model_defaults(cfg.model.name).get("plain")),
+         f"model.zero_init_residual=true would make every block of the plain net "
+         f"{cfg.model.name} output zeros; it is for residual nets only")
     return cfg
 
 
