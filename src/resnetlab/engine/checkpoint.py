@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 CHECKPOINT_DIR = "checkpoints"
+_UMASK = os.umask(0)  # read once: mkstemp makes 0600 files, saved files get the usual mode
+os.umask(_UMASK)
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -58,6 +60,7 @@ def atomic_write(path: str | Path, write_fn) -> None:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,232 @@
+"""``resnetlab eval``: loss, top-1/top-5 error, per-class accuracy and the confusion matrix.
+
+The data are rebuilt from the checkpoint's own config (``key=value`` overrides on top, e.g. a new
+``data.root``), so the split is the one training held out. The network runs fused
+(:func:`resnetlab.models.fuse_for_inference`). Written next to the run (in the run folder, or
+beside a checkpoint file):
+
+- ``eval-<split>.json``: the metrics, per-class accuracy and where they came from;
+- ``confusion-<split>.json``: the matrix, rows = true class, columns = predicted class;
+- ``confusion-<split>.png``: the same matrix, row-normalised, as a picture.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnetlab import __version__
+from resnetlab.config import ConfigError, apply_overrides, parse_override
+from resnetlab.data import DataError, build_datasets, build_loader
+from resnetlab.engine.checkpoint import atomic_write
+from resnetlab.engine.metrics import SumMeter
+from resnetlab.inference import build_inference_model, output_dir, read_checkpoint
+from resnetlab.models import fuse_for_inference
+
+SPLITS = ("val", "test")
+OVERRIDE_SECTIONS = ("data.", "train.")  # the model itself comes from the checkpoint, never a flag
+
+
+@dataclass
+class EvalReport:
+    """Everything ``resnetlab eval`` measured on one split."""
+
+    source: str  # checkpoint file evaluated
+    split: str  # "val" | "test"
+    metrics: dict[str, float]  # loss, top1_err, top5_err, top1_acc, top5_acc (percent), count
+    classes: list[str]  # label id -> name (the checkpoint's classes)
+    confusion: list[list[int]]  # [k, k] counts, rows = true class, columns = predicted
+    per_class: list[dict[str, Any]]  # {"class", "index", "count", "correct", "accuracy"} (percent)
+    files: dict[str, str] = field(default_factory=dict)  # "json"/"confusion_json"/"confusion_png" -> path
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``eval-<split>.json`` document (without the matrix, which has its own file)."""
+        return {"source": self.source, "split": self.split, "metrics": self.metrics,
+                "per_class": self.per_class, "files": self.files, "resnetlab_version": __version__}
+
+
+# ----------------------------------------------------------------------------------------------
+# pieces
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[k, k]`` int64 counts of (true, predicted) pairs; pred and target are ``[n]`` label ids."""
+    k = num_classes
+    flat = target.long() * k + pred.long()  # [n] row-major cell index
+    return torch.bincount(flat, minlength=k * k).reshape(k, k)
+
+
+def per_class_accuracy(cm: torch.Tensor, classes: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per class: images, correct top-1, accuracy in percent (None for an absent class)."""
+    counts, correct = cm.sum(dim=1).tolist(), cm.diagonal().tolist()
+    return [{"class": name, "index": i, "count": n, "correct": c,
+             "accuracy": 100.0 * c / n if n else None}
+            for i, (name, n, c) in enumerate(zip(classes, counts, correct, strict=True))]
+
+
+def _label_map(data_classes: Sequence[str], model_classes: Sequence[str], where: str) -> torch.Tensor:
+    """Dataset label id -> model label id, by class name (identity when the lists agree).
+
+    An imported ImageNet checkpoint lists its classes in the order of its ``--classes`` file,
+    while a folder dataset sorts them by folder name; matching by name makes both agree.
+    """
+    if list(data_classes) == list(model_classes):
+        return torch.arange(len(model_classes))
+    index = {name: i for i, name in enumerate(model_classes)}
+    unknown = [c for c in data_classes if c not in index]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        shown = ", ".join(list(model_classes)[:5]) + (", ..." if len(model_classes) > 5 else "")
+        raise DataError(f"{where}: class {unknown[0]!r}{more} is not among the network's "
+                        f"{len(model_classes)} classes ({shown})")
+    return torch.tensor([index[c] for c in data_classes])
+
+
+def _check_overrides(overrides: Sequence[str]) -> None:
+    for text in overrides:
+        key, _ = parse_override(text)
+        if not key.startswith(OVERRIDE_SECTIONS):
+            raise ConfigError(
+                f"eval override {text!r}: only data.* and train.* keys can change (e.g. "
+                "data.root=... or train.device=cpu); the network comes from the checkpoint")
+
+
+@torch.no_grad()
+def run_split(model: nn.Module, loader: Any, label_map: torch.Tensor, num_classes: int,
+              device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
+    """One pass over ``loader``: (metrics as :class:`SumMeter` reports them, confusion ``[k, k]``)."""
+    criterion = nn.CrossEntropyLoss()
+    meter = SumMeter(device)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    label_map = label_map.to(device)
+    for x, y in loader.iterate(0):  # x [b, c, h, w] float32 normalised, y [b] dataset ids
+        y = label_map[y]  # [b] model ids
+        logits = model(x).float()  # [b, k]
+        meter.update(criterion(logits, y), logits, y)
+        cm += confusion_matrix(logits.argmax(dim=1), y, num_classes)
+    return meter.summary(), cm.cpu()
+
+
+def plot_confusion(cm: torch.Tensor, classes: Sequence[str], path: str | Path, title: str = "") -> None:
+    """Row-normalised confusion matrix as a PNG (atomic write; no global matplotlib state)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = len(classes)
+    rows = cm.sum(dim=1, keepdim=True).clamp(min=1)
+    share = (cm.double() / rows).numpy()  # [k, k] fraction of each true class
+    size = min(4 + 0.35 * k, 14)  # inches: readable for 10 classes, capped for 1000
+    fig = Figure(figsize=(size, size * 0.85))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if k <= 30:  # names and counts only where they stay legible
+        ax.set_xticks(range(k), labels=list(classes), rotation=90 if k > 10 else 0)
+        ax.set_yticks(range(k), labels=list(classes))
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=8,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    text = json.dumps(doc, indent=2)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequence[str] = (),
+                        *, write: bool = True) -> EvalReport:
+    """Evaluate the run folder or checkpoint ``path`` on ``split`` of its own data.
+
+    ``overrides`` are ``data.*`` / ``train.*`` ``key=value`` strings applied to the stored
+    config (e.g. ``data.root=/new/place``, ``train.device=cpu``, ``train.eval_batch_size=64``).
+    With ``write`` the three files of the module docstring go to the run (or checkpoint) folder.
+    """
+    from resnetlab.engine.fit import select_device
+
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    _check_overrides(overrides)
+    file, state, cfg, meta = read_checkpoint(path)
+    cfg = apply_overrides(cfg, overrides)
+    device = select_device(cfg.train.device)
+
+    data = build_datasets(cfg.data, seed=cfg.seed)
+    subset = getattr(data, split)
+    if subset is None or len(subset) == 0:
+        hint = ("add a test/ folder next to train/" if split == "test" else
+                "add a val/ folder or set data.val_fraction > 0") if cfg.data.name == "folder" else \
+            "set data.val_fraction > 0" if split == "val" else "this source has no test split"
+        raise DataError(f"{cfg.data.name} data under {cfg.data.root or 'the defaults'} has no "
+                        f"{split} split ({hint})")
+    if data.meta.in_chans != meta.in_chans:
+        raise DataError(f"data has {data.meta.in_chans} channel(s) but {file} was trained on "
+                        f"{meta.in_chans}")
+    label_map = _label_map(data.meta.classes, meta.classes, f"{cfg.data.name} data")
+    # Geometry from the (possibly overridden) data config; normalisation as in training.
+    loader_meta = replace(data.meta, mean=meta.mean, std=meta.std)
+    loader = build_loader(subset, loader_meta, cfg.data, train=False,
+                          batch_size=cfg.train.eval_batch_size, device=device, seed=cfg.seed)
+
+    model = fuse_for_inference(build_inference_model(state, cfg, meta, source=str(file))).to(device)
+    metrics, cm = run_split(model, loader, label_map, len(meta.classes), device)
+    report = EvalReport(source=str(file), split=split, metrics=metrics, classes=list(meta.classes),
+                        confusion=cm.tolist(), per_class=per_class_accuracy(cm, meta.classes))
+    if write:
+        out = output_dir(path)
+        files = {"json": out / f"eval-{split}.json", "confusion_json": out / f"confusion-{split}.json",
+                 "confusion_png": out / f"confusion-{split}.png"}
+        report.files = {k: str(v) for k, v in files.items()}
+        _write_json(files["confusion_json"], {"split": split, "classes": report.classes,
+                                              "rows": "true class", "columns": "predicted class",
+                                              "matrix": report.confusion})
+        plot_confusion(cm, meta.classes, files["confusion_png"],
+                       title=f"{cfg.model.name} on {cfg.data.name} {split}: "
+                             f"top-1 error {metrics['top1_err']:.2f}%")
+        _write_json(files["json"], report.to_dict())
+    return report
+
+
+def format_report(report: EvalReport, max_classes: int = 30) -> str:
+    """The printed table: headline metrics, then per-class accuracy (worst first when many)."""
+    m = report.metrics
+    lines = [f"{report.source} | {report.split} split | {m['count']} images",
+             f"loss {m['loss']:.4f} | top-1 error {m['top1_err']:.2f}% (acc {m['top1_acc']:.2f}%) | "
+             f"top-5 error {m['top5_err']:.2f}% (acc {m['top5_acc']:.2f}%)", ""]
+    rows = [r for r in report.per_class if r["count"]]
+    note = ""
+    if len(rows) > max_classes:  # 1000 ImageNet rows help nobody on a terminal
+        note = f"(the {max_classes} worst of {len(rows)} classes; all in the JSON)"
+        rows = sorted(rows, key=lambda r: (r["accuracy"], r["index"]))[:max_classes]
+    width = max([5, *(len(r["class"]) for r in rows)])
+    lines.append(f"{'class':<{width}}  {'images':>6}  {'correct':>7}  {'accuracy':>8}  {note}".rstrip())
+    for r in rows:
+        lines.append(f"{r['class']:<{width}}  {r['count']:>6}  {r['correct']:>7}  {r['accuracy']:>7.2f}%")
+    if report.files:
+        lines += ["", "wrote " + ", ".join(report.files.values())]
+    return "\n".join(lines)
+
+
+__all__ = ["EvalReport", "confusion_matrix", "evaluate_checkpoint", "format_report",
+           "per_class_accuracy", "plot_confusion", "run_split"]

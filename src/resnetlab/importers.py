@@ -1,0 +1,198 @@
+"""``resnetlab import torchvision``: a torchvision state dict on disk -> a resnetlab checkpoint.
+
+For people who have weights but no network access (no ``weights=`` download): the ImageNet
+nets here use torchvision's parameter names, so the state dict loads unchanged. The checkpoint
+gets what training would have stored (config + data meta), so ``eval``, ``predict`` and
+``export`` accept it like any run. The data meta is ImageNet-style: image-folder data, shorter
+side 256, centre crop 224, ImageNet mean/std, classes ``"0".."k-1"`` or the lines of
+``--classes``. Before writing, the imported network is compared with torchvision's own model
+holding the same weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from resnetlab import __version__
+from resnetlab.config import ConfigError, from_dict, to_dict
+from resnetlab.data import DataError, DataMeta
+from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from resnetlab.engine import checkpoint as ckpt
+from resnetlab.models import list_models, model_defaults
+
+DEFAULT_DATA_ROOT = "data/imagenet"  # where `eval` looks for train/ and val/ unless data.root=...
+IMAGE_SIZE, RESIZE = 224, 256  # torchvision's ImageNet evaluation: resize 256, centre crop 224
+PARITY_TOLERANCE = 1e-4
+
+
+@dataclass
+class ImportResult:
+    """The written checkpoint and how closely it reproduces torchvision."""
+
+    path: Path
+    arch: str
+    num_classes: int
+    max_abs_diff: float | None  # vs torchvision's model, None when torchvision has no such arch
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """One class name per line; blank lines and surrounding spaces ignored; names unique."""
+    p = Path(path).expanduser()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: cannot read the class names file ({e})") from None
+    names = [line.strip() for line in lines if line.strip()]
+    if not names:
+        raise DataError(f"{p}: no class names (expected one name per line)")
+    seen: set[str] = set()
+    for n, name in enumerate(names, 1):
+        if name in seen:
+            raise DataError(f"{p}: class name {name!r} appears twice (second time at name {n})")
+        seen.add(name)
+    return names
+
+
+def _unwrap_state(obj: Mapping[str, object], source: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict file; also accepts {"state_dict": ...} / {"model": ...} and
+    a DDP ``module.`` prefix, the usual ways such files are wrapped."""
+    for key in ("state_dict", "model"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and not isinstance(obj.get("config"), Mapping):
+            obj = inner
+            break
+    if isinstance(obj.get("config"), Mapping) and isinstance(obj.get("meta"), Mapping):
+        raise ckpt.CheckpointError(f"{source}: already a resnetlab checkpoint; use it directly")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ckpt.CheckpointError(f"{source}: holds no tensors; expected a torchvision state dict "
+                                   "saved with torch.save(model.state_dict(), path)")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in list_models():
+        close = difflib.get_close_matches(arch, list_models(), n=3)
+        hint = f"; closest: {', '.join(close)}" if close else "; see `resnetlab models`"
+        raise ConfigError(f"--arch: unknown model {arch!r}{hint}")
+
+
+def _misfit(arch: str, state: Mapping[str, torch.Tensor], num_classes: int, in_chans: int) -> str | None:
+    """Why ``state`` does not load into ``arch`` (first few keys named), or None if it fits.
+
+    The model is built on the ``meta`` device: shapes only, no memory, no init cost.
+    """
+    from resnetlab.models import create_model
+
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in
+               create_model(arch, num_classes=num_classes, in_chans=in_chans).state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    problems = []
+    shape = sorted(k for k in own.keys() & theirs.keys() if own[k] != theirs[k])
+    if shape:
+        problems.append(f"{len(shape)} shape mismatch(es), e.g. {shape[0]}: {list(theirs[shape[0]])} "
+                        f"in the file vs {list(own[shape[0]])} in {arch}")
+    for what, keys in (("missing", sorted(own.keys() - theirs.keys())),
+                       ("unexpected", sorted(theirs.keys() - own.keys()))):
+        if keys:
+            problems.append(f"{len(keys)} {what} key(s), e.g. {', '.join(keys[:3])}")
+    return "; ".join(problems) or None
+
+
+def _same_depths(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Registered models with as many blocks per stage as ``state`` (``layer<i>.<j>.`` keys):
+    the only ones worth building to see whether the weights fit."""
+    depth: dict[int, int] = {}
+    for key in state:
+        m = re.match(r"layer(\d+)\.(\d+)\.", key)
+        if m:
+            depth[int(m[1])] = max(depth.get(int(m[1]), 0), int(m[2]) + 1)
+    layers = tuple(depth[i] for i in sorted(depth))
+    return [name for name in list_models() if tuple(model_defaults(name).get("layers", ())) == layers]
+
+
+@torch.no_grad()
+def _torchvision_parity(arch: str, state: Mapping[str, torch.Tensor], ours: torch.nn.Module,
+                        num_classes: int, in_chans: int) -> float | None:
+    """Largest |ours - torchvision| on a random batch, or None if torchvision cannot compare."""
+    import torchvision
+
+    if in_chans != 3 or arch not in torchvision.models.list_models():
+        return None
+    theirs = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    try:
+        theirs.load_state_dict(state, strict=True)
+    except RuntimeError:
+        return None  # torchvision's layout differs for this arch (e.g. a resnetlab-only variant)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # [b, c, h, w]
+    return (ours(x) - theirs.eval()(x)).abs().max().item()
+
+
+def import_torchvision(file: str | Path, arch: str, classes: str | Path | None = None,
+                       output: str | Path | None = None, *,
+                       data_root: str = DEFAULT_DATA_ROOT) -> ImportResult:
+    """Turn the torchvision state dict at ``file`` into a resnetlab checkpoint for ``arch``.
+
+    ``classes``: a text file with one class name per line (as many as the classifier has
+    outputs); default ``"0".."k-1"``. ``output``: the checkpoint to write, default
+    ``<file stem>.resnetlab.pt`` beside ``file``. ``data_root`` is stored as ``data.root`` for
+    ``eval`` (override it there). The class count and input channels are read off the weights.
+    """
+    from resnetlab.inference import build_inference_model
+
+    src = Path(file).expanduser()
+    _check_arch(arch)
+    state = _unwrap_state(ckpt.load_checkpoint(src), src)
+    fc, conv1 = state.get("fc.weight"), state.get("conv1.weight")
+    if fc is None or fc.ndim != 2 or conv1 is None or conv1.ndim != 4:
+        raise ckpt.CheckpointError(f"{src}: no fc.weight [classes, features] and conv1.weight "
+                                   "[out, in, kh, kw]; is this a torchvision ResNet state dict?")
+    num_classes, in_chans = int(fc.shape[0]), int(conv1.shape[1])
+    names = read_class_names(classes) if classes is not None else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise DataError(f"{classes}: {len(names)} class names, but the weights in {src} have "
+                        f"{num_classes} outputs (fc.weight is {list(fc.shape)})")
+
+    cfg = from_dict({"model": {"name": arch, "num_classes": num_classes, "in_chans": in_chans},
+                     "data": {"name": "folder", "root": data_root, "image_size": IMAGE_SIZE,
+                              "resize": RESIZE},
+                     "run": {"name": f"imported-{arch}"}})
+    # ImageNet statistics for RGB; other channel counts have no standard, 0.5/0.5 maps 0..1 to -1..1.
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
+    meta = DataMeta(name="folder", classes=tuple(names), in_chans=in_chans,
+                    input_size=(IMAGE_SIZE, IMAGE_SIZE), mean=mean, std=std, resize=RESIZE)
+    why = _misfit(arch, state, num_classes, in_chans)
+    if why is not None:
+        fits = [name for name in _same_depths(state) if _misfit(name, state, num_classes, in_chans) is None]
+        hint = f"they fit: {', '.join(fits)}" if fits else "no registered model fits them"
+        raise ckpt.CheckpointError(f"{src}: the weights do not fit --arch {arch} ({why}); {hint}")
+    model = build_inference_model(state, cfg, meta, source=str(src))
+    diff = _torchvision_parity(arch, state, model, num_classes, in_chans)
+    if diff is not None and not diff <= PARITY_TOLERANCE:
+        raise ckpt.CheckpointError(f"{src}: imported {arch} differs from torchvision's by {diff:.3g} "
+                                   f"(> {PARITY_TOLERANCE:g}); not written")
+
+    out = Path(output).expanduser() if output is not None else src.with_name(f"{src.stem}.resnetlab.pt")
+    ckpt.save_checkpoint({
+        "model": model.state_dict(),
+        "ema": None, "optimizer": None, "scaler": None, "meter": None, "rng": None,
+        "state": {"epoch": 0, "batch": 0, "step": 0, "best_val_err": math.inf, "best_epoch": 0},
+        "config": to_dict(cfg),
+        "meta": meta.to_dict(),
+        "version": __version__,
+        "source": {"kind": "torchvision", "file": str(src), "arch": arch},
+    }, out)
+    return ImportResult(out, arch, num_classes, diff)
+
+
+__all__ = ["ImportResult", "import_torchvision", "read_class_names"]

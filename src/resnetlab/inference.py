@@ -1,0 +1,128 @@
+"""Load a trained network for inference: a run folder or a checkpoint file -> (model, config, meta).
+
+Shared by ``eval``, ``predict`` and ``export``. Everything needed to rebuild the network (the
+resolved :class:`~resnetlab.config.Config` and the :class:`~resnetlab.data.DataMeta` with its
+classes and preprocessing) travels inside the checkpoint, so no flag is ever needed:
+
+    model, cfg, meta = load_for_inference("runs/resnet20-digits")   # fused, eval, on the CPU
+
+Accepted sources: a run folder (``checkpoints/best.pt``, else ``last.pt``), any ``.pt``
+checkpoint written by training or by ``resnetlab import``, and a ``.safetensors`` file written
+by ``resnetlab export`` (its header carries the config and meta).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnetlab.config import Config, ConfigError, from_dict
+from resnetlab.data import DataError, DataMeta
+from resnetlab.engine import checkpoint as ckpt
+from resnetlab.models import fuse_for_inference
+
+# Keys of the safetensors header (string -> string) that carry what a .pt checkpoint holds.
+SAFETENSORS_CONFIG_KEY = "resnetlab.config"
+SAFETENSORS_META_KEY = "resnetlab.meta"
+
+
+def output_dir(path: str | Path) -> Path:
+    """Where outputs about ``path`` go: the run folder itself, or the checkpoint file's folder."""
+    p = Path(path).expanduser()
+    return p if p.is_dir() else p.parent
+
+
+def _looks_like_state_dict(obj: Mapping[str, Any]) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], Config, DataMeta]:
+    """Resolve ``path`` and read ``(checkpoint file, weights, config, meta)`` without a model.
+
+    Weights are the EMA copy when training kept one. Errors (:class:`CheckpointError`) name
+    the file and say what to do, e.g. run ``resnetlab import`` for a bare state dict.
+    """
+    file = ckpt.resolve(path)
+    if file.suffix == ".safetensors":
+        return (file, *_read_safetensors(file))
+    obj = ckpt.load_checkpoint(file)
+    if _looks_like_state_dict(obj):
+        raise ckpt.CheckpointError(
+            f"{file}: a bare state dict without resnetlab's config and data meta; turn torchvision "
+            f"weights into a checkpoint with `resnetlab import torchvision {file} --arch <name>`")
+    missing = [k for k in ("model", "config", "meta") if obj.get(k) is None]
+    if missing:
+        raise ckpt.CheckpointError(
+            f"{file}: not a resnetlab checkpoint (missing {', '.join(missing)}); expected a run "
+            f"folder, checkpoints/best.pt or last.pt, or a file from `resnetlab import`")
+    cfg, meta = _parse_config_meta(obj["config"], obj["meta"], file)
+    return file, ckpt.model_state(obj), cfg, meta
+
+
+def _parse_config_meta(config: Any, meta: Any, source: Path) -> tuple[Config, DataMeta]:
+    if not isinstance(config, Mapping) or not isinstance(meta, Mapping):
+        raise ckpt.CheckpointError(f"{source}: 'config' and 'meta' must be mappings")
+    try:
+        cfg = from_dict(config)
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"{source}: its stored config is not valid here: {e}") from None
+    try:
+        return cfg, DataMeta.from_dict(meta)
+    except DataError as e:
+        raise ckpt.CheckpointError(f"{source}: {e}") from None
+
+
+def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], Config, DataMeta]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ckpt.CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    if SAFETENSORS_CONFIG_KEY not in header or SAFETENSORS_META_KEY not in header:
+        raise ckpt.CheckpointError(
+            f"{file}: safetensors header has no {SAFETENSORS_CONFIG_KEY!r}/{SAFETENSORS_META_KEY!r}; "
+            "only files written by `resnetlab export --format safetensors` can be loaded by name")
+    try:
+        config, meta = json.loads(header[SAFETENSORS_CONFIG_KEY]), json.loads(header[SAFETENSORS_META_KEY])
+    except json.JSONDecodeError as e:
+        raise ckpt.CheckpointError(f"{file}: corrupt resnetlab header ({e})") from None
+    cfg, dmeta = _parse_config_meta(config, meta, file)
+    return ckpt.load_safetensors(file), cfg, dmeta
+
+
+def build_inference_model(state: Mapping[str, torch.Tensor], cfg: Config, meta: DataMeta, *,
+                          source: str = "checkpoint") -> nn.Module:
+    """The network ``cfg`` names, sized by ``meta``, with ``state`` loaded strictly, in eval mode."""
+    from resnetlab.engine.fit import build_model  # late: fit pulls in the whole engine
+
+    model = build_model(cfg, meta)
+    ckpt.load_weights(model, state, source=source)
+    return model.eval()
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
+                       fuse: bool = True) -> tuple[nn.Module, Config, DataMeta]:
+    """Load the network saved at ``path`` (run folder, .pt checkpoint or exported .safetensors).
+
+    Returns ``(model, config, meta)``: the model in eval mode on ``device`` (``"auto"`` picks
+    cuda, mps, cpu) with gradients off; with ``fuse`` (default) every BatchNorm is folded into
+    its convolution and the weights are channels_last (:func:`resnetlab.models.fuse_for_inference`).
+    """
+    from resnetlab.engine.fit import select_device
+
+    file, state, cfg, meta = read_checkpoint(path)
+    model = build_inference_model(state, cfg, meta, source=str(file))
+    if fuse:
+        model = fuse_for_inference(model)
+    model.requires_grad_(False)
+    return model.to(select_device(str(device))), cfg, meta
+
+
+__all__ = ["build_inference_model", "load_for_inference", "output_dir", "read_checkpoint"]
