@@ -21,10 +21,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be redirected after set-up)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool = False) -> None:
     logger = logging.getLogger("resnetlab")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
@@ -41,6 +53,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--config", help="YAML recipe, e.g. configs/cifar10_resnet56.yaml")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--seeds", metavar="0,1,2",
+                   help="train once per seed into <run.root>/<run.name>/seed<k>/, then write the "
+                        "mean ± std of every final metric (summary.md, summary.json) beside them")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.05 train.epochs=30")
 
 
@@ -49,6 +64,16 @@ def run_train(args: argparse.Namespace) -> int:
     from resnetlab.engine import fit, resume_config
 
     overrides = [*args.overrides, *(["train.quiet=true"] if args.quiet else [])]
+    if args.seeds is not None:
+        from resnetlab.analysis import train_seeds
+
+        if args.resume:
+            print("resnetlab train: error: --seeds and --resume do not combine; resume one seed's "
+                  "run folder at a time", file=sys.stderr)
+            return 2
+        seeds = train_seeds(args.config, overrides, args.seeds)
+        print(seeds.markdown + f"\n{seeds.group_dir}/summary.md, summary.json")
+        return seeds.exit_code
     cfg = resume_config(args.resume, overrides) if args.resume else load(args.config, overrides)
     result = fit(cfg)
     if result.interrupted is None and result.test is not None:
@@ -162,7 +187,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"resnetlab export: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {res.path} and {res.metadata_path.name} | max |{res.format} - pytorch| = "
-          f"{res.max_abs_diff:.2e} (limit {res.metadata['tolerance']:g})")
+          f"{res.max_abs_diff:.2e} (limit {res.metadata['tolerance']:.0e})")
     return 0
 
 
@@ -192,6 +217,96 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- analysis
+
+
+def add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="the paper's experiments: degradation (Fig. 6), cifar-table (Table 6)",
+                       description="Reproduce an experiment of He et al. 2015.")
+    exp = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    d = exp.add_parser("degradation", help="plain vs residual nets: figure + table of final errors",
+                       description="Train plain<d> and resnet<d> with one recipe and the same seeds; "
+                                   "write runs/degradation-<data>-<time>/ with degradation.png (Figure 6 "
+                                   "style), table.md, table.csv; print the table.")
+    d.add_argument("--data", default="digits", choices=("digits", "cifar10", "cifar100"),
+                   help="data source (cifar: pass data.root=DIR)")
+    d.add_argument("--depths", default="20,56", help="depths with a plain and a resnet twin (default 20,56)")
+    d.add_argument("--seeds", default="0,1,2", help="seeds per net (default 0,1,2)")
+    d.add_argument("--epochs", type=int, help="epochs per run (default 20 on digits, 164 on CIFAR)")
+    d.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. optim.lr=0.05")
+    c = exp.add_parser("cifar-table", help="Table 6: resnet20..110 on local CIFAR-10, ours vs the paper's",
+                       description="Train configs/cifar10_resnet{20,32,44,56,110}.yaml on local CIFAR-10 "
+                                   "files and print our test error next to the paper's. For GPUs: prints "
+                                   "its estimated time first; on CPU it trains only with --yes.")
+    c.add_argument("--depths", default="20,32,44,56,110", help="which of Table 6's nets (default all five)")
+    c.add_argument("--seeds", default="0", help="seeds per net (default 0)")
+    c.add_argument("--yes", action="store_true", help="train even on a CPU")
+    c.add_argument("--configs", metavar="DIR", help="folder with cifar10_resnet<d>.yaml (default ./configs)")
+    c.add_argument("--estimate-steps", type=int, default=5, help="optimiser steps timed per net (default 5)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=~/data/cifar10")
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    if args.experiment == "degradation":
+        from resnetlab.analysis import run_degradation
+
+        res = run_degradation(args.data, args.depths, args.seeds, args.epochs, args.overrides, args.jobs)
+        print(res.markdown)
+        print(f"{res.figure} | {res.out_dir / 'table.md'} | {res.out_dir / 'table.csv'} | {res.seconds:.0f} s")
+        return res.exit_code
+    from resnetlab.analysis import run_cifar_table
+
+    res = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs,
+                          estimate_steps=args.estimate_steps, on_estimate=print)
+    if not res.ran:
+        print("resnetlab reproduce cifar-table: this is meant for a GPU; on this CPU it would take the "
+              "time above. Add --yes to train anyway.", file=sys.stderr)
+        return 1
+    print(res.markdown)
+    print(f"{res.out_dir / 'table.md'} | {res.out_dir / 'table.csv'}")
+    return 0
+
+
+def add_gradients(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gradients", help="gradient norm per layer at init and after K steps (plain vs resnet)",
+                       description="Gradient L2 norm of every conv weight and every block output, at "
+                                   "initialisation and after K training steps; writes gradients.csv and "
+                                   "gradients.png (log scale) to runs/gradients-<data>-<time>/ and prints "
+                                   "the first-block / last-block ratio per model.")
+    p.add_argument("--models", default="plain20,plain56,resnet20,resnet56", help="comma-separated registry names")
+    p.add_argument("--data", default="digits", choices=("digits", "cifar10", "cifar100"))
+    p.add_argument("--steps", type=int, default=100, help="training steps before the second measurement")
+    p.add_argument("--seed", type=int, default=0, help="init, split and probe batch")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.batch_size=64")
+
+
+def run_gradients(args: argparse.Namespace) -> int:
+    from resnetlab.analysis.gradients import format_ratios, gradient_flow
+
+    res = gradient_flow(args.models, args.data, args.steps, args.overrides, seed=args.seed)
+    print(format_ratios(res))
+    print(" | ".join(str(f) for f in res.files))
+    return 0
+
+
+def add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="training/validation curves and learning rate of run folders",
+                       description="Curves from metrics.jsonl of one or more runs on one figure "
+                                   "(PNG and SVG): training dashed, validation solid, plus the learning rate.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    p.add_argument("--metric", default="err", choices=("err", "loss"), help="top-1 error or loss (default err)")
+    p.add_argument("--output", metavar="FILE", help="figure path; .png and .svg are written "
+                                                    "(default RUN/curves_<metric>.png)")
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from resnetlab.analysis import plot_runs
+
+    print(" | ".join(str(f) for f in plot_runs(args.runs, args.metric, args.output)))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
@@ -202,6 +317,9 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "predict": (add_predict, run_predict),
     "export": (add_export, run_export),
     "import": (add_import, run_import),
+    "reproduce": (add_reproduce, run_reproduce),
+    "gradients": (add_gradients, run_gradients),
+    "plot": (add_plot, run_plot),
 }
 
 
@@ -217,7 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also come after options: `eval RUN --split test data.root=x`
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command][1](args)

@@ -89,6 +89,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also save last.pt every N steps mid-epoch, 0 = epoch ends only
     eval_every: int = 1  # validate every N epochs (and always after the last)
     test_at_end: bool = True  # evaluate the test split once, after training
+    test_every_epoch: bool = False  # also test after every epoch, for figures; models are chosen on val
     quiet: bool = False  # no progress bar
     tensorboard: bool = True  # write event files when tensorboard is installed
     threads: int = 0  # torch CPU threads, 0 = torch's default
@@ -339,7 +340,8 @@ def validate(cfg: Config) -> Config:
     if cfg.model.num_classes is not None:
         need(cfg.model.num_classes >= 1, "model.num_classes must be >= 1")
     need(0 <= cfg.model.drop_rate < 1, "model.drop_rate must be in [0, 1)")
-    from resnetlab.models import list_models, model_defaults  # late: config needs no torch to import
+    # late import: loading a config file needs no torch
+    from resnetlab.models import list_models, model_defaults
 
     if cfg.model.name not in list_models():
         close = difflib.get_close_matches(cfg.model.name, list_models(), n=3)

@@ -170,6 +170,8 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
     train_loader = build_loader(data.train, meta, cfg.data, train=True, batch_size=cfg.train.batch_size, **loader_kw)
     val_loader = (build_loader(data.val, meta, cfg.data, train=False, batch_size=cfg.train.eval_batch_size, **loader_kw)
                   if data.val is not None else None)
+    test_loader = (build_loader(data.test, meta, cfg.data, train=False, batch_size=cfg.train.eval_batch_size, **loader_kw)
+                   if cfg.train.test_every_epoch and data.test is not None else None)
     if len(train_loader) == 0:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
 
@@ -288,6 +290,9 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
                 if val["top1_err"] < state["best_val_err"]:
                     state.update(best_val_err=val["top1_err"], best_epoch=epoch + 1)
                     save(ckpt.BEST)
+            if test_loader is not None:  # curves for figures only: never used to choose weights
+                test = evaluate(eval_net, test_loader, device=device, amp=cfg.train.amp)
+                row.update({f"test_{k}": v for k, v in test.items() if k != "count"})
             save(ckpt.LAST)
             last_good[0] = run_dir / ckpt.CHECKPOINT_DIR / ckpt.LAST
             _log_epoch(row, run_dir, dist, writer)
@@ -295,7 +300,8 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
                 _say_interrupted(stop.reason, run_dir, state, dist)
                 return Result(run_dir, epoch + 1, state["step"], val, _best(state), None, stop.reason)
 
-    test = _final_test(cfg, data, meta, eval_net, run_dir, device, loader_kw, val_loader is not None)
+    test = _final_test(cfg, data, meta, eval_net, run_dir, device, loader_kw, val_loader is not None,
+                       test_loader)
     result = Result(run_dir, state["epoch"], state["step"], val, _best(state), test)
     if dist.is_main:
         _write_result(run_dir, result, data.skipped)
@@ -419,7 +425,8 @@ def _say_interrupted(reason: str | None, run_dir: Path, state: dict[str, Any], d
 
 
 def _final_test(cfg: Config, data: Any, meta: DataMeta, eval_net: nn.Module, run_dir: Path,
-                device: torch.device, loader_kw: dict[str, Any], have_val: bool) -> dict[str, float] | None:
+                device: torch.device, loader_kw: dict[str, Any], have_val: bool,
+                loader: Any = None) -> dict[str, float] | None:
     """Evaluate the test split once, with the weights validation chose (best.pt) if any."""
     if not cfg.train.test_at_end or data.test is None:
         return None
@@ -429,7 +436,8 @@ def _final_test(cfg: Config, data: Any, meta: DataMeta, eval_net: nn.Module, run
         model = unwrap(eval_net)
         current = {k: v.clone() for k, v in model.state_dict().items()}
         ckpt.load_weights(model, ckpt.model_state(ckpt.load_checkpoint(best, map_location=device)), source=str(best))
-    loader = build_loader(data.test, meta, cfg.data, train=False, batch_size=cfg.train.eval_batch_size, **loader_kw)
+    loader = loader or build_loader(data.test, meta, cfg.data, train=False,
+                                    batch_size=cfg.train.eval_batch_size, **loader_kw)
     test = evaluate(model, loader, device=device, amp=cfg.train.amp)
     if have_val and best.is_file():
         model.load_state_dict(current)

@@ -1,0 +1,377 @@
+"""The degradation experiment (He et al. 2015, Sec. 4.2, Figure 6): deeper plain nets train
+worse; the same nets with identity shortcuts do not.
+
+For each depth ``d`` the plain net ``plain<d>`` and its residual twin ``resnet<d>`` (same
+layers, same parameter count: option A shortcuts add none) are trained with one recipe and the
+same seeds. Everything lands in ``<run.root>/degradation-<data>-<time>/``::
+
+    plain20-seed0/ ... resnet56-seed2/   ordinary run folders (metrics.jsonl, result.json, ...)
+    degradation.png, degradation.svg      Figure 6: plain left, ResNet right
+    table.md, table.csv                   final errors, mean ± std over seeds (ddof=1)
+    runs.csv                              the same numbers per run
+    experiment.json                       settings, recipe, wall time
+
+On CPU the runs go to ``jobs`` worker processes with one intra-op thread each: on 2 cores two
+single-thread processes were 5-7x faster than one two-thread process for these tiny (8x8)
+convolutions, whose per-op work is too small to split across threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
+from resnetlab.config import Config, load
+from resnetlab.models import list_models, model_defaults
+
+log = logging.getLogger("resnetlab")
+
+# One recipe per data source, as overrides on the defaults, so the package needs no YAML file.
+RECIPES: dict[str, tuple[str, ...]] = {
+    # The project's digits recipe (configs/digits_resnet20.yaml) at half its lr: at lr 0.1,
+    # 20 epochs, resnet56 seed 1 jumped from 60% back to 82% training error when the warm-up
+    # reached 0.1 and ended at 50%; at 0.05 it ends at ~1% while plain56 still sits at ~72%.
+    "digits": ("data.name=digits", "data.augment.crop_padding=1", "data.augment.flip=false",
+               "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.weight_decay=5e-4",
+               "optim.schedule=cosine", "optim.warmup=linear", "optim.warmup_epochs=2",
+               "train.batch_size=128", "train.test_every_epoch=true"),
+    # The paper's CIFAR recipe (Sec. 4.2): lr 0.1, /10 at 50% and 75%, wd 1e-4, batch 128,
+    # pad-4 crop + flip. Needs data.root=... pointing at the local CIFAR files.
+    "cifar10": ("data.name=cifar10", "data.augment.crop_padding=4", "data.augment.flip=true",
+                "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.weight_decay=1e-4",
+                "optim.schedule=step", "optim.milestones=[0.5, 0.75]", "optim.warmup=none",
+                "train.batch_size=128", "train.test_every_epoch=true"),
+}
+RECIPES["cifar100"] = tuple(o.replace("cifar10", "cifar100") for o in RECIPES["cifar10"])
+DEFAULT_EPOCHS = {"digits": 20, "cifar10": 164, "cifar100": 164}
+DEFAULT_DEPTHS = (20, 56)
+DEFAULT_SEEDS = (0, 1, 2)
+FAMILIES = ("plain", "resnet")
+
+
+@dataclass
+class DegradationResult:
+    """What :func:`run_degradation` returns."""
+
+    out_dir: Path
+    rows: list[dict[str, Any]]  # one per (family, depth): the table, means and stds
+    runs: list[dict[str, Any]]  # one per trained run: final numbers and its folder
+    markdown: str  # the table as printed
+    figure: Path
+    seconds: float  # wall time of the whole experiment
+    interrupted: str | None = None  # a run was stopped (Ctrl-C, SIGTERM); the rest did not run
+
+    @property
+    def exit_code(self) -> int:
+        """0, or the shell's code for the signal that stopped a run (130 Ctrl-C, 143 SIGTERM)."""
+        from resnetlab.engine.fit import EXIT_CODES
+
+        return EXIT_CODES.get(self.interrupted or "", 1 if self.interrupted else 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing and planning
+
+
+def parse_depths(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"20,56"`` -> ``(20, 56)``; every depth must have a CIFAR-style plain and resnet twin."""
+    if isinstance(text, str):
+        try:
+            depths = tuple(int(p) for p in text.replace(",", " ").split())
+        except ValueError:
+            raise AnalysisError(f"--depths: expected integers like 20,56, got {text!r}") from None
+    else:
+        depths = tuple(int(d) for d in text)
+    valid = twin_depths()
+    bad = [d for d in depths if d not in valid]
+    if not depths or bad:
+        raise AnalysisError(f"--depths: {bad[0] if bad else 'none given'} is not a depth with a "
+                            f"plain and a residual twin; choose from {', '.join(map(str, valid))}")
+    if len(set(depths)) != len(depths):
+        raise AnalysisError(f"--depths: repeated depth in {text!r}")
+    return tuple(sorted(depths))
+
+
+def twin_depths() -> tuple[int, ...]:
+    """Depths with both ``plain<d>`` and ``resnet<d>`` registered with the CIFAR stem."""
+    out = []
+    for name in list_models("plain*"):
+        d = name.removeprefix("plain")
+        if d.isdigit() and f"resnet{d}" in list_models() and model_defaults(name).get("stem") == "cifar":
+            out.append(int(d))
+    return tuple(sorted(out))
+
+
+def base_config(data: str, overrides: Sequence[str] = (), epochs: int | None = None) -> Config:
+    """The shared recipe for ``data``, then the user's ``overrides``, then ``epochs``."""
+    if data not in RECIPES:
+        raise AnalysisError(f"--data must be one of {', '.join(RECIPES)}, got {data!r}")
+    for o in overrides:
+        if o.split("=", 1)[0].strip() in ("model.name", "seed"):
+            raise AnalysisError(f"{o!r}: the model and seed are set by --depths and --seeds")
+    # --epochs wins over a train.epochs=... override: it is the experiment's own flag
+    return load(None, [*RECIPES[data], f"train.epochs={DEFAULT_EPOCHS[data]}", *overrides,
+                       *([f"train.epochs={epochs}"] if epochs else [])])
+
+
+def plan(base: Config, depths: Sequence[int], seeds: Sequence[int], out_dir: Path,
+         jobs: int) -> list[Config]:
+    """One config per (family, depth, seed), the deepest first (better packing on workers)."""
+    cfgs = []
+    for d in sorted(depths, reverse=True):
+        for family in FAMILIES:
+            for s in seeds:
+                train = replace(base.train, quiet=True, tensorboard=False,
+                                threads=1 if jobs > 1 else base.train.threads)
+                cfgs.append(replace(base, seed=s, train=train,
+                                    model=replace(base.model, name=f"{family}{d}"),
+                                    run=replace(base.run, root=str(out_dir), name=f"{family}{d}-seed{s}")))
+    return cfgs
+
+
+def split_name(model: str) -> tuple[str, int]:
+    """``"plain56"`` -> ``("plain", 56)``."""
+    m = re.fullmatch(r"([a-z_]+?)(\d+)", model)
+    if m is None:
+        raise AnalysisError(f"{model!r} is not a <family><depth> model name")
+    return m.group(1), int(m.group(2))
+
+
+def default_jobs(device: str = "auto") -> int:
+    """Worker processes: 1 on a GPU (one device), else up to 2 single-thread CPU processes."""
+    from resnetlab.engine.fit import select_device
+
+    if select_device(device).type != "cpu":
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# running many trainings
+
+
+def _train_job(cfg: Config) -> dict[str, Any]:
+    """Train one config (in a worker process or in-process); a picklable summary comes back.
+
+    A run whose loss becomes NaN is a result of the experiment (a plain net can diverge), not a
+    reason to stop the others: it comes back with ``error`` set.
+    """
+    from resnetlab.engine import NonFiniteLossError, fit
+
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.run.root) / str(cfg.run.name)
+    try:
+        result = fit(cfg)
+    except NonFiniteLossError as e:
+        return {"run_dir": str(run_dir), "interrupted": None, "error": str(e),
+                "wall_seconds": time.perf_counter() - t0}
+    return {"run_dir": str(result.run_dir), "interrupted": result.interrupted, "error": None,
+            "wall_seconds": time.perf_counter() - t0}
+
+
+@contextmanager
+def _quiet_epochs():
+    """Hide fit()'s per-epoch lines while many runs go by; warnings still show."""
+    logger = logging.getLogger("resnetlab")
+    level = logger.level
+    if logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def run_trainings(cfgs: Sequence[Config], jobs: int = 1) -> list[dict[str, Any]]:
+    """Train every config; ``jobs > 1`` uses that many spawned worker processes.
+
+    Returns one dict per config that ran, in the order given: ``run_dir``, ``interrupted``,
+    ``error`` (a NaN loss), ``wall_seconds``. Progress goes to the ``resnetlab`` logger as each
+    run finishes.
+    """
+    out: list[dict[str, Any] | None] = [None] * len(cfgs)
+
+    def done(i: int, res: dict[str, Any]) -> None:
+        out[i] = res
+        n = sum(r is not None for r in out)
+        if res["error"]:
+            log.warning("[%d/%d] %s seed %d: %s", n, len(cfgs), cfgs[i].model.name, cfgs[i].seed, res["error"])
+            return
+        try:
+            m = final_metrics(res["run_dir"])
+            what = (f"training error {m['train_err']:.2f}%, validation error "
+                    f"{m.get('val_top1_err', float('nan')):.2f}%")
+        except AnalysisError:
+            what = "no finished epoch"
+        log.info("[%d/%d] %s seed %d: %s (%.0f s)", n, len(cfgs), cfgs[i].model.name, cfgs[i].seed,
+                 what, res["wall_seconds"])
+
+    if jobs <= 1:
+        for i, cfg in enumerate(cfgs):
+            with _quiet_epochs():
+                res = _train_job(cfg)
+            done(i, res)
+            if res["interrupted"]:
+                break
+    else:
+        # spawn, not fork: a forked child would inherit the parent's OpenMP/intra-op thread pool
+        # state, which can hang; spawn starts clean interpreters.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_train_job, cfg): i for i, cfg in enumerate(cfgs)}
+            try:
+                for fut in as_completed(futures):
+                    done(futures[fut], fut.result())
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return [r for r in out if r is not None]
+
+
+# ----------------------------------------------------------------------------------------------
+# the experiment
+
+
+def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_DEPTHS,
+                    seeds: str | Sequence[int] = DEFAULT_SEEDS, epochs: int | None = None,
+                    overrides: Sequence[str] = (), jobs: int | None = None) -> DegradationResult:
+    """Train plain and residual twins at each depth and seed; write the figure and the table.
+
+    ``overrides`` (``key=value``) apply to every run after the recipe; ``run.root`` and
+    ``run.name`` place the experiment folder. ``jobs`` worker processes (default: 2 on CPU, 1 on
+    a GPU). Returns a :class:`DegradationResult`; ``result.markdown`` is the table.
+    """
+    t0 = time.perf_counter()
+    depths = parse_depths(depths)
+    seeds = parse_seeds(seeds)
+    if epochs is not None and epochs < 1:
+        raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
+    base = base_config(data, overrides, epochs)
+    jobs = default_jobs(base.train.device) if jobs is None else int(jobs)
+    if jobs < 1:
+        raise AnalysisError(f"--jobs must be >= 1, got {jobs}")
+    name = base.run.name or f"degradation-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(base.run.root).expanduser() / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfgs = plan(base, depths, seeds, out_dir, jobs)
+    log.info("degradation on %s: %d runs (plain and resnet x depths %s x seeds %s), %d epochs each, "
+             "%d worker process(es) -> %s", data, len(cfgs), ",".join(map(str, depths)),
+             ",".join(map(str, seeds)), base.train.epochs, jobs, out_dir)
+    results = run_trainings(cfgs, jobs)
+    interrupted = next((r["interrupted"] for r in results if r["interrupted"]), None)
+    finished = {r["run_dir"] for r in results if not r["interrupted"] and not r["error"]}
+    failed = [{"run_dir": r["run_dir"], "error": r["error"]} for r in results if r["error"]]
+
+    runs: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
+    from resnetlab.analysis.plots import plot_degradation, read_run_metrics
+
+    for cfg in cfgs:
+        run_dir = out_dir / cfg.run.name
+        if str(run_dir) not in finished:
+            continue
+        family, depth = split_name(cfg.model.name)
+        m = final_metrics(run_dir)
+        runs.append({"model": cfg.model.name, "family": family, "depth": depth, "seed": cfg.seed,
+                     "train_err": m["train_err"], "val_err": m.get("val_top1_err"),
+                     "test_err": m.get("test_top1_err"), "train_seconds": m["train_seconds"],
+                     "run_dir": str(run_dir)})
+        curves.append({"family": family, "depth": depth, "rows": read_run_metrics(run_dir)})
+    if not runs:
+        raise AnalysisError(f"{out_dir}: no run finished ({interrupted or 'nothing trained'})")
+
+    rows = table_rows(runs)
+    markdown = table_markdown(rows, title=f"Degradation on {data}: final errors (%) after "
+                              f"{base.train.epochs} epochs, mean ± std over seeds {','.join(map(str, seeds))}")
+    write_table_csv(out_dir / "table.csv", rows)
+    write_rows_csv(out_dir / "runs.csv", runs)
+    (out_dir / "table.md").write_text(markdown)
+    # Solid curves: the test split when the runs evaluated it every epoch, else validation.
+    held_out = "test" if all(any("test_top1_err" in r for r in c["rows"]) for c in curves) else "validation"
+    n_seeds = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    (figure, _svg) = plot_degradation(curves, out_dir / "degradation.png", held_out=held_out,
+                                      formats=("png", "svg"),
+                                      title=f"{data}: plain vs residual nets, {base.train.epochs} epochs, {n_seeds}")
+    seconds = time.perf_counter() - t0
+    (out_dir / "experiment.json").write_text(json.dumps({
+        "data": data, "depths": list(depths), "seeds": list(seeds), "epochs": base.train.epochs,
+        "jobs": jobs, "recipe": list(RECIPES[data]), "overrides": list(overrides),
+        "wall_seconds": seconds, "interrupted": interrupted, "failed": failed,
+        "curves": {"training": "train_err per epoch (running mean over the epoch, augmented)",
+                   "held_out": f"{held_out} top-1 error after each epoch"},
+    }, indent=2) + "\n")
+    return DegradationResult(out_dir, rows, runs, markdown, figure, seconds, interrupted)
+
+
+# ----------------------------------------------------------------------------------------------
+# the table
+
+
+def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group per-run results by model; mean and sample std (ddof=1; None with one seed)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(r["model"], []).append(r)
+    rows = []
+    for model, rs in groups.items():
+        row: dict[str, Any] = {"model": model, "family": rs[0]["family"], "depth": rs[0]["depth"],
+                               "seeds": len(rs)}
+        for key in ("train_err", "val_err", "test_err"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(vals) if vals else (None, None)
+        rows.append(row)
+    # paper order: by depth, plain before resnet
+    return sorted(rows, key=lambda r: (r["depth"], FAMILIES.index(r["family"]) if r["family"] in FAMILIES else 9))
+
+
+def _cell(mean: float | None, std: float | None) -> str:
+    return "n/a" if mean is None else format_pm(mean, std)
+
+
+def table_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
+    """The table as Markdown, with a note on what each column means."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| model | layers | seeds | training error | validation error | test error |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['depth']} | {r['seeds']} | "
+                     f"{_cell(r['train_err_mean'], r['train_err_std'])} | "
+                     f"{_cell(r['val_err_mean'], r['val_err_std'])} | "
+                     f"{_cell(r['test_err_mean'], r['test_err_std'])} |")
+    lines += ["", "Training error: the last epoch's running top-1 error on the augmented training "
+              "batches (the paper's dashed curves). Validation error: after the last epoch. Test "
+              "error: the test split, once, with the best-validation weights. ± is the sample std "
+              "over seeds (ddof=1); n/a with one seed."]
+    return "\n".join(lines) + "\n"
+
+
+TABLE_COLUMNS = ("model", "family", "depth", "seeds", "train_err_mean", "train_err_std",
+                 "val_err_mean", "val_err_std", "test_err_mean", "test_err_std")
+
+
+def write_table_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``table.csv``: :data:`TABLE_COLUMNS`; an undefined std (one seed) is an empty cell."""
+    write_rows_csv(path, rows, TABLE_COLUMNS)
+
+
+def write_rows_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Rows as CSV; ``None`` becomes an empty cell; columns default to the first row's keys."""
+    columns = list(columns or (rows[0].keys() if rows else []))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if r.get(k) is None else r[k] for k in columns})
