@@ -81,12 +81,62 @@ def barrier() -> None:
         tdist.barrier()
 
 
+class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch of every rank.
+
+    torch's SyncBatchNorm runs on CUDA only; this one works with any backend (gloo on CPU).
+    Per-channel sums and sums of squares (float64, so E[x^2] - E[x]^2 loses nothing) are
+    all-reduced with the autograd-aware collective, whose backward sums the gradients of every
+    rank's loss: the gradient of the global batch's statistics, as SyncBatchNorm computes it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, c, h, w]
+        if not (self.training and tdist.is_available() and tdist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xd = x.double()
+        count = torch.full((1,), x.numel() / c, dtype=torch.float64, device=x.device)
+        stats = all_reduce(torch.cat([xd.sum(dim=(0, 2, 3)), (xd * xd).sum(dim=(0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[:c] / n  # [c]
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # [c], biased: used to normalise
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                unbiased = var * n / (n - 1).clamp_min(1)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+                self.num_batches_tracked.add_(1)
+        scale = torch.rsqrt(var + self.eps).to(x.dtype)
+        y = (x - mean.to(x.dtype)[None, :, None, None]) * scale[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch's SyncBatchNorm on CUDA; :class:`GlooSyncBatchNorm` elsewhere (same state dict)."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, torch.nn.BatchNorm2d) and not isinstance(module, GlooSyncBatchNorm):
+        new = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats, device=device)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, device))
+    return module
+
+
 def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device, sync_bn: bool) -> torch.nn.Module:
     """SyncBN (optional) and DistributedDataParallel around ``model`` when distributed."""
     if not info.enabled:
         return model
     if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, device)
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 

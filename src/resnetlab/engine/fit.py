@@ -430,18 +430,20 @@ def _final_test(cfg: Config, data: Any, meta: DataMeta, eval_net: nn.Module, run
     """Evaluate the test split once, with the weights validation chose (best.pt) if any."""
     if not cfg.train.test_at_end or data.test is None:
         return None
+    barrier()  # rank 0 has finished writing best.pt before any rank reads it
     best = run_dir / ckpt.CHECKPOINT_DIR / ckpt.BEST
-    model = eval_net
-    if have_val and best.is_file():
-        model = unwrap(eval_net)
-        current = {k: v.clone() for k, v in model.state_dict().items()}
-        ckpt.load_weights(model, ckpt.model_state(ckpt.load_checkpoint(best, map_location=device)), source=str(best))
+    use_best = have_val and best.is_file()  # decided once: the file may appear meanwhile
+    model = unwrap(eval_net)
+    current = {k: v.clone() for k, v in model.state_dict().items()} if use_best else None
+    if use_best:
+        state = ckpt.model_state(ckpt.load_checkpoint(best, map_location=device))
+        ckpt.load_weights(model, state, source=str(best))
     loader = loader or build_loader(data.test, meta, cfg.data, train=False,
                                     batch_size=cfg.train.eval_batch_size, **loader_kw)
     test = evaluate(model, loader, device=device, amp=cfg.train.amp)
-    if have_val and best.is_file():
+    if current is not None:
         model.load_state_dict(current)
-    test["weights"] = "best" if have_val and best.is_file() else "last"
+    test["weights"] = "best" if use_best else "last"
     return test
 
 

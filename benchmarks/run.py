@@ -1,0 +1,263 @@
+"""``make bench``: every benchmark case, side by side, JSON per case plus a summary table.
+
+    python -m benchmarks.run                 # full: under ~20 min on 2 idle CPU cores
+    python -m benchmarks.run --quick         # short rounds: under ~3 min on 2 idle CPU cores
+    python -m benchmarks.run --cases a,e     # a subset
+    python -m benchmarks.run --device cuda --compile
+
+Cases (issue 7; targets are for a 2-core CPU):
+  a  training images/s, resnetlab vs an idiomatic PyTorch loop        (ratio >= 1.15)
+  b  model FLOP/s over the machine's large-matmul FLOP/s              (>= 0.75)
+  c  whole-epoch (fit) images/s over pure train-step images/s         (>= 0.95)
+  d  resnet50 inference, resnetlab fused vs torchvision eager, time   (<= 0.85x)
+  e  grad checkpointing: peak memory (<= 0.5x) and step time (<= 1.35x)
+  f  DDP, 2 processes vs 1, images/s                                  (no target)
+
+Writes ``benchmarks/results/<case>.json`` and ``benchmarks/results/summary.md`` (the machine it
+ran on heads the table). A case that fails is recorded as an error and the others still run;
+the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    describe_machine,
+    fmt_rate,
+    fmt_ratio,
+    machine_info,
+    parse_list,
+    pick_device,
+    write_json,
+)
+
+ALL_CASES = ("a", "b", "c", "d", "e", "f")
+INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
+TITLES = {
+    "a": "training images/s vs idiomatic loop",
+    "b": "model FLOP/s / matmul FLOP/s",
+    "c": "fit epoch images/s / pure step images/s",
+    "d": "resnet50 inference time, fused / torchvision eager",
+    "e": "grad checkpointing, with / without",
+    "f": "DDP images/s, 2 processes / 1",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# (d): the inference benchmark lives in bench_inference.py (another module's run(quick))
+
+
+def run_inference(quick: bool, device: torch.device) -> dict[str, Any]:
+    """Case (d) from ``benchmarks/bench_inference.py`` when present; ratios as time ratios."""
+    path = Path(__file__).resolve().parent / "bench_inference.py"
+    machine = machine_info(device)
+    if not path.is_file() or importlib.util.find_spec("benchmarks.bench_inference") is None:
+        return {"case": "d", "title": TITLES["d"], "machine": machine, "quick": quick,
+                "skipped": "benchmarks/bench_inference.py is not present", "results": []}
+    from benchmarks import bench_inference
+
+    raw = bench_inference.run(quick=quick, device=str(device))
+    rows = []
+    for r in raw["results"]:
+        tv, ours = r["torchvision_eager"], r["resnetlab_fused"]
+        rows.append({"batch": r["batch"], "resnetlab_fused_ms": ours["median_ms"],
+                     "torchvision_eager_ms": tv["median_ms"],
+                     "resnetlab_fused_images_per_s": ours["images_per_s"],
+                     "torchvision_eager_images_per_s": tv["images_per_s"],
+                     "ratio": ours["median_ms"] / tv["median_ms"]})
+    return {"case": "d", "title": TITLES["d"], "machine": machine, "quick": quick,
+            "target": INFERENCE_TARGET, "higher_is_better": False, "results": rows,
+            "met": all(r["ratio"] <= INFERENCE_TARGET for r in rows), "source": raw}
+
+
+# ----------------------------------------------------------------------------------------------
+# summary.md
+
+
+def _yes(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "**no**")
+
+
+def summary_rows(payloads: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One markdown row per measurement: case, setting, resnetlab, reference, ratio, target, met."""
+    rows: list[list[str]] = []
+    for case in ALL_CASES:
+        p = payloads.get(case)
+        if p is None:
+            continue
+        if "error" in p or "skipped" in p:
+            rows.append([case, TITLES[case], "-", "-", "-", "-", "-",
+                         f"error: {p['error']}" if "error" in p else f"skipped: {p['skipped']}"])
+            continue
+        for r in p["results"]:
+            rows.extend(_case_rows(case, p, r))
+    return rows
+
+
+def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str]]:
+    if case == "a":
+        base = r["baseline"]
+        workers = base.removeprefix("baseline_w")
+        return [[case, f"{r['model']}, batch {r['batch']}, {r['image_size']} px",
+                 f"{fmt_rate(r['resnetlab']['images_per_s'])} img/s",
+                 f"{fmt_rate(r[base]['images_per_s'])} img/s ({workers} workers)",
+                 f"{fmt_ratio(r['ratio'])}x", f">= {p['target']}", _yes(r["ratio"] >= p["target"]), ""]]
+    if case == "b":
+        return [[case, f"{r['model']}, batch {r['batch']}, {r['image_size']} px",
+                 f"{r['model_flops_per_s'] / 1e9:.1f} GFLOP/s",
+                 f"{p['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s ({p['matmul']['dtype']} matmul)",
+                 fmt_ratio(r["ratio"]), f">= {p['target']}", _yes(r["ratio"] >= p["target"]), ""]]
+    if case == "c":
+        return [[case, f"{r['model']}, batch {r['batch']}, {r['steps_per_epoch']} steps/epoch",
+                 f"{fmt_rate(r['fit_images_per_s'])} img/s", f"{fmt_rate(r['pure_step']['images_per_s'])} img/s",
+                 fmt_ratio(r["ratio"]), f">= {p['target']}", _yes(r["ratio"] >= p["target"]), ""]]
+    if case == "d":
+        what = "latency" if r["batch"] == 1 else "time per batch"
+        return [[case, f"resnet50, batch {r['batch']} {what}", f"{r['resnetlab_fused_ms']:.1f} ms",
+                 f"{r['torchvision_eager_ms']:.1f} ms", f"{fmt_ratio(r['ratio'])}x", f"<= {p['target']}",
+                 _yes(r["ratio"] <= p["target"]), ""]]
+    if case == "e":
+        t = p["targets"]
+        setting = f"{r['model']}, batch {r['batch']}"
+        rss = f"RSS {r['with']['peak_rss_mib']:.0f} / {r['without']['peak_rss_mib']:.0f} MiB" \
+            if "peak_rss_mib" in r["with"] else ""
+        return [
+            [case, f"{setting}: peak memory", f"{r['with']['peak_mib']:.0f} MiB",
+             f"{r['without']['peak_mib']:.0f} MiB", f"{fmt_ratio(r['memory_ratio'])}x", f"<= {t['memory']}",
+             _yes(r["memory_ratio"] <= t["memory"]), rss],
+            [case, f"{setting}: step time", f"{r['with']['seconds_per_step']:.2f} s",
+             f"{r['without']['seconds_per_step']:.2f} s", f"{fmt_ratio(r['time_ratio'])}x", f"<= {t['time']}",
+             _yes(r["time_ratio"] <= t["time"]), ""],
+        ]
+    return [[case, f"{r['model']}, global batch {r['global_batch']}",
+             f"{fmt_rate(r['two_processes']['images_per_s'])} img/s",
+             f"{fmt_rate(r['one_process']['images_per_s'])} img/s", f"{fmt_ratio(r['ratio'])}x", "-", "-", ""]]
+
+
+def _earlier_results(cases: list[str], results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
+    """The JSON of ``cases`` already in ``results_dir`` (unreadable or missing ones left out)."""
+    out = {}
+    for case in cases:
+        try:
+            out[case] = json.loads((results_dir / f"{case}.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], quick: bool,
+                  seconds: float, results_dir: Path = RESULTS_DIR, ran: list[str] | None = None) -> Path:
+    """``summary.md``: this run's machine, then one table row per measurement."""
+    ran = sorted(payloads) if ran is None else ran
+    flags = (" --quick" if quick else "") + ("" if set(ran) == set(ALL_CASES) else f" --cases {','.join(ran)}")
+    head = ["case", "setting", "resnetlab", "reference", "ratio", "target", "met", "note"]
+    lines = [
+        "# resnetlab benchmarks",
+        "",
+        f"- machine: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads)",
+        f"- device: {machine['device']} ({machine['device_name']})",
+        f"- software: torch {machine['torch']}, torchvision {machine['torchvision']}, python {machine['python']}",
+        f"- run: `python -m benchmarks.run{flags}`, {machine['time']}, {seconds / 60:.1f} min",
+        f"- 1-min load average at the start: {machine['load_average_1min']}" + (
+            " (other work shared the machine: absolute numbers are low and noisy; the ratios, "
+            "measured side by side in alternating rounds, much less so)"
+            if (machine["load_average_1min"] or 0) > 0.5 else " (idle machine)"),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in summary_rows(payloads):
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
+    earlier = {c: p["machine"]["time"] for c, p in payloads.items()
+               if p.get("machine", {}).get("time", machine["time"]) < machine["time"]}
+    if earlier:
+        lines += ["", "Rows of earlier runs (same results folder): " + ", ".join(
+            f"({c}) {t}" for c, t in sorted(earlier.items())) + "."]
+    lines += ["", "Reference column: (a) the idiomatic loop, (b) the machine's matmul, (c) the pure train "
+              "step, (d) torchvision eager, (e) without grad checkpointing, (f) one process. "
+              "Details per case in `<case>.json`."]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short rounds, one model per case (< 3 min on 2 cores)")
+    p.add_argument("--cases", help=f"comma-separated subset of {','.join(ALL_CASES)} (default: all)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models in a, b, c (for GPUs)")
+    args = p.parse_args(argv)
+    cases = parse_list(args.cases, ALL_CASES)
+    bad = [c for c in cases if c not in ALL_CASES]
+    if bad:
+        p.error(f"--cases: unknown {', '.join(bad)}; choose from {', '.join(ALL_CASES)}")
+    device = pick_device(args.device)
+    machine = machine_info(device)
+    print(f"benchmarks on {describe_machine(machine)}; quick={args.quick}, cases {','.join(cases)}", flush=True)
+    t0 = time.perf_counter()
+    payloads: dict[str, dict[str, Any]] = {}
+
+    def guarded(names: list[str], fn: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Run one benchmark module; on failure record the error for its cases and go on."""
+        if not names:
+            return
+        try:
+            payloads.update(fn())
+        except Exception as e:  # a broken case must not hide the others' numbers
+            traceback.print_exc()
+            for case in names:
+                payloads[case] = {"case": case, "title": TITLES[case], "machine": machine,
+                                  "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"}
+                write_json(case, payloads[case])
+
+    train_cases = [c for c in ("a", "b", "c") if c in cases]
+    if train_cases:
+        from benchmarks import bench_train
+
+        guarded(train_cases, lambda: bench_train.run(args.quick, str(device), args.compile,
+                                                     cases=tuple(train_cases)))
+    if "d" in cases:
+        def inference() -> dict[str, dict[str, Any]]:
+            payload = run_inference(args.quick, device)
+            write_json("d", payload)
+            return {"d": payload}
+
+        guarded(["d"], inference)
+    if "e" in cases:
+        from benchmarks import bench_memory
+
+        guarded(["e"], lambda: {"e": bench_memory.run(args.quick, str(device))})
+    if "f" in cases:
+        from benchmarks import bench_ddp
+
+        guarded(["f"], lambda: {"f": bench_ddp.run(args.quick, str(device))})
+
+    seconds = time.perf_counter() - t0
+    # A subset run keeps the other cases' latest results in the table (each JSON holds its own
+    # machine and time, and the summary names the rows that come from earlier runs).
+    shown = {**_earlier_results([c for c in ALL_CASES if c not in payloads]), **payloads}
+    path = write_summary(shown, machine, args.quick, seconds, ran=sorted(payloads))
+    print(path.read_text())
+    print(f"wrote {', '.join(sorted(f'{c}.json' for c in payloads))} and summary.md in {RESULTS_DIR} "
+          f"({seconds / 60:.1f} min)")
+    return 1 if any("error" in v for v in payloads.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
