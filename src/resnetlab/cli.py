@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -76,7 +77,7 @@ def run_train(args: argparse.Namespace) -> int:
         return seeds.exit_code
     cfg = resume_config(args.resume, overrides) if args.resume else load(args.config, overrides)
     result = fit(cfg)
-    if result.interrupted is None and result.test is not None:
+    if result.interrupted is None and result.test is not None and os.environ.get("RANK", "0") == "0":
         t = result.test
         print(f"test: top-1 acc {t['top1_acc']:.2f}% (err {t['top1_err']:.2f}%), "
               f"top-5 acc {t['top5_acc']:.2f}%, loss {t['loss']:.4f} | {result.run_dir}")

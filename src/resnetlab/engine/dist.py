@@ -123,7 +123,12 @@ def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> tor
     if isinstance(module, torch.nn.BatchNorm2d) and not isinstance(module, GlooSyncBatchNorm):
         new = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                 module.track_running_stats, device=device)
-        new.load_state_dict(module.state_dict())
+        # The very same Parameters and buffers: fit() builds the optimiser (and EMA) before
+        # wrap_ddp, so copies would leave the optimiser stepping tensors the model no longer uses.
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        new.running_mean, new.running_var = module.running_mean, module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
         new.train(module.training)
         return new
     for name, child in module.named_children():
