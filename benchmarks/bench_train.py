@@ -153,6 +153,17 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+def _sgd_step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+              device: torch.device, amp: str) -> torch.Tensor:
+    """One optimiser step on (x, y), the same for both contenders; returns the loss."""
+    with autocast(device, amp):
+        loss = F.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def baseline_model(name: str) -> nn.Module:
     """torchvision's model for ImageNet-style names, the hand-written one for resnet<6n+2>."""
     if name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
@@ -210,12 +221,7 @@ def baseline_contender(name: str, plan: Plan, images: torch.Tensor, labels: torc
     def step() -> torch.Tensor:
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, amp):
-            loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
+        return _sgd_step(net, opt, x, y, device, amp)
 
     return _timed(step, plan, device)
 
@@ -363,12 +369,7 @@ def _step_fn(parts: tuple, plan: Plan, device: torch.device, amp: str) -> Callab
     y = torch.randint(0, NUM_CLASSES, (plan.batch,), device=device)
 
     def step() -> torch.Tensor:
-        with autocast(device, amp):
-            loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
+        return _sgd_step(net, opt, x, y, device, amp)
 
     return step
 

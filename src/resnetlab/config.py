@@ -353,21 +353,8 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def save_yaml(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (the run folder's ``config.yaml``)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def override(cfg: Config, **dotted: Any) -> Config:
-    """Return ``cfg`` with ``key=value`` changes, e.g. ``override(cfg, **{"train.epochs": 2})``."""
-    for key, value in dotted.items():
-        _check_key(key)
-        cfg = _build(Config, _nest(key, value), base=cfg)
-    return validate(cfg)
-
-
 __all__ = [
     "AugmentConfig", "Config", "apply_overrides", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig",
-    "RunConfig", "TrainConfig", "from_dict", "load", "override", "parse_override", "save_yaml",
+    "RunConfig", "TrainConfig", "from_dict", "load", "parse_override",
     "to_dict", "validate",
 ]

@@ -16,6 +16,7 @@ from torch import nn
 
 from resnetlab.engine.dist import all_reduce_sum
 from resnetlab.engine.metrics import SumMeter
+from resnetlab.engine.optim import set_lr
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,8 +59,7 @@ def train_one_epoch(
     stopped = False
     for batch, (x, y) in enumerate(loader.iterate(epoch, start_batch), start=start_batch):
         lr = lr_fn(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         with autocast(device, amp):
             logits = model(x)  # [b, classes]
             loss = criterion(logits, y)
