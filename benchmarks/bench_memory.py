@@ -1,8 +1,13 @@
 """Case (e): peak memory and step time of very deep nets with and without grad checkpointing.
 
-``model.grad_checkpointing=true`` makes every residual block keep only its input for the
-backward pass and recompute the rest, so activation memory falls from about six tensors per
-block to one, for roughly one extra forward pass of time.
+``model.grad_checkpointing=true`` runs the residual stages in checkpointed segments: each
+segment keeps only its input for the backward pass and recomputes the rest. Three settings:
+
+- ``without``: no checkpointing;
+- ``with``: the defaults, segments of about sqrt(blocks per stage) (``model.checkpoint_every=0``)
+  over all stages but the last (``model.checkpoint_stages=-1``); this row carries the targets;
+- ``per_block``: one checkpoint per block over every stage (``checkpoint_every=1``,
+  ``checkpoint_stages=null``), the classic layout (timm's), for comparison.
 
 Each configuration trains in a fresh process (a process's peak memory never goes down, so one
 process cannot measure two peaks):
@@ -17,9 +22,9 @@ process cannot measure two peaks):
   514 -> 139 MiB of live tensors but 901 -> 726 MiB of RSS).
 
 Time is measured apart from memory, in one more process holding one model whose checkpointing
-is switched on and off between steps (``set_grad_checkpointing``), alternating step by step
-after a warm-up step of each, so that both settings share the machine's load; seconds per
-training step (forward, backward, SGD step), median of each setting's steps.
+settings change between steps, cycling through the settings step by step (the order rotating
+each round) after a warm-up step of each, so that all settings share the machine's load;
+seconds per training step (forward, backward, SGD step), median of each setting's steps.
 
     python -m benchmarks.bench_memory [--quick] [--device cpu|cuda]
 """
@@ -46,6 +51,11 @@ from benchmarks.common import (
 )
 
 TARGETS = {"memory": 0.5, "time": 1.35}  # with / without checkpointing, at most (issue 7)
+SETTINGS: dict[str, dict[str, Any] | None] = {  # name -> ResNet checkpoint attributes, None = off
+    "without": None,
+    "with": {"checkpoint_every": 0, "checkpoint_stages": -1},
+    "per_block": {"checkpoint_every": 1, "checkpoint_stages": None},
+}
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,7 @@ class LiveTensorBytes:
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement in this fresh process: ``spec['mode']`` is "memory" (one setting,
-    ``spec['checkpointing']``) or "time" (both settings, alternating)."""
+    ``spec['setting']``, a key of ``SETTINGS``) or "time" (every setting, in turn)."""
     import torch
     import torch.nn.functional as F
 
@@ -135,12 +145,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    model = create_model(spec["model"], num_classes=10, grad_checkpointing=spec.get("checkpointing", False))
+    model = create_model(spec["model"], num_classes=10)
     model = model.to(device).to(memory_format=torch.channels_last)  # as fit() trains
     opt = build_optimizer(model, OptimConfig(lr=0.01))
     x = torch.randn(spec["batch"], 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (spec["batch"],), device=device)
     amp = "bf16" if device.type == "cuda" else "none"
+
+    def use(setting: str) -> None:
+        attrs = SETTINGS[setting]
+        model.set_grad_checkpointing(attrs is not None)
+        for key, value in (attrs or {}).items():
+            setattr(model, key, value)
 
     def step() -> float:
         """One training step; its seconds, the device's work included."""
@@ -156,15 +172,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     if spec["mode"] == "time":
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for i in range(-1, spec["steps"]):  # i == -1: warm-up of both settings, not timed
-            for ckpt in ((False, True) if i % 2 == 0 else (True, False)):
-                model.set_grad_checkpointing(ckpt)
+        names = list(SETTINGS)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for i in range(-1, spec["steps"]):  # i == -1: warm-up of every setting, not timed
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                use(name)
                 seconds = step()
                 if i >= 0:
-                    times[ckpt].append(seconds)
-        return {"without": times[False], "with": times[True]}
+                    times[name].append(seconds)
+        return times
 
+    use(spec["setting"])
     step()  # warm-up: allocator and kernel caches settle; the RSS peak is the training's
     out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
@@ -189,8 +208,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 def measure(plan: MemPlan, device: str, timeout: float) -> dict[str, Any]:
     """Memory of each setting (a fresh process each) and their step times (one process)."""
     base = {"model": plan.model, "batch": plan.batch, "steps": plan.steps, "device": device}
-    mem = {ckpt: run_worker("benchmarks.bench_memory", {**base, "mode": "memory", "checkpointing": ckpt},
-                            timeout=timeout) for ckpt in (False, True)}
+    mem = {name: run_worker("benchmarks.bench_memory", {**base, "mode": "memory", "setting": name},
+                            timeout=timeout) for name in SETTINGS}
     times = run_worker("benchmarks.bench_memory", {**base, "mode": "time"}, timeout=timeout)
 
     def summary(m: dict[str, Any], ts: list[float]) -> dict[str, Any]:
@@ -202,12 +221,18 @@ def measure(plan: MemPlan, device: str, timeout: float) -> dict[str, Any]:
                 out[key.replace("_bytes", "_mib")] = m[key] / 2**20
         return out
 
-    plain, ckpt = summary(mem[False], times["without"]), summary(mem[True], times["with"])
-    row = {**asdict(plan), "params": mem[False]["params"], "without": plain, "with": ckpt,
-           "memory_ratio": ckpt["peak_mib"] / plain["peak_mib"],
-           "time_ratio": ckpt["seconds_per_step"] / plain["seconds_per_step"]}
-    if "peak_rss_mib" in plain:
-        row["memory_ratio_rss"] = ckpt["peak_rss_mib"] / plain["peak_rss_mib"]
+    rows = {name: summary(mem[name], times[name]) for name in SETTINGS}
+    plain = rows["without"]
+    row: dict[str, Any] = {**asdict(plan), "params": mem["without"]["params"], **rows,
+                           "settings": {k: v for k, v in SETTINGS.items() if v is not None}}
+    for name in SETTINGS:
+        if name == "without":
+            continue
+        prefix = "" if name == "with" else f"{name}_"
+        row[f"{prefix}memory_ratio"] = rows[name]["peak_mib"] / plain["peak_mib"]
+        row[f"{prefix}time_ratio"] = rows[name]["seconds_per_step"] / plain["seconds_per_step"]
+        if "peak_rss_mib" in plain:
+            row[f"{prefix}memory_ratio_rss"] = rows[name]["peak_rss_mib"] / plain["peak_rss_mib"]
     return row
 
 
@@ -224,7 +249,8 @@ def run(quick: bool = False, device: str = "auto", write: bool = True) -> dict[s
         print(f"[e] {plan.model} batch {plan.batch}: peak {row['without']['peak_mib']:.0f} -> "
               f"{row['with']['peak_mib']:.0f} MiB ({row['memory_ratio']:.2f}x), step "
               f"{row['without']['seconds_per_step']:.2f} -> {row['with']['seconds_per_step']:.2f} s "
-              f"({row['time_ratio']:.2f}x) ({time.perf_counter() - t0:.0f}s)", flush=True)
+              f"({row['time_ratio']:.2f}x); per block {row['per_block_memory_ratio']:.2f}x memory, "
+              f"{row['per_block_time_ratio']:.2f}x time ({time.perf_counter() - t0:.0f}s)", flush=True)
     payload = {
         "case": "e", "title": "grad checkpointing: peak memory and step time, with / without",
         "machine": machine, "quick": quick,

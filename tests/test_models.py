@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -340,16 +338,25 @@ def test_named_stages_chain_to_forward(name):
         torch.testing.assert_close(y, model(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "preact_resnet20"])
-def test_grad_checkpointing_is_exact(name, monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "every", "stages", "segments"),
+    [
+        ("resnet20", 1, None, [1] * 9),  # one checkpoint per block, every stage
+        ("resnet20", 0, -1, [2, 1, 2, 1]),  # the defaults: sqrt(3) ~ 2 blocks, last stage stored
+        ("preact_resnet20", 2, 1, [2, 1]),
+        ("resnet20", 5, 3, [3, 3, 3]),  # a segment never spans two stages
+    ],
+)
+def test_grad_checkpointing_is_exact(name, every, stages, segments, monkeypatch):
     torch.manual_seed(0)
     plain_run = create_model(name).train()
-    ckpt_run = copy.deepcopy(plain_run)
+    ckpt_run = create_model(name, checkpoint_every=every, checkpoint_stages=stages).train()
+    ckpt_run.load_state_dict(plain_run.state_dict())
     ckpt_run.set_grad_checkpointing(True)
     calls = []
     real = resnet_module.checkpoint
     monkeypatch.setattr(
-        resnet_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k)
+        resnet_module, "checkpoint", lambda fn, blocks, *a, **k: calls.append(len(blocks)) or real(fn, blocks, *a, **k)
     )
     x = torch.randn(4, 3, 16, 16)
     outs = []
@@ -357,7 +364,7 @@ def test_grad_checkpointing_is_exact(name, monkeypatch):
         out = model(x)
         out.square().mean().backward()
         outs.append(out)
-    assert len(calls) == len(list(ckpt_run.blocks()))  # one checkpoint per block
+    assert calls == segments
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
     grads = dict(plain_run.named_parameters())
     for pname, p in ckpt_run.named_parameters():
@@ -372,6 +379,20 @@ def test_grad_checkpointing_is_exact(name, monkeypatch):
         ckpt_run(x)
     ckpt_run.eval()(x)
     assert calls == []  # no checkpointing without grad or in eval
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"checkpoint_every": -1}, "checkpoint_every must be an int >= 0"),
+        ({"checkpoint_every": 1.5}, "checkpoint_every must be an int >= 0"),
+        ({"checkpoint_stages": 4}, r"checkpoint_stages must be None \(all\) or an int in \[-3, 3\]"),
+        ({"checkpoint_stages": -4}, r"in \[-3, 3\] for this 3-stage net, got -4"),
+    ],
+)
+def test_bad_checkpoint_settings_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("resnet20", **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,8 @@ class ModelConfig:
     shortcut: Literal["A", "B", "C"] | None = None  # None: the registry's (A for CIFAR nets)
     zero_init_residual: bool = False  # last BN of each residual branch starts at 0
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory
+    checkpoint_every: int = 0  # blocks per checkpointed segment; 0 = about sqrt(stage blocks)
+    checkpoint_stages: int | None = -1  # checkpoint stages[:n]; -1 = all but the last; None = all
     drop_rate: float = 0.0  # dropout before the classifier, probability
 
 
@@ -340,6 +342,8 @@ def validate(cfg: Config) -> Config:
     if cfg.model.num_classes is not None:
         need(cfg.model.num_classes >= 1, "model.num_classes must be >= 1")
     need(0 <= cfg.model.drop_rate < 1, "model.drop_rate must be in [0, 1)")
+    need(cfg.model.checkpoint_every >= 0,
+         f"model.checkpoint_every must be >= 0 (0 = auto), got {cfg.model.checkpoint_every}")
     # late import: loading a config file needs no torch
     from resnetlab.models import list_models, model_defaults
 
@@ -350,6 +354,10 @@ def validate(cfg: Config) -> Config:
     need(not (cfg.model.zero_init_residual and model_defaults(cfg.model.name).get("plain")),
          f"model.zero_init_residual=true would make every block of the plain net "
          f"{cfg.model.name} output zeros; it is for residual nets only")
+    stages, n = cfg.model.checkpoint_stages, len(model_defaults(cfg.model.name)["layers"])
+    need(stages is None or -n <= stages <= n,
+         f"model.checkpoint_stages must be null (all) or in [{-n}, {n}] for the {n}-stage "
+         f"{cfg.model.name}, got {stages}")
     return cfg
 
 

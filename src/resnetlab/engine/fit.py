@@ -110,6 +110,8 @@ def build_model(cfg: Config, meta: DataMeta) -> nn.Module:
         "in_chans": cfg.model.in_chans or meta.in_chans,
         "zero_init_residual": cfg.model.zero_init_residual,
         "grad_checkpointing": cfg.model.grad_checkpointing,
+        "checkpoint_every": cfg.model.checkpoint_every,
+        "checkpoint_stages": cfg.model.checkpoint_stages,
         "drop_rate": cfg.model.drop_rate,
     }
     if cfg.model.shortcut is not None:

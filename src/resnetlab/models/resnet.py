@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -80,14 +81,19 @@ def make_stages(
 
 
 @contextlib.contextmanager
-def _frozen_bn_stats(module: nn.Module) -> Iterator[None]:
-    """Undo BatchNorm running-stat updates made inside ``module`` while the context is open.
+def _frozen_bn_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Undo BatchNorm running-stat updates made inside ``modules`` while the context is open.
 
     Checkpointing re-runs each block's forward during backward; without this the BN running
     mean/var would take a second momentum step per training step. (Switching the stats off
     instead would change which tensors BN saves, which checkpointing rejects.)
     """
-    bns = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    bns = [
+        m
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats
+    ]
     saved = [
         [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns
     ]
@@ -102,9 +108,27 @@ def _frozen_bn_stats(module: nn.Module) -> Iterator[None]:
 
 
 def _checkpoint_contexts(
-    module: nn.Module,
+    modules: Sequence[nn.Module],
 ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    return contextlib.nullcontext(), _frozen_bn_stats(module)
+    return contextlib.nullcontext(), _frozen_bn_stats(modules)
+
+
+def _run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+def checkpoint_segment_length(num_blocks: int, every: int = 0) -> int:
+    """Blocks per checkpointed segment of a stage of ``num_blocks`` blocks.
+
+    ``every > 0`` is taken as given. ``every == 0`` (auto) picks ``round(sqrt(num_blocks))``:
+    a stage of ``n`` blocks in segments of ``k`` keeps ``n / k`` segment inputs plus, while one
+    segment is recomputed, ``k`` blocks' activations, and ``n / k + k`` is smallest at
+    ``k = sqrt(n)`` (Chen et al. 2016, "Training deep nets with sublinear memory cost"). Fewer,
+    longer segments also cost less bookkeeping per step than one checkpoint per block.
+    """
+    return every if every > 0 else max(1, round(math.sqrt(num_blocks)))
 
 
 class ResNet(nn.Module):
@@ -125,7 +149,14 @@ class ResNet(nn.Module):
             residual branch so every block starts as its shortcut (Goyal et al. 2017).
         stem_width: channels out of the stem and planes of the first stage; stage ``i`` has
             ``stem_width * 2**i`` planes. Default 16 (CIFAR) or 64 (ImageNet).
-        grad_checkpointing: recompute each block's activations in backward (less memory).
+        grad_checkpointing: recompute block activations in backward (less memory).
+        checkpoint_every: blocks per checkpointed segment; 0 (default) picks about the square
+            root of each stage's block count (see :func:`checkpoint_segment_length`).
+        checkpoint_stages: which stages checkpointing covers, as a slice ``stages[:n]``: the
+            first ``n``; negative counts from the end; ``None`` is all. The default -1 leaves
+            the last stage stored: it holds the fewest activations for the same compute (CIFAR:
+            1/7 of them, a third of the FLOPs), so storing it buys back about a third of the
+            recomputation while the peak, set by the early stages, barely moves.
         drop_rate: dropout probability before ``fc``.
     """
 
@@ -144,6 +175,8 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
         stem_width: int | None = None,
         grad_checkpointing: bool = False,
+        checkpoint_every: int = 0,
+        checkpoint_stages: int | None = -1,
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
@@ -171,6 +204,7 @@ class ResNet(nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.grad_checkpointing = grad_checkpointing
+        self.checkpoint_every = checkpoint_every  # validated by the property setters
         self.preact = preact
         self.plain = plain
         self.shortcut = shortcut
@@ -201,6 +235,7 @@ class ResNet(nn.Module):
         self.stage_names = [f"layer{i + 1}" for i in range(len(stages))]
         for name, stage in zip(self.stage_names, stages, strict=True):
             self.add_module(name, stage)
+        self.checkpoint_stages = checkpoint_stages
         self.num_features = planes[-1] * block.expansion
 
         # Pre-activation nets end on an addition; normalise and rectify before pooling.
@@ -239,8 +274,37 @@ class ResNet(nn.Module):
             yield from getattr(self, name)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in backward instead of storing them."""
+        """Recompute block activations in backward instead of storing them (see
+        ``checkpoint_every`` and ``checkpoint_stages`` for how the blocks are grouped)."""
         self.grad_checkpointing = enable
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Blocks per checkpointed segment; 0 = about sqrt(blocks in the stage)."""
+        return self._checkpoint_every
+
+    @checkpoint_every.setter
+    def checkpoint_every(self, every: int) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0 (0 = auto), got {every!r}")
+        self._checkpoint_every = every
+
+    @property
+    def checkpoint_stages(self) -> int | None:
+        """Checkpointing covers ``stage_names[:checkpoint_stages]``."""
+        return self._checkpoint_stages
+
+    @checkpoint_stages.setter
+    def checkpoint_stages(self, stages: int | None) -> None:
+        n = len(self.stage_names)
+        if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int)
+                                   or not -n <= stages <= n):
+            raise ValueError(
+                f"checkpoint_stages must be None (all) or an int in [{-n}, {n}] for this "
+                f"{n}-stage net, got {stages!r}"
+            )
+        self._checkpoint_stages = stages
+        self._checkpointed = frozenset(self.stage_names[:stages])
 
     def get_classifier(self) -> nn.Module:
         """The final linear layer (``fc``)."""
@@ -252,15 +316,25 @@ class ResNet(nn.Module):
         self.num_classes = num_classes
         self.fc = self._make_fc(num_classes).to(device=ref.device, dtype=ref.dtype)
 
-    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+    def _run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        stage = getattr(self, name)
+        if not (
+            self.grad_checkpointing
+            and name in self._checkpointed
+            and self.training
+            and torch.is_grad_enabled()
+        ):
             return stage(x)
-        for block in stage:
+        blocks = list(stage)
+        k = checkpoint_segment_length(len(blocks), self.checkpoint_every)
+        for i in range(0, len(blocks), k):
+            segment = blocks[i : i + k]
             x = checkpoint(
-                block,
+                _run_blocks,
+                segment,
                 x,
                 use_reentrant=False,
-                context_fn=functools.partial(_checkpoint_contexts, block),
+                context_fn=functools.partial(_checkpoint_contexts, segment),
             )
         return x
 
@@ -269,7 +343,7 @@ class ResNet(nn.Module):
         # cifar: [b, 16, h, w]; imagenet: [b, 64, h/4, w/4]
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for name in self.stage_names:
-            x = self._run_stage(getattr(self, name), x)  # channels x2, h and w /2 per stage
+            x = self._run_stage(name, x)  # channels x2, h and w /2 per stage
         x = self.final_act(self.final_bn(x))  # [b, num_features, h', w']
         return torch.flatten(self.avgpool(x), 1)  # [b, num_features]
 
