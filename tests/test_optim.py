@@ -58,3 +58,34 @@ def test_ema_moves_toward_the_weights_and_copies_buffers() -> None:
     assert torch.allclose(ema.module[0].weight, before + 0.1)  # 10% of the way
     assert torch.equal(ema.module[1].running_mean, model[1].running_mean)
     assert math.isclose(ema.decay, 0.9)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        OptimConfig(name="sgd", lr=0.1, nesterov=True, no_weight_decay_bn_bias=True),
+        OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05),
+    ],
+    ids=["sgd", "adamw"],
+)
+def test_fused_update_equals_the_unfused_one(cfg: OptimConfig) -> None:
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+            for _ in range(2)]
+    x = torch.randn(4, 3, 6, 6)
+    for net in nets:
+        net(x)  # materialise the lazy layer
+    nets[1].load_state_dict(nets[0].state_dict())
+    before = [p.detach().clone() for p in nets[0].parameters()]
+    fused = build_optimizer(nets[0], cfg)
+    plain = build_optimizer(nets[1], OptimConfig(**{**cfg.__dict__, "fused": False}))
+    assert all(g["fused"] for g in fused.param_groups)
+    assert not any(g["fused"] for g in plain.param_groups)
+    for _ in range(3):
+        for net, opt in ((nets[0], fused), (nets[1], plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(not torch.equal(a, b) for a, b in zip(nets[0].parameters(), before, strict=True))

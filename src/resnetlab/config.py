@@ -75,6 +75,7 @@ class OptimConfig:
     label_smoothing: float = 0.0  # cross-entropy target smoothing, 0 = off
     clip_grad_norm: float | None = None  # max global L2 norm of the gradients, None = off
     ema_decay: float | None = None  # exponential moving average of weights per step, e.g. 0.999
+    fused: bool = True  # torch's fused update kernel (CPU, CUDA) where the parameters allow it
 
 
 @dataclass(frozen=True)
