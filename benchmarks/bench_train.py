@@ -335,9 +335,10 @@ PROFILE_GROUPS = (  # (group, substrings of profiler event names), first match w
 
 
 def profile_step(parts: tuple, plan: Plan, device: torch.device, amp: str,
-                 flops_per_image: float, steps: int = 3) -> dict[str, Any]:
-    """Where a pure train step's time goes (self time per op group) and the convolutions'
-    own FLOP/s: the explanation behind (b)."""
+                 steps: int = 3) -> dict[str, Any]:
+    """Where a pure train step's time goes (self time per op group): the explanation behind (b).
+    Utilisation over the convolutions' share of the time is the ceiling for the step, the
+    utilisation if nothing else took time."""
     from torch.profiler import ProfilerActivity, profile
 
     step = _step_fn(parts, plan, device, amp)
@@ -354,11 +355,9 @@ def profile_step(parts: tuple, plan: Plan, device: torch.device, amp: str,
         group = next((g for g, keys in PROFILE_GROUPS if any(k in event.key for k in keys)), "other")
         groups[group] = groups.get(group, 0.0) + us
     total = sum(groups.values()) or 1.0
-    conv_s = groups.get("convolution", 0.0) / 1e6 / steps  # per step
     return {
         "time_share": {g: round(v / total, 3) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
         "timer": "device self time" if device.type == "cuda" else "CPU self time",
-        "convolution_flops_per_s": flops_per_image * plan.batch / conv_s if conv_s else None,
     }
 
 
@@ -397,7 +396,7 @@ def measure_model(name: str, plan: Plan, device: torch.device, amp: str, compile
     contenders["resnetlab"] = resnetlab_contender(parts, plan, images, labels, device, amp)
     contenders["pure_step"] = pure_contender(parts, plan, device, amp)
     rounds = alternate(contenders, plan.rounds)
-    profile = profile_step(parts, plan, device, amp, flops)
+    profile = profile_step(parts, plan, device, amp)
     best_base = max((k for k in rounds if k.startswith("baseline")), key=lambda k: rounds[k].median)
     same = count_params(parts[0]) == count_params(baseline_model(name))
     return {
@@ -553,8 +552,9 @@ def run(quick: bool = False, device: str = "auto", compile_: bool = False,
                            "pure_step_images_per_s": r["pure_step"]["images_per_s"],
                            "model_flops_per_s": r["pure_step_flops_per_s"],
                            "ratio": r["utilisation"],
-                           "convolution_only_ratio": (r["profile"]["convolution_flops_per_s"] or 0)
-                           / flops_peak["flops_per_s"],
+                           # the ratio if everything but the convolutions took no time
+                           "convolution_only_ratio": r["utilisation"]
+                           / (r["profile"]["time_share"].get("convolution") or float("nan")),
                            "profile": r["profile"]} for r in rows if "utilisation" in r]},
         "c": {"case": "c", "title": "whole-epoch (fit) images/s over pure train-step images/s",
               **common, "target": TARGETS["c"], "higher_is_better": True, "results": fit_rows},
