@@ -24,7 +24,9 @@ process cannot measure two peaks):
 Time is measured apart from memory, in one more process holding one model whose checkpointing
 settings change between steps, cycling through the settings step by step (the order rotating
 each round) after a warm-up step of each, so that all settings share the machine's load;
-seconds per training step (forward, backward, SGD step), median of each setting's steps.
+seconds per training step (forward, backward, SGD step), median of each setting's steps. The
+machine's speed drifts over tens of seconds, so a time ratio is the median over rounds of the
+ratio of steps taken side by side in one round (:func:`benchmarks.common.paired_ratio`).
 
     python -m benchmarks.bench_memory [--quick] [--device cpu|cuda]
 """
@@ -45,6 +47,7 @@ from benchmarks.common import (
     fmt_ratio,
     machine_info,
     met,
+    paired_ratio,
     pick_device,
     run_worker,
     write_json,
@@ -67,7 +70,7 @@ class MemPlan:
 
 PLANS: dict[tuple[str, bool], list[MemPlan]] = {
     ("cpu", True): [MemPlan("resnet110", 64, 2), MemPlan("resnet1202", 12, 1)],
-    ("cpu", False): [MemPlan("resnet110", 128, 5), MemPlan("resnet1202", 16, 3)],
+    ("cpu", False): [MemPlan("resnet110", 128, 7), MemPlan("resnet1202", 16, 5)],
     ("cuda", True): [MemPlan("resnet110", 256, 10), MemPlan("resnet1202", 64, 5)],
     ("cuda", False): [MemPlan("resnet110", 512, 30), MemPlan("resnet1202", 128, 15)],
 }
@@ -230,7 +233,7 @@ def measure(plan: MemPlan, device: str, timeout: float) -> dict[str, Any]:
             continue
         prefix = "" if name == "with" else f"{name}_"
         row[f"{prefix}memory_ratio"] = rows[name]["peak_mib"] / plain["peak_mib"]
-        row[f"{prefix}time_ratio"] = rows[name]["seconds_per_step"] / plain["seconds_per_step"]
+        row[f"{prefix}time_ratio"] = paired_ratio(times[name], times["without"])
         if "peak_rss_mib" in plain:
             row[f"{prefix}memory_ratio_rss"] = rows[name]["peak_rss_mib"] / plain["peak_rss_mib"]
     return row

@@ -54,6 +54,7 @@ from benchmarks.common import (
     machine_info,
     matmul_flops,
     met,
+    paired_ratio,
     parse_list,
     pick_device,
     sync,
@@ -405,7 +406,7 @@ def measure_model(name: str, plan: Plan, device: torch.device, amp: str, compile
         "train_flops_per_image": flops,
         **{k: v.to_dict() for k, v in rounds.items()},
         "baseline": best_base,
-        "ratio": rounds["resnetlab"].median / rounds[best_base].median,
+        "ratio": paired_ratio(rounds["resnetlab"].rates, rounds[best_base].rates),
         "pure_step_flops_per_s": flops * rounds["pure_step"].median,
         "profile": profile,
     }

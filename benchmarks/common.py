@@ -152,6 +152,15 @@ def alternate(contenders: dict[str, Callable[[], tuple[int, float]]], rounds: in
     return {n: Rounds(v) for n, v in rates.items()}
 
 
+def paired_ratio(ours: list[float], reference: list[float]) -> float:
+    """Median over rounds of ``ours[i] / reference[i]``, the two measured side by side in round
+    ``i``. The machine's speed drifts over tens of seconds (a shared VM); a ratio taken within
+    a round cancels the drift, where a ratio of two medians mixes rounds of different speeds."""
+    if len(ours) != len(reference) or not ours:
+        raise ValueError(f"paired_ratio needs equal, non-empty rounds, got {len(ours)} and {len(reference)}")
+    return statistics.median(a / b for a, b in zip(ours, reference, strict=True))
+
+
 def best_seconds(fn: Callable[[], Any], device: torch.device, *, warmup: int, reps: int) -> float:
     """Fastest of ``reps`` timed calls of ``fn`` after ``warmup`` untimed ones (peak speed)."""
     for _ in range(warmup):

@@ -33,6 +33,7 @@ from resnetlab.data import (
     to_mode,
     to_rgb,
 )
+from resnetlab.data import datasets as datasets_module
 from resnetlab.data.augment import CropFlip, apply_crop_flip, random_crop_flip
 from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -598,3 +599,20 @@ def test_normalised_digits_have_zero_mean_unit_std(digits) -> None:
         x, _ = collect(loader)
         assert abs(float(x.mean())) < (1e-4 if not train else 0.02)
         assert abs(float(x.std()) - 1.0) < (1e-3 if not train else 0.02)
+
+
+def test_folder_decodes_only_the_needed_splits(tmp_path: Path, monkeypatch) -> None:
+    write_folder(tmp_path, splits=("train", "test"))
+    bad = _bad_file(tmp_path / "train" / "cat", "truncated_jpeg")
+    decoded: list[str] = []
+    real = datasets_module.check_images
+    monkeypatch.setattr(datasets_module, "check_images", lambda paths: decoded.extend(paths) or real(paths))
+    ds = build_datasets(folder_cfg(tmp_path), seed=0, needs=("test",))  # eval on test/
+    assert decoded and all("/test/" in p for p in decoded)
+    assert len(ds.test) == 8 and str(bad) in ds.train.paths + ds.val.paths  # listed, not decoded
+    decoded.clear()
+    with pytest.raises(DataError, match=str(bad)):  # val is held out of train/: train is checked
+        build_datasets(folder_cfg(tmp_path), seed=0, needs=("val",))
+    assert any("/train/" in p for p in decoded)
+    with pytest.raises(ValueError, match="unknown split"):
+        build_datasets(folder_cfg(tmp_path), seed=0, needs=("tset",))

@@ -172,7 +172,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
     cfg = apply_overrides(cfg, overrides)
     device = select_device(cfg.train.device)
 
-    data = build_datasets(cfg.data, seed=cfg.seed)
+    data = build_datasets(cfg.data, seed=cfg.seed, needs=(split,))
     subset = getattr(data, split)
     if subset is None or len(subset) == 0:
         hint = ("add a test/ folder next to train/" if split == "test" else

@@ -15,7 +15,7 @@ import os
 import pickle
 import tarfile
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,15 +128,26 @@ class Datasets:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason), "skip" mode
 
 
-def build_datasets(cfg: DataConfig, seed: int) -> Datasets:
+SPLITS = ("train", "val", "test")
+
+
+def build_datasets(cfg: DataConfig, seed: int, needs: Collection[str] = SPLITS) -> Datasets:
     """Load the source named by ``cfg.name`` and split it; the split depends only on ``seed``
-    and the fractions in ``cfg``. Raises :class:`DataError` naming the file or folder at fault."""
+    and the fractions in ``cfg``. Raises :class:`DataError` naming the file or folder at fault.
+
+    ``needs``: the splits the caller will read. Image folders decode only the files of those
+    splits up front (evaluating test/ does not decode train/), plus train/ when a needed val
+    split is held out of it, so that the held-out files are the ones training held out.
+    """
+    unknown = set(needs) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"needs: unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
     if cfg.name == "digits":
         return _build_digits(cfg, seed)
     if cfg.name in ("cifar10", "cifar100"):
         return _build_cifar(cfg, seed)
     if cfg.name == "folder":
-        return _build_folder(cfg, seed)
+        return _build_folder(cfg, seed, set(needs))
     raise DataError(f"data.name: unknown data source {cfg.name!r}")
 
 
@@ -552,7 +563,7 @@ def check_images(paths: Sequence[str]) -> list[str | None]:
         return list(pool.map(check_image, paths, chunksize=64))
 
 
-def _build_folder(cfg: DataConfig, seed: int) -> Datasets:
+def _build_folder(cfg: DataConfig, seed: int, needs: set[str]) -> Datasets:
     if cfg.root is None:
         raise DataError("data.root is required for data.name=folder")
     root = Path(cfg.root).expanduser()
@@ -565,9 +576,13 @@ def _build_folder(cfg: DataConfig, seed: int) -> Datasets:
         if (root / split).is_dir():
             scanned[split] = _scan_split(root / split, classes)
 
-    # Decode every file now, so a bad image stops the run (or is skipped) before training.
+    # Decode every needed file now, so a bad image stops the run (or is skipped) before training.
+    if "val" in needs and "val" not in scanned:
+        needs = needs | {"train"}  # val is held out of the checked train files
     skipped: list[tuple[str, str]] = []
     for split, (paths, labels) in scanned.items():
+        if split not in needs:
+            continue
         reasons = check_images(paths)
         bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
         if bad and cfg.on_bad_image == "error":
@@ -587,7 +602,7 @@ def _build_folder(cfg: DataConfig, seed: int) -> Datasets:
     train_paths, train_labels = scanned["train"]
     present = set(train_labels)
     for i, name in enumerate(classes):
-        if i not in present:
+        if i not in present and "train" in needs:
             raise DataError(f"class folder {train_dir / name} has no readable images left")
     if "val" in scanned:
         train, val = as_split(*scanned["train"]), as_split(*scanned["val"])
