@@ -339,35 +339,52 @@ def test_named_stages_chain_to_forward(name):
 
 
 @pytest.mark.parametrize(
-    ("name", "every", "stages", "segments"),
+    ("name", "every", "stages", "segments", "frozen_stem"),
     [
-        ("resnet20", 1, None, [1] * 9),  # one checkpoint per block, every stage
-        ("resnet20", 0, -1, [2, 1, 2, 1]),  # the defaults: sqrt(3) ~ 2 blocks, last stage stored
-        ("preact_resnet20", 2, 1, [2, 1]),
-        ("resnet20", 5, 3, [3, 3, 3]),  # a segment never spans two stages
+        ("resnet20", 1, None, [1] * 9, False),  # one checkpoint per block, every stage
+        ("resnet20", 0, -1, [2, 1, 2, 1], False),  # the defaults: sqrt(3) ~ 2, last stage stored
+        ("preact_resnet20", 2, 1, [2, 1], False),
+        ("resnet20", 5, 3, [3, 3, 3], False),  # a segment never spans two stages
+        # A frozen stem hands the first segment an input without grad: the non-reentrant path.
+        ("resnet20", 0, None, [2, 1, 2, 1, 2, 1], True),
     ],
 )
-def test_grad_checkpointing_is_exact(name, every, stages, segments, monkeypatch):
+def test_grad_checkpointing_is_exact(name, every, stages, segments, frozen_stem, monkeypatch):
     torch.manual_seed(0)
     plain_run = create_model(name).train()
     ckpt_run = create_model(name, checkpoint_every=every, checkpoint_stages=stages).train()
     ckpt_run.load_state_dict(plain_run.state_dict())
     ckpt_run.set_grad_checkpointing(True)
+    for model in (plain_run, ckpt_run) if frozen_stem else ():
+        for module in (model.conv1, model.bn1):
+            module.requires_grad_(False)
+    for module in (m for m in ckpt_run.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        module.momentum = None  # cumulative averages: the step counter must stay exact too
+    for module in (m for m in plain_run.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        module.momentum = None
     calls = []
     real = resnet_module.checkpoint
-    monkeypatch.setattr(
-        resnet_module, "checkpoint", lambda fn, blocks, *a, **k: calls.append(len(blocks)) or real(fn, blocks, *a, **k)
-    )
+
+    def counting(fn, blocks, *a, **k):
+        calls.append((len(blocks), k["use_reentrant"]))
+        return real(fn, blocks, *a, **k)
+
+    monkeypatch.setattr(resnet_module, "checkpoint", counting)
     x = torch.randn(4, 3, 16, 16)
     outs = []
     for model in (plain_run, ckpt_run):
         out = model(x)
         out.square().mean().backward()
         outs.append(out)
-    assert calls == segments
+    assert [n for n, _ in calls] == segments
+    # Reentrant (one autograd node per segment) wherever the segment's input requires grad.
+    assert [r for _, r in calls] == [not (frozen_stem and i == 0) for i in range(len(calls))]
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
     grads = dict(plain_run.named_parameters())
     for pname, p in ckpt_run.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None and grads[pname].grad is None
+            continue
         torch.testing.assert_close(p.grad, grads[pname].grad, rtol=1e-6, atol=1e-7)
     # Recomputation in backward must not move the BN running stats a second time.
     for (k, a), b in zip(

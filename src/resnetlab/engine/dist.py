@@ -104,11 +104,12 @@ class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # [c], biased: used to normalise
         if self.track_running_stats:
             with torch.no_grad():
-                m = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked.add_(1)
+                # BatchNorm2d's rule: momentum None is the cumulative average over the steps.
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
                 unbiased = var * n / (n - 1).clamp_min(1)
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-                self.num_batches_tracked.add_(1)
         scale = torch.rsqrt(var + self.eps).to(x.dtype)
         y = (x - mean.to(x.dtype)[None, :, None, None]) * scale[None, :, None, None]
         if self.affine:

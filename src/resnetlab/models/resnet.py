@@ -81,12 +81,16 @@ def make_stages(
 
 
 @contextlib.contextmanager
-def _frozen_bn_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Undo BatchNorm running-stat updates made inside ``modules`` while the context is open.
+def _still_bn_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """BatchNorm layers inside ``modules`` leave their running statistics as they are while
+    the context is open.
 
-    Checkpointing re-runs each block's forward during backward; without this the BN running
-    mean/var would take a second momentum step per training step. (Switching the stats off
-    instead would change which tensors BN saves, which checkpointing rejects.)
+    Checkpointing runs each segment's forward a second time during backward; without this the
+    running mean and variance would take a second momentum step per training step. Momentum 0
+    makes that update ``1 * running + 0 * batch``, the same numbers, and the step counter is
+    put back afterwards. (BN still takes the training-mode path, so it saves the same tensors
+    for backward as the first pass, which checkpointing requires; nothing it saved is modified
+    in place afterwards, which reentrant checkpointing requires.)
     """
     bns = [
         m
@@ -94,29 +98,57 @@ def _frozen_bn_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
         for m in module.modules()
         if isinstance(m, _BatchNorm) and m.track_running_stats
     ]
-    saved = [
-        [b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns
-    ]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, (mean, var, count) in zip(bns, saved, strict=True):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+            for m, momentum in zip(bns, momenta, strict=True):
+                m.momentum = momentum
+                m.num_batches_tracked.sub_(1)
 
 
 def _checkpoint_contexts(
     modules: Sequence[nn.Module],
 ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    return contextlib.nullcontext(), _frozen_bn_stats(modules)
+    return contextlib.nullcontext(), _still_bn_stats(modules)
 
 
 def _run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     for block in blocks:
         x = block(x)
     return x
+
+
+def _run_blocks_reentrant(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    # Reentrant checkpointing runs this under no_grad first, then again with grad enabled
+    # inside backward: that second run is the recomputation.
+    if not torch.is_grad_enabled():
+        return _run_blocks(blocks, x)
+    with _still_bn_stats(blocks):
+        return _run_blocks(blocks, x)
+
+
+def _checkpoint_segment(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``blocks`` applied to ``x``, keeping only ``x`` for backward.
+
+    Reentrant checkpointing where it applies: one autograd node per segment, where
+    non-reentrant checkpointing runs Python hooks for every tensor saved inside it (measured
+    on resnet1202, batch 16, 2 CPU cores: 1.22x the step time of no checkpointing against
+    1.42x). It needs an input that requires grad, and torch.compile traces only the
+    non-reentrant kind, so those cases take the non-reentrant path.
+    """
+    if x.requires_grad and not torch.compiler.is_compiling():
+        return checkpoint(_run_blocks_reentrant, blocks, x, use_reentrant=True)
+    return checkpoint(
+        _run_blocks,
+        blocks,
+        x,
+        use_reentrant=False,
+        context_fn=functools.partial(_checkpoint_contexts, blocks),
+    )
 
 
 def checkpoint_segment_length(num_blocks: int, every: int = 0) -> int:
@@ -328,14 +360,7 @@ class ResNet(nn.Module):
         blocks = list(stage)
         k = checkpoint_segment_length(len(blocks), self.checkpoint_every)
         for i in range(0, len(blocks), k):
-            segment = blocks[i : i + k]
-            x = checkpoint(
-                _run_blocks,
-                segment,
-                x,
-                use_reentrant=False,
-                context_fn=functools.partial(_checkpoint_contexts, segment),
-            )
+            x = _checkpoint_segment(blocks[i : i + k], x)
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
