@@ -70,7 +70,7 @@ class MemPlan:
 
 PLANS: dict[tuple[str, bool], list[MemPlan]] = {
     ("cpu", True): [MemPlan("resnet110", 64, 2), MemPlan("resnet1202", 12, 1)],
-    ("cpu", False): [MemPlan("resnet110", 128, 7), MemPlan("resnet1202", 16, 5)],
+    ("cpu", False): [MemPlan("resnet110", 128, 15), MemPlan("resnet1202", 16, 7)],
     ("cuda", True): [MemPlan("resnet110", 256, 10), MemPlan("resnet1202", 64, 5)],
     ("cuda", False): [MemPlan("resnet110", 512, 30), MemPlan("resnet1202", 128, 15)],
 }
