@@ -79,6 +79,41 @@ def load_average() -> float | None:
         return None
 
 
+class OtherWork:
+    """CPU time that processes outside this benchmark used while it ran, as a share of the
+    machine's cores over the run (Linux; ``None`` elsewhere).
+
+    The machine's busy time comes from ``/proc/stat``; this process's own, and that of every
+    child it (or a child) waited for, from ``getrusage``. The load average cannot tell the two
+    apart and still counts work that ended before the run started.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        import resource
+
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+        busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+        ours = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+        return busy, ours, time.monotonic()
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return None
+        others = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return round(max(0.0, others) / ((end[2] - self.start[2]) * usable_cores()), 3)
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Where a number was measured: CPU, cores, threads, library versions, the device."""
     import torchvision

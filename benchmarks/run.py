@@ -33,6 +33,7 @@ import torch
 
 from benchmarks.common import (
     RESULTS_DIR,
+    OtherWork,
     describe_machine,
     fmt_rate,
     fmt_ratio,
@@ -103,6 +104,15 @@ def summary_rows(payloads: dict[str, dict[str, Any]]) -> list[list[str]]:
         for r in p["results"]:
             rows.extend(_case_rows(case, p, r))
     return rows
+
+
+def _other_work_line(machine: dict[str, Any]) -> str:
+    share = machine.get("other_work_cpu_share")
+    if share is None:
+        return f"- 1-min load average at the start: {machine['load_average_1min']}"
+    verdict = ("other work shared the machine: absolute numbers are low and noisy; the ratios, "
+               "measured side by side in alternating rounds, much less so") if share > 0.05 else "a quiet machine"
+    return f"- CPU time of other processes during the run: {share:.0%} of the cores ({verdict})"
 
 
 def _b_note(r: dict[str, Any]) -> str:
@@ -183,10 +193,7 @@ def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], 
         f"- device: {machine['device']} ({machine['device_name']})",
         f"- software: torch {machine['torch']}, torchvision {machine['torchvision']}, python {machine['python']}",
         f"- run: `python -m benchmarks.run{flags}`, {machine['time']}, {seconds / 60:.1f} min",
-        f"- 1-min load average at the start: {machine['load_average_1min']}" + (
-            " (other work shared the machine: absolute numbers are low and noisy; the ratios, "
-            "measured side by side in alternating rounds, much less so)"
-            if (machine["load_average_1min"] or 0) > 0.5 else " (idle machine)"),
+        _other_work_line(machine),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--cases: unknown {', '.join(bad)}; choose from {', '.join(ALL_CASES)}")
     device = pick_device(args.device)
+    others = OtherWork()
     machine = machine_info(device)
     print(f"benchmarks on {describe_machine(machine)}; quick={args.quick}, cases {','.join(cases)}", flush=True)
     t0 = time.perf_counter()
@@ -265,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         guarded(["f"], lambda: {"f": bench_ddp.run(args.quick, str(device))})
 
     seconds = time.perf_counter() - t0
+    machine["other_work_cpu_share"] = others.share()
     # A subset run keeps the other cases' latest results in the table (each JSON holds its own
     # machine and time, and the summary names the rows that come from earlier runs).
     shown = {**_earlier_results([c for c in ALL_CASES if c not in payloads]), **payloads}
