@@ -81,7 +81,7 @@ def load_average() -> float | None:
 
 class OtherWork:
     """CPU time that processes outside this benchmark used while it ran, as a share of the
-    machine's cores over the run (Linux; ``None`` elsewhere).
+    machine's online CPUs over the run (Linux; ``None`` elsewhere).
 
     The machine's busy time comes from ``/proc/stat``; this process's own, and that of every
     child it (or a child) waited for, from ``getrusage``. The load average cannot tell the two
@@ -111,7 +111,8 @@ class OtherWork:
         if self.start is None or end is None or end[2] <= self.start[2]:
             return None
         others = (end[0] - self.start[0]) - (end[1] - self.start[1])
-        return round(max(0.0, others) / ((end[2] - self.start[2]) * usable_cores()), 3)
+        cpus = os.cpu_count() or 1  # /proc/stat's first line sums every online CPU
+        return round(max(0.0, others) / ((end[2] - self.start[2]) * cpus), 3)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
