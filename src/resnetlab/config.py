@@ -8,6 +8,7 @@ named, so a typo such as ``optim.lr_rate=0.1`` never silently trains with the de
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -96,6 +97,9 @@ class TrainConfig:
     quiet: bool = False  # no progress bar
     tensorboard: bool = True  # write event files when tensorboard is installed
     threads: int = 0  # torch CPU threads, 0 = torch's default
+    sync_every: int = 0  # steps between host reads of the NaN/stop flags; 0 = auto: 1 on CPU, 20 on GPUs
+    cudnn_benchmark: bool = True  # cuDNN picks the fastest conv kernels for the (fixed) input shapes
+    tf32: bool = True  # CUDA: float32 matmuls/convs on TF32 tensor cores (Ampere+), ~10 bits of mantissa
 
 
 @dataclass(frozen=True)
@@ -308,6 +312,22 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     return validate(cfg)
 
 
+MAX_CLASSES = 1_000_000  # far above any real label set (ImageNet-21k: 21,841); a typo guard
+MAX_CHANNELS = 64  # input channels: images have 1-4; a guard against typos
+
+
+def _leaves(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """``(dotted key, value)`` for every leaf of a config (tuples item by item)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        elif isinstance(value, tuple):
+            yield from ((f"{prefix}{f.name}[{i}]", v) for i, v in enumerate(value))
+        else:
+            yield f"{prefix}{f.name}", value
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; returns ``cfg`` unchanged or raises ConfigError naming the key."""
 
@@ -315,11 +335,22 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(msg)
 
+    for key, value in _leaves(cfg):  # NaN passes every comparison below: refuse it first
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
     need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    need(0 <= cfg.seed < 2**64, f"seed must be in [0, 2**64), got {cfg.seed}")
+    need(cfg.train.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {cfg.train.threads}")
+    need(0 <= cfg.optim.momentum < 1,
+         f"optim.momentum must be in [0, 1) (SGD momentum, adamw's beta1), got {cfg.optim.momentum}")
+    need(cfg.optim.gamma > 0, f"optim.gamma must be > 0 (the lr is multiplied by it), got {cfg.optim.gamma}")
+    need(cfg.optim.min_lr >= 0, f"optim.min_lr must be >= 0, got {cfg.optim.min_lr}")
+    need(cfg.optim.warmup_lr >= 0, f"optim.warmup_lr must be >= 0, got {cfg.optim.warmup_lr}")
     need(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
     need(cfg.train.eval_every >= 1, "train.eval_every must be >= 1")
     need(cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
+    need(cfg.train.sync_every >= 0, f"train.sync_every must be >= 0 (0 = auto), got {cfg.train.sync_every}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0")
     need(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)")
@@ -341,7 +372,11 @@ def validate(cfg: Config) -> Config:
         need(cfg.data.root is not None or (cfg.data.download and cfg.data.name != "folder"),
              f"data.root is required for data.name={cfg.data.name}")
     if cfg.model.num_classes is not None:
-        need(cfg.model.num_classes >= 1, "model.num_classes must be >= 1")
+        need(1 <= cfg.model.num_classes <= MAX_CLASSES,
+             f"model.num_classes must be in [1, {MAX_CLASSES}], got {cfg.model.num_classes}")
+    if cfg.model.in_chans is not None:
+        need(1 <= cfg.model.in_chans <= MAX_CHANNELS,
+             f"model.in_chans must be in [1, {MAX_CHANNELS}], got {cfg.model.in_chans}")
     need(0 <= cfg.model.drop_rate < 1, "model.drop_rate must be in [0, 1)")
     need(cfg.model.checkpoint_every >= 0,
          f"model.checkpoint_every must be >= 0 (0 = auto), got {cfg.model.checkpoint_every}")

@@ -61,7 +61,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], Co
             f"{file}: not a resnetlab checkpoint (missing {', '.join(missing)}); expected a run "
             f"folder, checkpoints/best.pt or last.pt, or a file from `resnetlab import`")
     cfg, meta = _parse_config_meta(obj["config"], obj["meta"], file)
-    return file, ckpt.model_state(obj), cfg, meta
+    return file, ckpt.model_state(obj, file), cfg, meta
 
 
 def _parse_config_meta(config: Any, meta: Any, source: Path) -> tuple[Config, DataMeta]:
@@ -91,8 +91,9 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], Config, Data
             "only files written by `resnetlab export --format safetensors` can be loaded by name")
     try:
         config, meta = json.loads(header[SAFETENSORS_CONFIG_KEY]), json.loads(header[SAFETENSORS_META_KEY])
-    except json.JSONDecodeError as e:
-        raise ckpt.CheckpointError(f"{file}: corrupt resnetlab header ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise ckpt.CheckpointError(f"{file}: corrupt resnetlab header ({type(e).__name__}: "
+                                   f"{str(e)[:200]})") from None
     cfg, dmeta = _parse_config_meta(config, meta, file)
     return ckpt.load_safetensors(file), cfg, dmeta
 

@@ -76,6 +76,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` alone). A collective: all ranks call it."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()

@@ -88,6 +88,8 @@ def train_one_epoch(
             break
     else:
         batch = len(loader) - 1
+    if device.type == "cuda":  # queued kernels belong to this epoch's time (images/s)
+        torch.cuda.synchronize(device)
     return {"step": step, "batches_done": batch + 1, "stopped": stopped,
             "seconds": time.perf_counter() - t0, "images": images}
 
