@@ -12,7 +12,8 @@ segment keeps only its input for the backward pass and recomputes the rest. Thre
 Each configuration trains in a fresh process (a process's peak memory never goes down, so one
 process cannot measure two peaks):
 
-- CUDA: ``torch.cuda.max_memory_allocated`` over the whole run (weights included).
+- CUDA: ``torch.cuda.max_memory_allocated`` over one step after two warm-up steps (weights,
+  gradients and optimiser state included; the first step has no momentum buffers yet).
 - CPU: the peak of the bytes held by live tensors during one training step (a dispatch mode
   sees every tensor an operator creates and a finaliser sees it freed; recomputation in the
   backward pass included), plus the weights, gradients, momentum and batch alive throughout:
@@ -140,7 +141,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.common import autocast, peak_rss_bytes, reset_peak_rss, rss_bytes, sync
+    from benchmarks.common import (
+        autocast,
+        peak_memory_after_warmup,
+        peak_rss_bytes,
+        reset_peak_rss,
+        rss_bytes,
+        sync,
+    )
     from resnetlab.config import OptimConfig
     from resnetlab.engine.optim import build_optimizer
     from resnetlab.models import create_model
@@ -190,11 +198,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return times
 
     use(spec["setting"])
-    step()  # warm-up: allocator and kernel caches settle; the RSS peak is the training's
     out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
-        out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        # a later step's peak, optimiser state included (the first step has none yet)
+        out["peak_bytes"] = peak_memory_after_warmup(step, device, warmup=2)
         return out
+    step()  # warm-up: allocator and kernel caches settle; the RSS peak is the training's
     peak_rss = peak_rss_bytes()  # before the tracked step, whose bookkeeping costs memory too
     tensors = [*model.parameters(), *model.buffers(), x, y,
                *(p.grad for p in model.parameters() if p.grad is not None),
