@@ -258,14 +258,14 @@ def run_reproduce(args: argparse.Namespace) -> int:
         return res.exit_code
     from resnetlab.analysis import run_cifar_table
 
-    res = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs,
-                          estimate_steps=args.estimate_steps, on_estimate=print)
-    if not res.ran:
+    table = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs,
+                            estimate_steps=args.estimate_steps, on_estimate=print)
+    if not table.ran:
         print("resnetlab reproduce cifar-table: this is meant for a GPU; on this CPU it would take the "
               "time above. Add --yes to train anyway.", file=sys.stderr)
         return 1
-    print(res.markdown)
-    print(f"{res.out_dir / 'table.md'} | {res.out_dir / 'table.csv'}")
+    print(table.markdown)
+    print(f"{table.out_dir / 'table.md'} | {table.out_dir / 'table.csv'}")
     return 0
 
 

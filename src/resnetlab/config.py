@@ -192,8 +192,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
-        return _build(tp, value, prefix=f"{key}.")
+            raise ConfigError(f"{key}: expected a mapping of {getattr(tp, '__name__', tp)} keys, got {value!r}")
+        return _build(typing.cast(type, tp), value, prefix=f"{key}.")
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module
 
 
@@ -225,7 +225,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "", base: Any = Non
         tp = hints[key]
         if is_dataclass(tp) and isinstance(value, Mapping):
             sub_base = getattr(base, key) if base is not None else None
-            kwargs[key] = _build(tp, value, prefix=f"{prefix}{key}.", base=sub_base)
+            kwargs[key] = _build(typing.cast(type, tp), value, prefix=f"{prefix}{key}.", base=sub_base)
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     if base is not None:

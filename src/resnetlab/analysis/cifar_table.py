@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,7 @@ def _parse_depths(depths: str | Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-def table_rows(test_errs: dict[str, Sequence[float]]) -> list[dict[str, Any]]:
+def table_rows(test_errs: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:
     """Per model: our test error (mean, sample std over seeds) and the paper's, in %."""
     rows = []
     for model, errs in test_errs.items():

@@ -280,7 +280,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     from resnetlab.analysis.plots import plot_degradation, read_run_metrics
 
     for cfg in cfgs:
-        run_dir = out_dir / cfg.run.name
+        run_dir = out_dir / str(cfg.run.name)
         if str(run_dir) not in finished:
             continue
         family, depth = split_name(cfg.model.name)

@@ -49,7 +49,7 @@ class GradientResult:
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The residual (or plain) blocks in forward order."""
     if hasattr(model, "blocks"):
-        return list(model.blocks())
+        return list(model.blocks())  # type: ignore[operator]
     from resnetlab.models import Block
 
     return [m for m in model.modules() if isinstance(m, Block)]

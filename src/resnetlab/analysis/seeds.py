@@ -162,7 +162,7 @@ def summarize_runs(group_dir: str | Path, runs: Sequence[str | Path], seeds: Seq
            "std": "sample standard deviation (ddof=1); null with one seed", "metrics": summary}
     (group_dir / "summary.md").write_text(md)
     (group_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
-    return SeedsResult(group_dir, runs, tuple(seeds), summary, md)
+    return SeedsResult(group_dir, [Path(r) for r in runs], tuple(seeds), summary, md)
 
 
 def train_seeds(config: Config | str | Path | None, overrides: Sequence[str] = (),

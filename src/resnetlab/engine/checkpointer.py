@@ -210,8 +210,8 @@ class Checkpointer:
             raise ckpt.CheckpointError(f"{path}: its 'state' entry should be a mapping")
         saved = TrainState()
         saved.load_state_dict(dict(loaded["state"]))
-        saved_cfg = loaded.get("config") if isinstance(loaded.get("config"), Mapping) else {}
-        saved_bs = (saved_cfg.get("train") or {}).get("batch_size")
+        saved_train = loaded["config"].get("train") if isinstance(loaded.get("config"), Mapping) else None
+        saved_bs = saved_train.get("batch_size") if isinstance(saved_train, Mapping) else None
         if saved.batch > 0 and saved_bs is not None and saved_bs != cfg.train.batch_size:
             raise TrainingError(
                 f"{path} was saved mid-epoch (epoch {saved.epoch + 1}, after batch {saved.batch}) with "

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -61,7 +61,7 @@ class Result:
     steps: int  # optimiser steps completed
     val: dict[str, float] = field(default_factory=dict)  # last validation
     best: dict[str, Any] = field(default_factory=dict)  # best validation and its epoch
-    test: dict[str, float] | None = None  # test split, evaluated once with the chosen weights
+    test: dict[str, Any] | None = None  # test split, evaluated once with the chosen weights
     interrupted: str | None = None  # "SIGTERM" / "SIGINT" / "stop" when stopped early
 
     @property
@@ -213,7 +213,7 @@ def start_run(cfg: Config, dist: DistInfo, device: torch.device, ckpts: Checkpoi
         state.step = state.epoch * steps_per_epoch
     net = wrap_ddp(parts.model, dist, device, cfg.train.sync_bn)
     if cfg.train.compile:
-        net = torch.compile(net)
+        net = cast(nn.Module, torch.compile(net))  # an OptimizedModule, an nn.Module subclass
     sync_every = sync_interval(cfg.train, device)
     every = checkpoint_interval(cfg.train.checkpoint_every_steps, sync_every)
     if every != cfg.train.checkpoint_every_steps:
@@ -398,7 +398,7 @@ def _say_interrupted(reason: str | None, run_dir: Path, state: TrainState, dist:
               f"step {state.step}; resume with: resnetlab train --resume {run_dir}", file=sys.stderr, flush=True)
 
 
-def _final_test(run: Run) -> dict[str, float] | None:
+def _final_test(run: Run) -> dict[str, Any] | None:
     """Evaluate the test split once, with the weights validation chose (best.pt) if any."""
     cfg, data = run.cfg, run.loaders.data
     if not cfg.train.test_at_end or data.test is None:
@@ -413,7 +413,7 @@ def _final_test(run: Run) -> dict[str, float] | None:
         ckpt.load_weights(model, state, source=str(best))
     loader = run.loaders.test_every_epoch or build_loader(
         data.test, data.meta, cfg.data, train=False, batch_size=cfg.train.eval_batch_size, **run.loaders.kwargs)
-    test = evaluate(model, loader, device=run.device, amp=cfg.train.amp)
+    test: dict[str, Any] = dict(evaluate(model, loader, device=run.device, amp=cfg.train.amp))
     if current is not None:
         model.load_state_dict(current)
     if not math.isfinite(test["loss"]):

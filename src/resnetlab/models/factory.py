@@ -15,15 +15,26 @@ from .registry import create_model
 
 
 class _ModelOptions(Protocol):
-    name: str
-    num_classes: int | None
-    in_chans: int | None
-    shortcut: str | None
-    zero_init_residual: bool
-    grad_checkpointing: bool
-    checkpoint_every: int
-    checkpoint_stages: int | None
-    drop_rate: float
+    """What build_model reads of ``cfg.model`` (resnetlab.config.ModelConfig has it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def num_classes(self) -> int | None: ...
+    @property
+    def in_chans(self) -> int | None: ...
+    @property
+    def shortcut(self) -> str | None: ...
+    @property
+    def zero_init_residual(self) -> bool: ...
+    @property
+    def grad_checkpointing(self) -> bool: ...
+    @property
+    def checkpoint_every(self) -> int: ...
+    @property
+    def checkpoint_stages(self) -> int | None: ...
+    @property
+    def drop_rate(self) -> float: ...
 
 
 class _HasModel(Protocol):

@@ -107,7 +107,7 @@ def _still_bn_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
         with torch.no_grad():
             for m, momentum in zip(bns, momenta, strict=True):
                 m.momentum = momentum
-                m.num_batches_tracked.sub_(1)
+                m.num_batches_tracked.sub_(1)  # type: ignore[union-attr]  # BN buffers typed Optional
 
 
 def _checkpoint_contexts(
