@@ -17,7 +17,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from resnetlab.config import ConfigError
     from resnetlab.data import DataError
     from resnetlab.engine.checkpoint import CheckpointError
-    from resnetlab.engine.fit import TrainingError
+    from resnetlab.engine.errors import TrainingError
 
     return (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError)
 

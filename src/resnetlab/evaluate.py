@@ -163,7 +163,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
     config (e.g. ``data.root=/new/place``, ``train.device=cpu``, ``train.eval_batch_size=64``).
     With ``write`` the three files of the module docstring go to the run (or checkpoint) folder.
     """
-    from resnetlab.engine.fit import select_device
+    from resnetlab.runtime import select_device
 
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")

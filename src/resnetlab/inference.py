@@ -24,7 +24,8 @@ from torch import nn
 from resnetlab.config import Config, ConfigError, from_dict
 from resnetlab.data import DataError, DataMeta
 from resnetlab.engine import checkpoint as ckpt
-from resnetlab.models import fuse_for_inference
+from resnetlab.models import build_model, fuse_for_inference
+from resnetlab.runtime import select_device
 
 # Keys of the safetensors header (string -> string) that carry what a .pt checkpoint holds.
 SAFETENSORS_CONFIG_KEY = "resnetlab.config"
@@ -101,8 +102,6 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], Config, Data
 def build_inference_model(state: Mapping[str, torch.Tensor], cfg: Config, meta: DataMeta, *,
                           source: str = "checkpoint") -> nn.Module:
     """The network ``cfg`` names, sized by ``meta``, with ``state`` loaded strictly, in eval mode."""
-    from resnetlab.engine.fit import build_model  # late: fit pulls in the whole engine
-
     model = build_model(cfg, meta)
     ckpt.load_weights(model, state, source=source)
     return model.eval()
@@ -116,8 +115,6 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     cuda, mps, cpu) with gradients off; with ``fuse`` (default) every BatchNorm is folded into
     its convolution and the weights are channels_last (:func:`resnetlab.models.fuse_for_inference`).
     """
-    from resnetlab.engine.fit import select_device
-
     file, state, cfg, meta = read_checkpoint(path)
     model = build_inference_model(state, cfg, meta, source=str(file))
     if fuse:

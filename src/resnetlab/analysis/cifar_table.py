@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, load
 
@@ -76,8 +76,9 @@ def estimate_time(cfgs: Sequence[Config], steps: int = 5) -> list[dict[str, Any]
     split once, counted as a third of a training step per batch: forward only).
     """
     from resnetlab.data import build_datasets, build_loader
-    from resnetlab.engine.fit import build_model, select_device
     from resnetlab.engine.optim import build_optimizer
+    from resnetlab.models import build_model
+    from resnetlab.runtime import select_device
 
     out = []
     cache: dict[tuple[Any, ...], Any] = {}

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, load
 from resnetlab.models import list_models, model_defaults
@@ -77,7 +77,7 @@ class DegradationResult:
     @property
     def exit_code(self) -> int:
         """0, or the shell's code for the signal that stopped a run (130 Ctrl-C, 143 SIGTERM)."""
-        from resnetlab.engine.fit import EXIT_CODES
+        from resnetlab.runtime import EXIT_CODES
 
         return EXIT_CODES.get(self.interrupted or "", 1 if self.interrupted else 0)
 
@@ -152,7 +152,7 @@ def split_name(model: str) -> tuple[str, int]:
 
 def default_jobs(device: str = "auto") -> int:
     """Worker processes: 1 on a GPU (one device), else up to 2 single-thread CPU processes."""
-    from resnetlab.engine.fit import select_device
+    from resnetlab.runtime import select_device
 
     if select_device(device).type != "cpu":
         return 1

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.errors import AnalysisError
 from resnetlab.config import Config
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
@@ -97,8 +97,8 @@ def gradient_flow(models: str | Sequence[str] = DEFAULT_MODELS, data: str = "dig
     output folder (default ``runs/gradients-<data>-<time>/``).
     """
     from resnetlab.analysis.degradation import base_config
-    from resnetlab.engine.fit import select_device
     from resnetlab.models import list_models
+    from resnetlab.runtime import select_device
 
     names = [m for m in (models.replace(",", " ").split() if isinstance(models, str) else models) if m]
     unknown = [m for m in names if m not in list_models()]
@@ -133,7 +133,8 @@ def _gradient_flow(names: list[str], data: str, steps: int, base: Config, device
     from resnetlab.analysis.degradation import write_rows_csv
     from resnetlab.analysis.plots import plot_gradients
     from resnetlab.data import build_datasets, build_loader
-    from resnetlab.engine.fit import build_model, seed_everything
+    from resnetlab.models import build_model
+    from resnetlab.runtime import seed_everything
 
     name = base.run.name or f"gradients-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(base.run.root).expanduser() / name

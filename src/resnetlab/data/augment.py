@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from resnetlab.data.datasets import DataMeta
+
+class NormStats(Protocol):
+    """Per-channel mean and std on the 0..1 scale (:class:`~resnetlab.data.DataMeta` has them).
+    A protocol, so this module needs nothing from ``datasets`` (which imports it)."""
+
+    @property
+    def mean(self) -> Sequence[float]: ...
+
+    @property
+    def std(self) -> Sequence[float]: ...
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -93,7 +102,7 @@ def random_crop_flip(
     return apply_crop_flip(x, params, padding)
 
 
-def normalize(x_uint8: torch.Tensor, meta: DataMeta) -> torch.Tensor:
+def normalize(x_uint8: torch.Tensor, meta: NormStats) -> torch.Tensor:
     """uint8 ``[..., c, h, w]`` (0..255) -> float32 ``(x / 255 - mean) / std`` per channel.
 
     The one normalisation used by training, evaluation, prediction and export.
@@ -166,6 +175,6 @@ def sample_resized_crop(
 
 
 __all__ = [
-    "CropFlip", "apply_crop_flip", "derive_seed", "draw_crop_flip", "make_generator",
+    "CropFlip", "NormStats", "apply_crop_flip", "derive_seed", "draw_crop_flip", "make_generator",
     "normalize", "random_crop_flip", "sample_resized_crop",
 ]
