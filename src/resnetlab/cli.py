@@ -61,10 +61,15 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from resnetlab.config import load
+    from dataclasses import replace
+
+    from resnetlab.config import Config, load, validate
     from resnetlab.engine import fit, resume_config
 
-    overrides = [*args.overrides, *(["train.quiet=true"] if args.quiet else [])]
+    def quiet(cfg: Config) -> Config:  # a typed value, not a "train.quiet=true" string to re-parse
+        return validate(replace(cfg, train=replace(cfg.train, quiet=True))) if args.quiet else cfg
+
+    overrides = list(args.overrides)
     if args.seeds is not None:
         from resnetlab.analysis import train_seeds
 
@@ -72,11 +77,10 @@ def run_train(args: argparse.Namespace) -> int:
             print("resnetlab train: error: --seeds and --resume do not combine; resume one seed's "
                   "run folder at a time", file=sys.stderr)
             return 2
-        seeds = train_seeds(args.config, overrides, args.seeds)
+        seeds = train_seeds(quiet(load(args.config, overrides)), (), args.seeds)
         print(seeds.markdown + f"\n{seeds.group_dir}/summary.md, summary.json")
         return seeds.exit_code
-    cfg = resume_config(args.resume, overrides) if args.resume else load(args.config, overrides)
-    result = fit(cfg)
+    result = fit(quiet(resume_config(args.resume, overrides) if args.resume else load(args.config, overrides)))
     if result.interrupted is None and result.test is not None and os.environ.get("RANK", "0") == "0":
         t = result.test
         print(f"test: top-1 acc {t['top1_acc']:.2f}% (err {t['top1_err']:.2f}%), "

@@ -246,9 +246,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
-    """Inverse of :func:`to_dict`; also merges a partial dict over ``base``."""
-    return validate(_build(Config, data, base=base or Config()))
+def from_dict(data: Mapping[str, Any], base: Config | None = None, *, check: bool = True) -> Config:
+    """Inverse of :func:`to_dict`; also merges a partial dict over ``base``. Values are
+    type-checked; ``check=False`` skips :func:`validate` (for a partial recipe that overrides
+    complete later, e.g. a CIFAR recipe before its ``data.root``)."""
+    cfg = _build(Config, data, base=base or Config())
+    return validate(cfg) if check else cfg
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:

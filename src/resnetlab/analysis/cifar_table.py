@@ -24,7 +24,7 @@ from torch import nn
 
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
-from resnetlab.config import Config, load
+from resnetlab.config import Config, load, validate
 
 log = logging.getLogger("resnetlab")
 
@@ -166,8 +166,8 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
     from resnetlab.analysis.seeds import final_metrics
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [replace(cfg, seed=s, train=replace(cfg.train, quiet=True),
-                    run=replace(cfg.run, root=str(out_dir), name=f"{cfg.model.name}-seed{s}"))
+    runs = [validate(replace(cfg, seed=s, train=replace(cfg.train, quiet=True),
+                             run=replace(cfg.run, root=str(out_dir), name=f"{cfg.model.name}-seed{s}")))
             for cfg in cfgs for s in seeds_t]
     results = run_trainings(runs, jobs=1)
     per_model: dict[str, list[float]] = {}
