@@ -245,6 +245,23 @@ class Checkpointer:
             log.warning("%s", note)
 
 
+def save_weights_checkpoint(path: str | Path, model: nn.Module, cfg: Config, meta: Mapping[str, Any],
+                            source: Mapping[str, Any] | None = None) -> Path:
+    """A checkpoint of weights, config and meta without training state (what ``resnetlab import``
+    writes): eval, predict and export accept it; resuming from it is refused (no optimizer)."""
+    weights = model.state_dict()
+    ckpt.check_finite(weights, path)
+    payload: dict[str, Any] = {
+        "model": weights, "ema": None, "optimizer": None, "scaler": None, "meter": None, "rng": None,
+        "state": TrainState().state_dict(), "config": to_dict(cfg), "meta": dict(meta),
+        "version": __version__,
+    }
+    if source is not None:
+        payload["source"] = dict(source)
+    ckpt.save_checkpoint(payload, path)
+    return Path(path)
+
+
 def _lock(path: Path) -> int:
     """An exclusive lock on ``path`` (created if absent) that the OS drops when we die.
 
@@ -268,4 +285,4 @@ def _lock(path: Path) -> int:
     return fd
 
 
-__all__ = ["LOCK_FILE", "Checkpointer", "TrainParts"]
+__all__ = ["LOCK_FILE", "Checkpointer", "TrainParts", "save_weights_checkpoint"]
