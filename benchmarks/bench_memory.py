@@ -4,8 +4,8 @@
 segment keeps only its input for the backward pass and recomputes the rest. Three settings:
 
 - ``without``: no checkpointing;
-- ``with``: the defaults, segments of about sqrt(blocks per stage) (``model.checkpoint_every=0``)
-  over all stages but the last (``model.checkpoint_stages=-1``); this row carries the targets;
+- ``with``: the defaults, segments of about sqrt(blocks per stage) (``model.recompute_every=0``)
+  over all stages but the last (``model.recompute_stages=-1``); this row carries the targets;
 - ``per_block``: one checkpoint per block over every stage (``checkpoint_every=1``,
   ``checkpoint_stages=null``), the classic layout (timm's), for comparison.
 
@@ -59,8 +59,8 @@ TARGETS = {"memory": 0.5, "time": 1.35}  # with / without checkpointing, at most
 _DEFAULTS = ModelConfig()  # "with" is whatever `model.grad_checkpointing=true` trains with
 SETTINGS: dict[str, dict[str, Any] | None] = {  # name -> ResNet checkpoint attributes, None = off
     "without": None,
-    "with": {"checkpoint_every": _DEFAULTS.checkpoint_every,
-             "checkpoint_stages": _DEFAULTS.checkpoint_stages},
+    "with": {"checkpoint_every": _DEFAULTS.recompute_every,
+             "checkpoint_stages": _DEFAULTS.recompute_stages},
     "per_block": {"checkpoint_every": 1, "checkpoint_stages": None},
 }
 

@@ -47,3 +47,14 @@ def test_model_options_that_do_not_match_the_data_are_refused(quick: list[str], 
                                                               message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         resnetlab.train(None, [*quick, "run.name=mismatch", override])
+
+
+def test_old_activation_checkpointing_keys_still_work_with_a_warning(caplog) -> None:
+    from resnetlab.config import from_dict
+
+    cfg = resnetlab.load(None, ["model.checkpoint_every=2", "model.checkpoint_stages=null"])
+    assert cfg.model.recompute_every == 2 and cfg.model.recompute_stages is None
+    assert "model.checkpoint_every is now model.recompute_every" in caplog.text
+    # a config stored in an older checkpoint
+    old = from_dict({"model": {"name": "resnet20", "checkpoint_every": 3, "checkpoint_stages": 1}})
+    assert (old.model.recompute_every, old.model.recompute_stages) == (3, 1)

@@ -31,8 +31,9 @@ class ModelConfig:
     shortcut: Literal["A", "B", "C"] | None = None  # None: the registry's (A for CIFAR nets)
     zero_init_residual: bool = False  # last BN of each residual branch starts at 0
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory
-    checkpoint_every: int = 0  # blocks per checkpointed segment; 0 = about sqrt(stage blocks)
-    checkpoint_stages: int | None = -1  # checkpoint stages[:n]; -1 = all but the last; None = all
+    # Activation recomputation (grad_checkpointing), not checkpoint files: hence "recompute_*".
+    recompute_every: int = 0  # blocks per recomputed segment; 0 = about sqrt(stage blocks)
+    recompute_stages: int | None = -1  # recompute stages[:n]; -1 = all but the last; None = all
     drop_rate: float = 0.0  # dropout before the classifier, probability
 
 
@@ -214,12 +215,30 @@ def _unknown_key(key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
+# Old key -> new key. Old names keep working (checkpoints and recipes written before the
+# rename) with a one-line deprecation warning.
+RENAMED = {"model.checkpoint_every": "model.recompute_every",
+           "model.checkpoint_stages": "model.recompute_stages"}
+
+
+def _renamed(dotted: str) -> str:
+    new = RENAMED.get(dotted)
+    if new is None:
+        return dotted
+    import logging
+
+    logging.getLogger("resnetlab").warning("config key %s is now %s (activation recomputation, not "
+                                           "checkpoint files); the old name still works", dotted, new)
+    return new
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "", base: Any = None) -> Any:
     """Build dataclass ``cls`` from ``data`` over ``base`` (or the defaults)."""
     hints = _type_hints(cls)
     names = {f.name for f in fields(cls)}
     kwargs: dict[str, Any] = {}
-    for key, value in data.items():
+    for old_key, value in data.items():
+        key = _renamed(f"{prefix}{old_key}").rsplit(".", 1)[-1] if isinstance(old_key, str) else old_key
         if key not in names:
             raise _unknown_key(f"{prefix}{key}")
         tp = hints[key]
@@ -310,6 +329,7 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     """``cfg`` with ``key=value`` strings applied in order, then :func:`validate`."""
     for text in overrides:
         key, value = parse_override(text)
+        key = _renamed(key)
         _check_key(key)
         cfg = _build(Config, _nest(key, value), base=cfg)
     return validate(cfg)
@@ -381,8 +401,8 @@ def validate(cfg: Config) -> Config:
         need(1 <= cfg.model.in_chans <= MAX_CHANNELS,
              f"model.in_chans must be in [1, {MAX_CHANNELS}], got {cfg.model.in_chans}")
     need(0 <= cfg.model.drop_rate < 1, "model.drop_rate must be in [0, 1)")
-    need(cfg.model.checkpoint_every >= 0,
-         f"model.checkpoint_every must be >= 0 (0 = auto), got {cfg.model.checkpoint_every}")
+    need(cfg.model.recompute_every >= 0,
+         f"model.recompute_every must be >= 0 (0 = auto), got {cfg.model.recompute_every}")
     # late import: loading a config file needs no torch
     from resnetlab.models import list_models, model_defaults
 
@@ -393,9 +413,9 @@ def validate(cfg: Config) -> Config:
     need(not (cfg.model.zero_init_residual and model_defaults(cfg.model.name).get("plain")),
          f"model.zero_init_residual=true would make every block of the plain net "
          f"{cfg.model.name} output zeros; it is for residual nets only")
-    stages, n = cfg.model.checkpoint_stages, len(model_defaults(cfg.model.name)["layers"])
+    stages, n = cfg.model.recompute_stages, len(model_defaults(cfg.model.name)["layers"])
     need(stages is None or -n <= stages <= n,
-         f"model.checkpoint_stages must be null (all) or in [{-n}, {n}] for the {n}-stage "
+         f"model.recompute_stages must be null (all) or in [{-n}, {n}] for the {n}-stage "
          f"{cfg.model.name}, got {stages}")
     return cfg
 

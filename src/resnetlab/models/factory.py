@@ -30,9 +30,9 @@ class _ModelOptions(Protocol):
     @property
     def grad_checkpointing(self) -> bool: ...
     @property
-    def checkpoint_every(self) -> int: ...
+    def recompute_every(self) -> int: ...
     @property
-    def checkpoint_stages(self) -> int | None: ...
+    def recompute_stages(self) -> int | None: ...
     @property
     def drop_rate(self) -> float: ...
 
@@ -58,8 +58,8 @@ def build_model(cfg: _HasModel, meta: _Meta) -> nn.Module:
         "in_chans": m.in_chans or meta.in_chans,
         "zero_init_residual": m.zero_init_residual,
         "grad_checkpointing": m.grad_checkpointing,
-        "checkpoint_every": m.checkpoint_every,
-        "checkpoint_stages": m.checkpoint_stages,
+        "checkpoint_every": m.recompute_every,  # the model's own (timm-style) argument names
+        "checkpoint_stages": m.recompute_stages,
         "drop_rate": m.drop_rate,
     }
     if m.shortcut is not None:
