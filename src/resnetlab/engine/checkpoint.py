@@ -145,7 +145,8 @@ def set_rng_state(state: Mapping[str, Any], device: torch.device | None = None) 
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         # .cpu(): a resume loads checkpoints with map_location=the training device
+                         "state": {"key": n["key"].cpu().numpy().astype(np.uint32), "pos": int(n["pos"])},
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"].cpu())
     if device is None or device.type != "cuda":
