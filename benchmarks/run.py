@@ -12,6 +12,7 @@ Cases (issue 7; targets are for a 2-core CPU):
   d  resnet50 inference, resnetlab fused vs torchvision eager, time   (<= 0.85x)
   e  grad checkpointing: peak memory (<= 0.5x) and step time (<= 1.35x)
   f  DDP, 2 processes vs 1, images/s                                  (no target)
+  g  multi-node scaling model: 1-64 nodes x 8 GPUs, loopback check   (no target; scale_model.py)
 
 Writes ``benchmarks/results/<case>.json`` and ``benchmarks/results/summary.md`` (the machine it
 ran on heads the table). A case that fails is recorded as an error and the others still run;
@@ -43,7 +44,7 @@ from benchmarks.common import (
     write_json,
 )
 
-ALL_CASES = ("a", "b", "c", "d", "e", "f")
+ALL_CASES = ("a", "b", "c", "d", "e", "f", "g")
 INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
 TITLES = {
     "a": "training images/s vs idiomatic loop",
@@ -52,6 +53,7 @@ TITLES = {
     "d": "resnet50 inference time, fused / torchvision eager",
     "e": "grad checkpointing, with / without",
     "f": "DDP images/s, 2 processes / 1",
+    "g": "multi-node scaling efficiency (model)",
 }
 
 
@@ -164,9 +166,26 @@ def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str
              f"{r['without']['seconds_per_step']:.2f} s", f"{fmt_ratio(r['time_ratio'])}x", f"<= {t['time']}",
              _yes(r["time_ratio"] <= t["time"]), time_note],
         ]
+    if case == "g":
+        return _scale_rows(p, r)
     return [[case, f"{r['model']}, global batch {r['global_batch']}",
              f"{fmt_rate(r['two_processes']['images_per_s'])} img/s",
              f"{fmt_rate(r['one_process']['images_per_s'])} img/s", f"{fmt_ratio(r['ratio'])}x", "-", "-", ""]]
+
+
+def _scale_rows(p: dict[str, Any], r: dict[str, Any]) -> list[list[str]]:
+    """(g): efficiency at 8 and 64 nodes of 8 GPUs; the loopback check as a note on the first."""
+    by_nodes = {row["nodes"]: row for row in r["nodes"]}
+    e = [f"{n}x8: {by_nodes[n]['efficiency_no_overlap']:.2f}-{by_nodes[n]['efficiency_overlap']:.2f}"
+         for n in (8, 64) if n in by_nodes]
+    note = ""
+    if r is p["results"][0] and "loopback" in p:
+        lb = p["loopback"]
+        note = (f"loopback 2 x resnet20: measured {lb['measured_step_ms']:.0f} ms/step vs modelled "
+                f"{lb['predicted_step_ms']:.0f} ms ({lb['measured_over_predicted']:.2f}x)")
+    return [["g", f"{r['model']}, {r['batch_per_worker']}/worker, step {r['step_ms']:.0f} ms "
+             f"({r.get('step_time', 'measured')}), {r['grad_bytes'] / 2**20:.1f} MiB grads, "
+             f"{r['node_gbit']:g} Gb/s per node", "; ".join(e), "ideal 1.00", "-", "-", "-", note]]
 
 
 def _earlier_results(cases: list[str], results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
@@ -208,7 +227,8 @@ def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], 
     lines += ["", "Reference column: (a) the idiomatic loop, (b) the machine's matmul, (c) the pure train "
               "step, (d) torchvision eager, (e) without grad checkpointing (resnetlab column: the default "
               "checkpointing, segments of ~sqrt(blocks) over all stages but the last; note: one "
-              "checkpoint per block over every stage), (f) one process. "
+              "checkpoint per block over every stage), (f) one process, (g) the efficiency "
+              "range for no overlap - full backward overlap of the all-reduce (formula in scale_model.py). "
               "Details per case in `<case>.json`."]
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "summary.md"
@@ -271,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_ddp
 
         guarded(["f"], lambda: {"f": bench_ddp.run(args.quick, str(device))})
+    if "g" in cases:
+        from benchmarks import scale_model
+
+        guarded(["g"], lambda: {"g": scale_model.run(args.quick, str(device))})
 
     seconds = time.perf_counter() - t0
     machine["other_work_cpu_share"] = others.share()
