@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import queue
 import socket
 import statistics
 import time
@@ -138,7 +139,7 @@ def _loopback_worker(rank: int, port: int, batch: int, steps: int, out: Any) -> 
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     sent = [0]
 
-    def counting_hook(state: object, bucket: tdist.GradBucket) -> torch.futures.Future:
+    def counting_hook(state, bucket):  # noqa: ANN001, ANN202 (DDP checks the annotation objects)
         sent[0] += bucket.buffer().numel() * bucket.buffer().element_size()
         fut = tdist.all_reduce(bucket.buffer(), async_op=True).get_future()
         return fut.then(lambda f: f.value()[0] / 2)
@@ -175,7 +176,17 @@ def loopback_check(batch: int, steps: int) -> dict[str, Any]:
     procs = [ctx.Process(target=_loopback_worker, args=(r, port, batch, steps, out)) for r in range(2)]
     for p in procs:
         p.start()
-    got = out.get(timeout=900)
+    deadline = time.monotonic() + 1800
+    while True:
+        try:
+            got = out.get(timeout=5)
+            break
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"loopback DDP processes failed (exit codes {dead}) or timed out") from None
     for p in procs:
         p.join(timeout=60)
     # The model with the loopback's own numbers: 2 "nodes" of 1 worker, the bus bandwidth the
