@@ -358,6 +358,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only :data:`_ALLOWED_GLOBALS` and refuses everything else."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # Python 2's name, written by protocol-2 pickles
+            module = "builtins"
         if (module, name) in _SIZED:
             return _SIZED[module, name]
         if (module, name) in _ALLOWED_GLOBALS:
