@@ -287,3 +287,30 @@ def test_balance_draws_classes_equally_and_resumes_exactly(tmp_path: Path) -> No
     assert full != [x.flatten(1)[:, 0].tolist() for x, _ in loader.iterate(3)]
     plain = build_loader(split, meta, DataConfig(), train=True, batch_size=10, device=CPU, seed=3)
     assert int(torch.cat([y for _, y in plain.iterate(0)]).sum()) == 10  # off: a permutation
+
+
+def test_balanced_run_resumed_mid_epoch_draws_the_same_samples(quick: list[str]) -> None:
+    """Stop a data.balance=true run mid-epoch and resume it: every step's loss (so every batch)
+    equals the straight run's, bit for bit; and balance really changes the draw."""
+    import resnetlab
+    from resnetlab.engine import resume_config
+
+    def run(overrides: list[str], stop_at: int | None = None, resume=None, losses=None):
+        losses = [] if losses is None else losses
+
+        def on_step(info) -> bool:
+            losses.append(info["loss"].item())
+            return stop_at is not None and info["step"] == stop_at
+
+        cfg = resume_config(resume, overrides) if resume else resnetlab.load(None, overrides)
+        return resnetlab.train(cfg, on_step=on_step), losses
+
+    common = [*quick, "train.epochs=1", "data.balance=true", "model.name=plain20",
+              "train.test_at_end=false", "data.val_fraction=0"]
+    _, straight = run([*common, "run.name=straight"])
+    first, losses = run([*common, "run.name=split"], stop_at=4)
+    assert first.interrupted == "stop" and len(losses) == 4
+    run([], resume=first.run_dir, losses=losses)
+    assert [float.hex(x) for x in losses] == [float.hex(x) for x in straight]
+    _, unbalanced = run([*common, "run.name=plain", "data.balance=false"])
+    assert unbalanced[1:] != straight[1:]
