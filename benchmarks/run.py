@@ -12,6 +12,8 @@ Cases (issue 7; targets are for a 2-core CPU):
   d  resnet50 inference, resnetlab fused vs torchvision eager, time   (<= 0.85x)
   e  grad checkpointing: peak memory (<= 0.5x) and step time (<= 1.35x)
   f  DDP, 2 processes vs 1, images/s                                  (no target)
+  pipeline  image-folder training pipeline vs torchvision's ImageFolder + transforms.v2,
+            images/s (ratio >= 1.3), and start-up on 100,000 files     (bench_pipeline.py)
 
 Writes ``benchmarks/results/<case>.json`` and ``benchmarks/results/summary.md`` (the machine it
 ran on heads the table). A case that fails is recorded as an error and the others still run;
@@ -43,7 +45,7 @@ from benchmarks.common import (
     write_json,
 )
 
-ALL_CASES = ("a", "b", "c", "d", "e", "f")
+ALL_CASES = ("a", "b", "c", "d", "e", "f", "pipeline")
 INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
 TITLES = {
     "a": "training images/s vs idiomatic loop",
@@ -52,6 +54,7 @@ TITLES = {
     "d": "resnet50 inference time, fused / torchvision eager",
     "e": "grad checkpointing, with / without",
     "f": "DDP images/s, 2 processes / 1",
+    "pipeline": "image-folder pipeline images/s vs torchvision",
 }
 
 
@@ -126,7 +129,21 @@ def _b_note(r: dict[str, Any]) -> str:
     return f"convolutions alone {fmt_ratio(r['convolution_only_ratio'])}; time in {rest}"
 
 
+def _pipeline_rows(p: dict[str, Any], r: dict[str, Any]) -> list[list[str]]:
+    tp, su = r["throughput"], r["startup"]
+    check = (f"; with data.check_images=true {su['resnetlab_check_images_s']:.1f} s"
+             if "resnetlab_check_images_s" in su else "")
+    return [["pipeline", f"{tp['images']} JPEGs 500x375 -> {tp['crop']} px, batch {tp['batch']}",
+             f"{fmt_rate(tp['resnetlab']['images_per_s'])} img/s",
+             f"{fmt_rate(tp['torchvision']['images_per_s'])} img/s ({tp['workers']} workers)",
+             f"{fmt_ratio(tp['ratio'])}x", f">= {p['target']}", _yes(tp["ratio"] >= p["target"]),
+             f"start-up to the first batch on {su['files']:,} files: {su['resnetlab_s']:.1f} s vs "
+             f"ImageFolder {su['torchvision_s']:.1f} s{check}"]]
+
+
 def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str]]:
+    if case == "pipeline":
+        return _pipeline_rows(p, r)
     if case == "a":
         base = r["baseline"]
         workers = base.removeprefix("baseline_w")
@@ -208,7 +225,8 @@ def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], 
     lines += ["", "Reference column: (a) the idiomatic loop, (b) the machine's matmul, (c) the pure train "
               "step, (d) torchvision eager, (e) without grad checkpointing (resnetlab column: the default "
               "checkpointing, segments of ~sqrt(blocks) over all stages but the last; note: one "
-              "checkpoint per block over every stage), (f) one process. "
+              "checkpoint per block over every stage), (f) one process, (pipeline) torchvision "
+              "ImageFolder + transforms.v2 with the same workers. "
               "Details per case in `<case>.json`."]
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "summary.md"
@@ -271,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_ddp
 
         guarded(["f"], lambda: {"f": bench_ddp.run(args.quick, str(device))})
+
+    if "pipeline" in cases:
+        from benchmarks import bench_pipeline
+
+        guarded(["pipeline"], lambda: {"pipeline": bench_pipeline.run(args.quick)})
 
     seconds = time.perf_counter() - t0
     machine["other_work_cpu_share"] = others.share()
