@@ -223,8 +223,8 @@ def run(quick: bool = False, workers: int = 2) -> dict[str, Any]:
     """Both measurements; writes ``results/pipeline.json`` and returns its payload."""
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    tp = throughput(n_images=384 if quick else 1024, workers=workers, batch=32 if quick else 64,
-                    rounds=3 if quick else 5)
+    tp = throughput(n_images=384 if quick else 768, workers=workers, batch=32 if quick else 64,
+                    rounds=3 if quick else 4)
     su = startup(n_files=20_000 if quick else 100_000, workers=workers, batch=64, with_check=not quick)
     payload = {"case": "pipeline", "title": "image-folder training pipeline vs torchvision",
                "machine": machine_info(torch.device("cpu")), "quick": quick, "target": TARGET,
