@@ -314,3 +314,17 @@ def test_balanced_run_resumed_mid_epoch_draws_the_same_samples(quick: list[str])
     assert [float.hex(x) for x in losses] == [float.hex(x) for x in straight]
     _, unbalanced = run([*common, "run.name=plain", "data.balance=false"])
     assert unbalanced[1:] != straight[1:]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_normalize_batch_equals_normalize_bitwise(channels_last: bool) -> None:
+    """The CPU folder path normalises in the workers with a one-allocation variant: it must
+    give exactly normalize()'s floats (same float32 constants, same two roundings)."""
+    from resnetlab.data import normalize
+    from resnetlab.data.loaders import normalize_batch
+
+    meta = DataMeta("folder", ("a",), 3, (5, 7), IMAGENET_MEAN, IMAGENET_STD, 8)
+    x = torch.randint(0, 256, (4, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = normalize_batch(x, meta, channels_last)
+    assert torch.equal(got, normalize(x, meta))
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

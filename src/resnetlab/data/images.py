@@ -178,7 +178,9 @@ def _fast_jpeg(data: bytes, path: str, in_chans: int, pick_box: BoxPicker,
     from torchvision.transforms.v2 import functional as TF
 
     with Image.open(io.BytesIO(data)) as img:
-        if img.format != "JPEG" or img.mode not in ("RGB", "L") or exif_orientation(img) != 1:
+        # MPO: a JPEG with extra pictures (many phone cameras); the first picture is the photo.
+        if img.format not in ("JPEG", "MPO") or img.mode not in ("RGB", "L") \
+                or exif_orientation(img) != 1:
             return None
         reason = too_large(*img.size)
         if reason:

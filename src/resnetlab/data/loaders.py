@@ -20,6 +20,7 @@ import logging
 import math
 import random
 from collections.abc import Iterator
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -301,11 +302,33 @@ class _FileDataset(Dataset):
         return x, self.labels[index], None
 
 
-def _collate(samples: list[Sample]) -> tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]:
-    """``(uint8 [b, c, s, s] of the readable samples or None, labels [b], [(file, reason)])``."""
+def normalize_batch(x: torch.Tensor, meta: DataMeta, channels_last: bool) -> torch.Tensor:
+    """:func:`~resnetlab.data.augment.normalize` (bit for bit: the same float32 scale and
+    shift, the same two roundings) into one freshly allocated, NHWC-if-asked float32 tensor:
+    one allocation and three passes instead of four allocations, for the CPU path."""
+    c = x.shape[-3]
+    mean = torch.tensor(meta.mean, dtype=torch.float32)  # [c]
+    std = torch.tensor(meta.std, dtype=torch.float32)  # [c]
+    fmt = torch.channels_last if channels_last and x.ndim == 4 else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=torch.float32, memory_format=fmt)
+    out.copy_(x)  # uint8 -> float32 and the layout change in one pass
+    out.mul_((1.0 / (255.0 * std)).view(c, 1, 1))
+    return out.add_((-mean / std).view(c, 1, 1))
+
+
+Collated = tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]
+
+
+def _collate(samples: list[Sample], meta: DataMeta | None = None,
+             channels_last: bool = True) -> Collated:
+    """``(images of the readable samples or None, labels [b], [(file, reason)])``: images are
+    uint8 ``[b, c, s, s]``, or, with ``meta`` (CPU training: no device to do it on, so the
+    workers do it in parallel), already normalised float32."""
     good = [(x, y) for x, y, _ in samples if x is not None]
     bad = [b for _, _, b in samples if b is not None]
     x = torch.stack([x for x, _ in good]) if good else None
+    if x is not None and meta is not None:
+        x = normalize_batch(x, meta, channels_last)
     return x, torch.tensor([y for _, y in good], dtype=torch.int64), bad
 
 
@@ -363,7 +386,9 @@ class FolderLoader:
         self.loader = DataLoader(
             _FileDataset(split, meta, cfg, train=train, seed=seed),
             batch_sampler=self.sampler,
-            collate_fn=_collate,
+            # On a CPU device the workers normalise too; an accelerator does it on arrival.
+            collate_fn=partial(_collate, meta=meta if device.type == "cpu" else None,
+                               channels_last=channels_last),
             num_workers=workers,
             pin_memory=device.type == "cuda",
             worker_init_fn=_seed_worker if workers else None,
@@ -391,7 +416,7 @@ class FolderLoader:
                 continue
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            yield _finish(x, self.meta, self.channels_last), y
+            yield (x if x.is_floating_point() else _finish(x, self.meta, self.channels_last)), y
 
     def _bad(self, bad: list[tuple[str, str]]) -> None:
         """Stop on the first unreadable file, or record it in the split (skip)."""
@@ -405,4 +430,5 @@ class FolderLoader:
                 self.split.bad[path] = reason
 
 
-__all__ = ["FolderLoader", "InMemoryLoader", "Loader", "balance_weights", "build_loader"]
+__all__ = ["FolderLoader", "InMemoryLoader", "Loader", "balance_weights", "build_loader",
+           "normalize_batch"]
