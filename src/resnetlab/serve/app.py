@@ -267,7 +267,9 @@ class ServeApp:
             raise ApiError(400, f"topk={text!r}: expected an integer from 1 to {self.limits.max_topk}")
         return min(k, top)
 
-    async def _prepare(self, request: Request) -> tuple[list[str], list[torch.Tensor], dict[str, str]]:
+    async def _prepare(self, request: Request, batched: bool
+                       ) -> tuple[list[str], list[torch.Tensor], dict[str, str], int]:
+        """Names, uint8 ``[c, h, w]`` pixels, fields and top-k of a request's images."""
         if not self.ready:
             raise ApiError(503, "the model is still warming up; retry when GET /readyz answers 200")
         images, fields = await self._images(request)
@@ -276,13 +278,21 @@ class ServeApp:
                                 f"{self.limits.max_images} (--max-images)")
         loop = asyncio.get_running_loop()
         meta, max_px = self.served.meta, self.limits.max_pixels
-        jobs = [loop.run_in_executor(self.decode_pool, decode_and_prepare, data, name, meta, max_px)
-                for name, data in images]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        for r in results:  # the first refused image names the reason
-            if isinstance(r, BaseException):
-                raise r
-        return [n for n, _ in images], list(results), fields  # type: ignore[arg-type]
+        if batched:
+            self.batcher.announce(len(images))  # the collector may wait for these
+        try:
+            jobs = [loop.run_in_executor(self.decode_pool, decode_and_prepare, data, name, meta, max_px)
+                    for name, data in images]
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            for r in results:  # the first refused image names the reason
+                if isinstance(r, BaseException):
+                    raise r
+            k = self._topk(fields)
+        except BaseException:
+            if batched:
+                self.batcher.withdraw(len(images))
+            raise
+        return [n for n, _ in images], list(results), fields, k  # type: ignore[arg-type]
 
     def _header(self) -> dict[str, Any]:
         s = self.served
@@ -295,16 +305,14 @@ class ServeApp:
     # ------------------------------------------------------------------ handlers
 
     async def predict(self, request: Request) -> Response:
-        names, pixels, fields = await self._prepare(request)
-        k = self._topk(fields)
+        names, pixels, _fields, k = await self._prepare(request, batched=True)
         answers = await asyncio.gather(*(self.batcher.predict(p) for p in pixels))
         results = [{"name": n, "top": self._top(probs[:k].tolist(), ids[:k].tolist())}
                    for n, (probs, ids) in zip(names, answers, strict=True)]
         return JSONResponse({**self._header(), "results": results})
 
     async def explain(self, request: Request) -> Response:
-        names, pixels, fields = await self._prepare(request)
-        k = self._topk(fields)
+        names, pixels, fields, k = await self._prepare(request, batched=False)
         try:
             target = resolve_target(fields.get("target"), self.served.meta)
         except DataError as e:

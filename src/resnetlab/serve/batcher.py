@@ -1,8 +1,9 @@
 """Micro-batching: concurrent requests' images share one forward pass, off the event loop.
 
 Each image is queued with a future. One collector task takes the first waiting image, then keeps
-collecting until ``max_batch`` images or ``max_wait_s`` after the first, stacks them and runs the
-model in a single worker thread (so the event loop keeps accepting and decoding while the network
+collecting until ``max_batch`` images or ``max_wait_s`` after the first (but does not wait when no
+other request is on its way: see :meth:`announce`), stacks them and runs the model in a single
+worker thread (so the event loop keeps accepting and decoding while the network
 runs, and only one forward pass uses the CPU cores at a time). While a batch runs, new images
 queue up, so under load the next batch is full at once and the wait costs nothing.
 """
@@ -41,6 +42,20 @@ class MicroBatcher:
         self.images = 0  # images answered so far
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._coming = 0  # images announced (being received or decoded) but not yet queued
+
+    def announce(self, n: int) -> None:
+        """``n`` images will be submitted soon (a request is decoding them): worth waiting for.
+
+        Each :meth:`predict` call takes one back; call :meth:`withdraw` for images that will
+        not come (a refused request). Without announcements the collector never waits for
+        company that is not on its way, so a lone client pays no ``max_wait_s``.
+        """
+        self._coming += n
+
+    def withdraw(self, n: int) -> None:
+        """Take back ``n`` announced images that will not be submitted."""
+        self._coming = max(0, self._coming - n)
 
     def start(self) -> None:
         """Begin collecting (call from within the event loop)."""
@@ -63,7 +78,8 @@ class MicroBatcher:
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         fut: asyncio.Future[tuple[torch.Tensor, torch.Tensor]] = asyncio.get_running_loop().create_future()
-        await self._queue.put((pixels, fut))
+        self._queue.put_nowait((pixels, fut))  # unbounded queue: never blocks
+        self._coming = max(0, self._coming - 1)
         return await fut
 
     async def _collect(self) -> list[_Item]:
@@ -76,7 +92,7 @@ class MicroBatcher:
                 batch.append(self._queue.get_nowait())
                 continue
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= 0 or self._coming <= 0:  # time is up, or nobody else is on the way
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), left))
