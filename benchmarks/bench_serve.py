@@ -117,12 +117,12 @@ class ServerProcess:
     def __init__(self, checkpoint: Path, max_batch: int, log: Path, threads: int, device: str) -> None:
         self.port = _free_port()
         self.log = log
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "resnetlab", "serve", str(checkpoint), "--port", str(self.port),
-                 "--max-batch", str(max_batch), "--max-wait-ms", str(MAX_WAIT_MS), "--device", device],
-                stdout=out, stderr=subprocess.STDOUT, env=env)
+                 "--max-batch", str(max_batch), "--max-wait-ms", str(MAX_WAIT_MS), "--device", device,
+                 "--threads", str(threads)],
+                stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -42,7 +42,7 @@ from resnetlab.data.datasets import build_datasets
 pytestmark = pytest.mark.slow
 
 SERVER_FLAGS = ["--max-body-mb", "1", "--max-images", "4", "--max-pixels", "1000000",
-                "--max-wait-ms", "20"]
+                "--max-wait-ms", "20", "--threads", os.environ.get("RESNETLAB_TEST_THREADS", "1")]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -375,7 +375,8 @@ def chromium_binary() -> str:
     pytest.skip("chromium is not installed (apt-get install chromium); CI=true makes this a failure")
 
 
-# What the page shows: the top class, the bars, and how colourful the heatmap is (share of
+# What the page shows: the top class, the bars (label, probability, text, drawn length over
+# the track's), and how colourful the heatmap is (share of
 # pixels whose channels differ by over 60 of 255: grey pixels do not count).
 READ_PAGE = """(async () => {
   const img = document.getElementById('overlay');
@@ -394,7 +395,9 @@ READ_PAGE = """(async () => {
     status: document.getElementById('status').textContent,
     label: document.getElementById('prediction').dataset.label,
     bars: [...document.querySelectorAll('#bars li')].map(li => [li.dataset.label, +li.dataset.probability,
-           li.querySelector('.pct').textContent, li.querySelector('.fill').style.width]),
+           li.querySelector('.pct').textContent,
+           li.querySelector('.fill').getBoundingClientRect().width /
+           li.querySelector('.track').getBoundingClientRect().width]),
     overlayWidth: img.naturalWidth,
     colouredShare: coloured / (c.width * c.height),
   };
@@ -423,7 +426,8 @@ def test_browser_upload_shows_class_bars_and_heatmap(server: Server, digit_files
         top = api["results"][0]["top"]
         assert page["label"] == top[0]["label"] and [b[0] for b in page["bars"]] == [t["label"] for t in top]
         assert np.allclose([b[1] for b in page["bars"]], [t["probability"] for t in top], atol=1e-5)
-        assert page["bars"][0][2].endswith("%") and page["bars"][0][3].endswith("%")
+        for _, p, text, drawn_share in page["bars"]:  # the bar is as long as its probability
+            assert text.endswith("%") and abs(drawn_share - p) < 0.02
         assert page["overlayWidth"] == 224 and page["colouredShare"] > 0.2  # a drawn heatmap
         shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
         assert Image.open(io.BytesIO(shot)).size[0] == 1200

@@ -349,6 +349,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=_positive(int, "--max-pixels"), default=40_000_000,
                    help="pixels (w*h) of one image at most (default 40e6; more: 400, a likely "
                         "decompression bomb)")
+    p.add_argument("--threads", type=_positive(int, "--threads"),
+                   help="torch CPU threads for the network (default: one per core; 1 is steadier on a "
+                        "machine shared with other busy processes)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                    help="uvicorn's log level (default warning; info logs every request)")
 
@@ -360,7 +363,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         return serve(args.path, host=args.host, port=args.port, device=args.device,
                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, limits=limits,
-                     log_level=args.log_level)
+                     log_level=args.log_level, threads=args.threads)
     except OSError as e:
         print(f"resnetlab serve: error: {e}", file=sys.stderr)
         return 1

@@ -215,17 +215,28 @@ class ServeApp:
     # ------------------------------------------------------------------ request parsing
 
     async def _body(self, request: Request) -> bytes:
+        """The request body, at most ``--max-body-mb``; over it: 413.
+
+        An oversized body is still read (and dropped) up to 4x the limit before the answer, so
+        the client, which is usually still sending, reads the 413 instead of a reset connection;
+        beyond that the connection is closed after the answer.
+        """
         limit = int(self.limits.max_body_mb * 2**20)
+        drain = 4 * limit
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body of {_mb(int(declared))} is over the limit of {_mb(limit)} "
-                                "(--max-body-mb)")
+        size = int(declared) if declared.isdigit() else None
+        too_big = f"over the limit of {_mb(limit)} (--max-body-mb)"
+        if size is not None and size > drain:
+            raise ApiError(413, f"request body of {_mb(size)} is {too_big}")
         chunks, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)
-            if total > limit:
-                raise ApiError(413, f"request body is over the limit of {_mb(limit)} (--max-body-mb)")
-            chunks.append(chunk)
+            if total <= limit:
+                chunks.append(chunk)
+            elif total > drain:
+                break
+        if total > limit:
+            raise ApiError(413, f"request body{f' of {_mb(size)}' if size else ''} is {too_big}")
         return b"".join(chunks)
 
     async def _images(self, request: Request) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
