@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import warnings
 from collections.abc import AsyncIterator
@@ -207,9 +208,14 @@ class ServeApp:
         """One batch through the batcher and one Grad-CAM, then ready."""
         m = self.served.meta
         blank = torch.zeros(m.in_chans, *m.input_size, dtype=torch.uint8)
-        await self.batcher.predict(blank)
-        await asyncio.get_running_loop().run_in_executor(
-            self.model_pool, explain_pixels, self.served.model, m, blank[None], ["warm-up"], None, 1)
+        try:
+            await self.batcher.predict(blank)
+            await asyncio.get_running_loop().run_in_executor(
+                self.model_pool, explain_pixels, self.served.model, m, blank[None], ["warm-up"], None, 1)
+        except Exception as e:  # stays not ready (503) and says why
+            logging.getLogger("resnetlab.serve").error("warm-up failed, not ready: %s: %s",
+                                                       type(e).__name__, e)
+            return
         self.ready = True
 
     # ------------------------------------------------------------------ request parsing
