@@ -137,7 +137,7 @@ function setUpDrawing() {
   ctx.lineCap = "round";
   ctx.lineJoin = "round";
   ctx.strokeStyle = "#000";
-  ctx.lineWidth = pad.width / 10; // a pen stroke about as thick as the digits' strokes
+  ctx.lineWidth = pad.width / 6; // thick: a thin stroke averages down to faint 8x8 pixels
   pad.addEventListener("pointerdown", (e) => {
     drawing = true;
     pad.setPointerCapture(e.pointerId);
