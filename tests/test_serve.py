@@ -278,6 +278,15 @@ def test_page_and_its_files_are_served_locally(server: Server) -> None:
     assert "http://" not in html and "https://" not in html
 
 
+def test_serve_cli_refuses_a_missing_run_and_bad_flags_in_one_line(tmp_path: Path, capsys) -> None:
+    assert cli_main(["serve", str(tmp_path / "no-such-run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resnetlab serve: error:") and "no-such-run" in err and "\n" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["serve", str(tmp_path), "--max-batch", "0"])
+    assert exit_info.value.code == 2 and "--max-batch must be > 0" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- explain CLI
 
 
