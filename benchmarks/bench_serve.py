@@ -10,7 +10,7 @@ which cost the same as trained ones):
   concurrency in 1, 8, 32: a fixed number of PNG uploads (raw ``image/png`` bodies) from that many
   client threads on keep-alive connections; throughput, p50/p99 latency, errors, dropped requests.
 
-Bounded: a fixed request count per setting, localhost only, servers stopped with SIGTERM. The
+Both sides use one torch thread (``--threads``). Bounded: a fixed request count per setting, localhost only, servers stopped with SIGTERM. The
 client threads share the CPU with the server (2 cores here), so the HTTP numbers include the
 load generator's own cost.
 
@@ -54,6 +54,11 @@ NETWORKS = {  # name: (model, dataset, in_chans, input size)
 }
 REQUESTS = {"full": 480, "quick": 160}  # per (server setting, concurrency)
 DISTINCT_IMAGES = 64
+# torch intra-op threads, the same here and in the servers. One: the load generator's threads,
+# the server's event loop and its decoders need the other core of a 2-core machine, and on a
+# shared machine OpenMP threads waiting for a busy core stall whole forward passes (measured
+# here under load: the in-process reference fell from ~1,000 to ~20 img/s with 2 threads).
+DEFAULT_THREADS = 1
 
 
 def _free_port() -> int:
@@ -204,11 +209,11 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = None) ->
     """Every network, both server settings and every concurrency; writes ``serve.json``.
 
     ``threads``: torch intra-op threads, the same in this process and in the servers (default
-    torch's own: one per core). The in-process reference runs before, between and after the
+    :data:`DEFAULT_THREADS`). The in-process reference runs before, between and after the
     two servers; its median is the reference, so both sides see the same machine load.
     """
     count = REQUESTS["quick" if quick else "full"]
-    threads = threads or torch.get_num_threads()
+    threads = threads or DEFAULT_THREADS
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     results = []
@@ -267,7 +272,7 @@ def _network(folder: Path, network: str, count: int, threads: int, device: str) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer requests per setting")
-    p.add_argument("--threads", type=int, help="torch threads here and in the servers (default: one per core)")
+    p.add_argument("--threads", type=int, help=f"torch threads here and in the servers (default {DEFAULT_THREADS})")
     args = p.parse_args(argv)
     payload = run(args.quick, threads=args.threads)
     print(json.dumps([{k: r[k] for k in ("network", "ratio_at_8", "batching_speedup", "zero_errors")}
