@@ -1,4 +1,4 @@
-"""Case (g): multi-node scaling on paper, with the loopback run as its sanity check.
+"""Case (scale): multi-node scaling on paper, with the loopback run as its sanity check.
 
 Data-parallel training with a fixed batch per GPU does the same compute per GPU on any number
 of nodes and adds one gradient all-reduce per step. The model:
@@ -208,7 +208,7 @@ def loopback_check(batch: int, steps: int) -> dict[str, Any]:
 
 def run(quick: bool = False, device: str = "auto", node_gbit: float = NODE_GBIT,
         step_ms: dict[str, float] | None = None, write: bool = True) -> dict[str, Any]:
-    """Case (g); writes ``results/g.json``. ``step_ms`` replaces the measured step time of a
+    """Case (scale); writes ``results/scale.json``. ``step_ms`` replaces the measured step time of a
     model (e.g. one measured on a GPU elsewhere) by a stated one."""
     import resnetlab
 
@@ -228,21 +228,21 @@ def run(quick: bool = False, device: str = "auto", node_gbit: float = NODE_GBIT,
                "nodes": table(step, nbytes, node_gbit), "nodes_fast_network": table(step, nbytes, FAST_NODE_GBIT)}
         results.append(row)
         e64 = row["nodes"][-1]
-        print(f"[g] {name}: step {step * 1e3:.1f} ms on {dev.type}, {nbytes / 2**20:.1f} MiB of gradients; "
+        print(f"[scale] {name}: step {step * 1e3:.1f} ms on {dev.type}, {nbytes / 2**20:.1f} MiB of gradients; "
               f"64x{GPUS_PER_NODE} at {node_gbit:g} Gb/s: efficiency {e64['efficiency_no_overlap']:.2f}"
               f"-{e64['efficiency_overlap']:.2f}", flush=True)
     check = loopback_check(batch=32 if quick else 64, steps=steps)
-    print(f"[g] loopback 2 x resnet20: measured {check['measured_step_ms']:.1f} ms/step, modelled "
+    print(f"[scale] loopback 2 x resnet20: measured {check['measured_step_ms']:.1f} ms/step, modelled "
           f"{check['predicted_step_ms']:.1f} ms ({check['measured_over_predicted']:.2f}x); DDP all-reduced "
           f"{check['ddp_bytes_per_step']:.0f} B/step, parameters {check['grad_bytes']} B", flush=True)
-    payload = {"case": "g", "title": "multi-node scaling model", "machine": machine, "quick": quick,
+    payload = {"case": "scale", "title": "multi-node scaling model", "machine": machine, "quick": quick,
                "assumptions": {"gpus_per_node": GPUS_PER_NODE, "node_gbit": node_gbit,
                                "fast_node_gbit": FAST_NODE_GBIT, "intra_node_gbyte": INTRA_GBYTE,
                                "alpha_s": ALPHA_S, "bucket_bytes": BUCKET_BYTES,
                                "backward_share": BACKWARD_SHARE},
                "results": results, "loopback": check}
     if write:
-        write_json("g", payload)
+        write_json("scale", payload)
     return payload
 
 
