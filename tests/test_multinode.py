@@ -229,6 +229,23 @@ def test_restart_rounds_agree_on_a_fresh_number_despite_a_dead_rounds_keys() -> 
     assert _agree(store, 3) == [3, 3, 3]
     assert _agree(store, 2) == [4, 4]  # a smaller world after an elastic shrink
 
+    # A rank 0 left waiting by a dead round stops answering once a newer round has drawn its
+    # number, so its stale number cannot reach the new round's ranks.
+    errors: list[BaseException] = []
+
+    def orphan() -> None:
+        try:
+            dist._agree_round(store, 0, 2, datetime.timedelta(seconds=30), poll_s=0.001)
+        except RuntimeError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=orphan)
+    t.start()
+    time.sleep(0.1)
+    store.add("resnetlab/rounds", 1)  # the new round's rank 0
+    t.join(timeout=30)
+    assert not t.is_alive() and "superseded" in str(errors[0])
+
 
 # ----------------------------------------------------------------------------------------------
 # two agents on loopback
@@ -370,7 +387,9 @@ def test_sbatch_file_asks_for_one_agent_per_node_and_a_requeue_signal() -> None:
     assert int(d["cpus-per-task"]) > 0 and int(d["nodes"]) >= 2
     assert "requeue" in d and re.fullmatch(r"B:USR1@\d+", d["signal"])
     words = _torchrun_line(text)
-    assert words[:2] == ["srun", "torchrun"] or "torchrun" in words
+    assert words[0] == "srun" and "torchrun" in words
+    srun_options = words[1:words.index("torchrun")]
+    assert any(w.startswith("--cpus-per-task=") for w in srun_options)  # srun does not inherit it
     flags = " ".join(words)
     for flag in ("--nnodes=", "--nproc-per-node=", "--rdzv-backend=c10d", "--rdzv-endpoint=",
                  "--rdzv-id=", "--max-restarts=", "train.resume=auto"):

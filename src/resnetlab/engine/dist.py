@@ -116,6 +116,10 @@ def _agree_round(store: tdist.Store, rank: int, world_size: int, timeout: dateti
                     store.set(f"resnetlab/answer/{token}", str(n))
                     answered[r] = token
         if pending:
+            # A newer round has begun (this process outlived its agent): stop answering, or
+            # this round's number would reach the new round's ranks.
+            if store.add("resnetlab/rounds", 0) != n:
+                raise RuntimeError(f"restart round {n} was superseded before every rank joined")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"ranks {sorted(pending)} did not join restart round {n} of the "
                                    f"process group within {timeout}")
