@@ -235,6 +235,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seeds", default="0,1,2", help="seeds per net (default 0,1,2)")
     d.add_argument("--epochs", type=int, help="epochs per run (default 20 on digits, 164 on CIFAR)")
     d.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
+    d.add_argument("--extra-models", metavar="NAME,...",
+                   help="other registered nets trained with the same recipe and seeds (e.g. densenet_bc100, "
+                        "lesson_resnet18); in the table and in depth.png at their weighted depth")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. optim.lr=0.05")
     c = exp.add_parser("cifar-table", help="Table 6: resnet20..110 on local CIFAR-10, ours vs the paper's",
                        description="Train configs/cifar10_resnet{20,32,44,56,110}.yaml on local CIFAR-10 "
@@ -252,9 +255,11 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if args.experiment == "degradation":
         from resnetlab.analysis import run_degradation
 
-        res = run_degradation(args.data, args.depths, args.seeds, args.epochs, args.overrides, args.jobs)
+        res = run_degradation(args.data, args.depths, args.seeds, args.epochs, args.overrides, args.jobs,
+                              extra_models=args.extra_models)
         print(res.markdown)
-        print(f"{res.figure} | {res.out_dir / 'table.md'} | {res.out_dir / 'table.csv'} | {res.seconds:.0f} s")
+        print(f"{res.figure} | {res.out_dir / 'depth.png'} | {res.out_dir / 'table.md'} | "
+              f"{res.out_dir / 'table.csv'} | {res.seconds:.0f} s")
         return res.exit_code
     from resnetlab.analysis import run_cifar_table
 
