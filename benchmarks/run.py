@@ -12,6 +12,7 @@ Cases (issue 7; targets are for a 2-core CPU):
   d  resnet50 inference, resnetlab fused vs torchvision eager, time   (<= 0.85x)
   e  grad checkpointing: peak memory (<= 0.5x) and step time (<= 1.35x)
   f  DDP, 2 processes vs 1, images/s                                  (no target)
+  landscape  loss-landscape grid points/s, batched (vmap) vs state-dict loop (no target)
 
 Writes ``benchmarks/results/<case>.json`` and ``benchmarks/results/summary.md`` (the machine it
 ran on heads the table). A case that fails is recorded as an error and the others still run;
@@ -43,7 +44,7 @@ from benchmarks.common import (
     write_json,
 )
 
-ALL_CASES = ("a", "b", "c", "d", "e", "f")
+ALL_CASES = ("a", "b", "c", "d", "e", "f", "landscape")
 INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
 TITLES = {
     "a": "training images/s vs idiomatic loop",
@@ -52,6 +53,7 @@ TITLES = {
     "d": "resnet50 inference time, fused / torchvision eager",
     "e": "grad checkpointing, with / without",
     "f": "DDP images/s, 2 processes / 1",
+    "landscape": "landscape grid points/s, batched (vmap) / state-dict loop",
 }
 
 
@@ -164,6 +166,10 @@ def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str
              f"{r['without']['seconds_per_step']:.2f} s", f"{fmt_ratio(r['time_ratio'])}x", f"<= {t['time']}",
              _yes(r["time_ratio"] <= t["time"]), time_note],
         ]
+    if case == "landscape":
+        return [[case, f"{r['model']}, {r['images']} images, {r['grid_points']} points, chunk {r['chunk']}",
+                 f"{r['batched']['points_per_s']:.2f} points/s", f"{r['loop']['points_per_s']:.2f} points/s",
+                 f"{fmt_ratio(r['ratio'])}x", "-", "-", f"|loss diff| {r['max_abs_loss_diff']:.0e}"]]
     return [[case, f"{r['model']}, global batch {r['global_batch']}",
              f"{fmt_rate(r['two_processes']['images_per_s'])} img/s",
              f"{fmt_rate(r['one_process']['images_per_s'])} img/s", f"{fmt_ratio(r['ratio'])}x", "-", "-", ""]]
@@ -208,7 +214,8 @@ def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], 
     lines += ["", "Reference column: (a) the idiomatic loop, (b) the machine's matmul, (c) the pure train "
               "step, (d) torchvision eager, (e) without grad checkpointing (resnetlab column: the default "
               "checkpointing, segments of ~sqrt(blocks) over all stages but the last; note: one "
-              "checkpoint per block over every stage), (f) one process. "
+              "checkpoint per block over every stage), (f) one process, (landscape) one load_state_dict + "
+              "forward per grid point. "
               "Details per case in `<case>.json`."]
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "summary.md"
@@ -271,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_ddp
 
         guarded(["f"], lambda: {"f": bench_ddp.run(args.quick, str(device))})
+    if "landscape" in cases:
+        from benchmarks import bench_landscape
+
+        guarded(["landscape"], lambda: {"landscape": bench_landscape.run(args.quick, str(device))})
 
     seconds = time.perf_counter() - t0
     machine["other_work_cpu_share"] = others.share()
