@@ -16,6 +16,7 @@ Cases (issue 7; targets are for a 2-core CPU):
          micro-batching vs --max-batch 1; zero errors (benchmarks/bench_serve.py -> serve.json)
   pipeline  image-folder training pipeline vs torchvision's ImageFolder + transforms.v2,
             images/s (ratio >= 1.3), and start-up on 100,000 files     (bench_pipeline.py)
+  landscape  loss-landscape grid points/s, batched (vmap) vs state-dict loop (no target)
 
 Writes ``benchmarks/results/<case>.json`` and ``benchmarks/results/summary.md`` (the machine it
 ran on heads the table). A case that fails is recorded as an error and the others still run;
@@ -47,7 +48,7 @@ from benchmarks.common import (
     write_json,
 )
 
-ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "pipeline", "scale")
+ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "pipeline", "landscape", "scale")
 INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
 TITLES = {
     "a": "training images/s vs idiomatic loop",
@@ -59,6 +60,7 @@ TITLES = {
     "serve": "serve images/s over HTTP / in-process predict_images",
     "pipeline": "image-folder pipeline images/s vs torchvision",
     "scale": "multi-node scaling efficiency (model)",
+    "landscape": "landscape grid points/s, batched (vmap) / state-dict loop",
 }
 
 
@@ -189,6 +191,10 @@ def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str
         return _scale_rows(p, r)
     if case == "serve":
         return _serve_rows(p, r)
+    if case == "landscape":
+        return [[case, f"{r['model']}, {r['images']} images, {r['grid_points']} points, chunk {r['chunk']}",
+                 f"{r['batched']['points_per_s']:.2f} points/s", f"{r['loop']['points_per_s']:.2f} points/s",
+                 f"{fmt_ratio(r['ratio'])}x", "-", "-", f"|loss diff| {r['max_abs_loss_diff']:.0e}"]]
     return [[case, f"{r['model']}, global batch {r['global_batch']}",
              f"{fmt_rate(r['two_processes']['images_per_s'])} img/s",
              f"{fmt_rate(r['one_process']['images_per_s'])} img/s", f"{fmt_ratio(r['ratio'])}x", "-", "-", ""]]
@@ -269,7 +275,8 @@ def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], 
               "checkpointing, segments of ~sqrt(blocks) over all stages but the last; note: one "
               "checkpoint per block over every stage), (f) one process, (serve) the same images "
               "through predict_images in-process in batches of 16, (pipeline) torchvision "
-              "ImageFolder + transforms.v2 with the same workers, (scale) the efficiency range for "
+              "ImageFolder + transforms.v2 with the same workers, (landscape) one "
+              "load_state_dict + forward per grid point, (scale) the efficiency range for "
               "no overlap - full backward overlap of the all-reduce (formula in scale_model.py). "
               "Details per case in `<case>.json`."]
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -342,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_pipeline
 
         guarded(["pipeline"], lambda: {"pipeline": bench_pipeline.run(args.quick)})
+    if "landscape" in cases:
+        from benchmarks import bench_landscape
+
+        guarded(["landscape"], lambda: {"landscape": bench_landscape.run(args.quick, str(device))})
 
     if "scale" in cases:
         from benchmarks import scale_model
