@@ -126,6 +126,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN|CKPT", help="run folder (best.pt, else last.pt) or checkpoint file")
     p.add_argument("--split", choices=("val", "test"), default="val", help="which held-out split (default val)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--out", metavar="DIR", help="write the report files here instead of the run folder "
+                                                "(for read-only runs)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="data.*/train.* changes to the stored config, e.g. data.root=~/data/x train.device=cpu")
 
@@ -135,7 +137,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from resnetlab.evaluate import evaluate_checkpoint, format_report
 
-    report = evaluate_checkpoint(args.path, args.split, args.overrides)
+    report = evaluate_checkpoint(args.path, args.split, args.overrides, out_dir=args.out)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 
@@ -181,13 +183,15 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
     p.add_argument("--format", required=True, choices=("safetensors", "torchscript", "onnx"))
     p.add_argument("--output", metavar="PATH", help="model file (default: <run>/<arch>.<ext>)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output (never a "
+                                                        "run's checkpoint)")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from resnetlab.export import ExportError, export_model
 
     try:
-        res = export_model(args.path, args.format, args.output)
+        res = export_model(args.path, args.format, args.output, force=args.force)
     except ExportError as e:
         print(f"resnetlab export: error: {e}", file=sys.stderr)
         return 1
@@ -211,12 +215,15 @@ def add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="PATH", help="checkpoint to write (default FILE.resnetlab.pt)")
     p.add_argument("--data-root", default="data/imagenet",
                    help="image folder (train/, val/) stored for eval (default data/imagenet)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output (never a "
+                                                        "run's checkpoint)")
 
 
 def run_import(args: argparse.Namespace) -> int:
     from resnetlab.importers import import_torchvision
 
-    res = import_torchvision(args.file, args.arch, args.classes, args.output, data_root=args.data_root)
+    res = import_torchvision(args.file, args.arch, args.classes, args.output, data_root=args.data_root,
+                             force=args.force)
     check = "not compared" if res.max_abs_diff is None else f"{res.max_abs_diff:.2e}"
     print(f"wrote {res.path} | {res.arch}, {res.num_classes} classes | max |resnetlab - torchvision| = {check}")
     return 0
@@ -226,7 +233,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def add_reproduce(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="the paper's experiments: degradation (Fig. 6), cifar-table (Table 6)",
+    p = sub.add_parser("reproduce", help="the paper's experiments: degradation (Fig. 6), cifar-table (Table 6), landscape, responses (Fig. 7)",
                        description="Reproduce an experiment of He et al. 2015.")
     exp = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     d = exp.add_parser("degradation", help="plain vs residual nets: figure + table of final errors",
@@ -239,7 +246,32 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seeds", default="0,1,2", help="seeds per net (default 0,1,2)")
     d.add_argument("--epochs", type=int, help="epochs per run (default 20 on digits, 164 on CIFAR)")
     d.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
+    d.add_argument("--extra-models", metavar="NAME,...",
+                   help="other registered nets trained with the same recipe and seeds (e.g. densenet_bc100, "
+                        "lesson_resnet18); in the table and in depth.png at their weighted depth")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. optim.lr=0.05")
+    ls = exp.add_parser("landscape", help="loss landscapes of plain56 and resnet56 on digits, side by side",
+                        description="Train the models on digits (degradation recipe, one seed), then draw "
+                                    "their loss landscapes along the same kind of filter-normalised random "
+                                    "directions on the same contour levels; print the roughness numbers. "
+                                    "Writes runs/landscape-digits-<time>/landscape.png, landscape.csv, "
+                                    "roughness.md, roughness.csv.")
+    ls.add_argument("--models", default="plain56,resnet56", help="registry names (default plain56,resnet56)")
+    ls.add_argument("--epochs", type=int, default=10, help="training epochs per net (default 10)")
+    ls.add_argument("--seed", type=int, default=0, help="training seed and direction seed (default 0)")
+    _landscape_options(ls, images=128)
+    ls.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
+    ls.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
+    rs = exp.add_parser("responses", help="layer responses (Fig. 7) of plain20/56, resnet20/56/110 on digits",
+                        description="Train the models on digits (degradation recipe, one seed), then write "
+                                    "the std of every 3x3 layer's response on the test split: "
+                                    "runs/responses-digits-<time>/responses.png, responses.csv, summary.md.")
+    rs.add_argument("--models", default="plain20,plain56,resnet20,resnet56,resnet110",
+                    help="registry names (default plain20,plain56,resnet20,resnet56,resnet110)")
+    rs.add_argument("--epochs", type=int, default=10, help="training epochs per net (default 10)")
+    rs.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    rs.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
+    rs.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
     c = exp.add_parser("cifar-table", help="Table 6: resnet20..110 on local CIFAR-10, ours vs the paper's",
                        description="Train configs/cifar10_resnet{20,32,44,56,110}.yaml on local CIFAR-10 "
                                    "files and print our test error next to the paper's. For GPUs: prints "
@@ -253,12 +285,33 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
+    if args.experiment == "landscape":
+        from resnetlab.analysis.landscape import reproduce_landscape
+
+        res = reproduce_landscape(args.models, epochs=args.epochs, seed=args.seed, grid=args.grid,
+                                  span=args.span, dims=args.dims, images=args.images, bn=args.bn,
+                                  chunk=args.chunk, hessian_iters=args.hessian_iters,
+                                  overrides=args.overrides, jobs=args.jobs, on_progress=print)
+        print(res.markdown)
+        print(" | ".join(str(f) for f in res.files))
+        return 0
+    if args.experiment == "responses":
+        from resnetlab.analysis.responses import reproduce_responses
+
+        rr = reproduce_responses(args.models, epochs=args.epochs, seed=args.seed, overrides=args.overrides,
+                                 jobs=args.jobs)
+        print(rr.responses.markdown)
+        print("final training error (%): " + ", ".join(f"{m} {e:.2f}" for m, e in rr.train_err.items()))
+        print(" | ".join(str(f) for f in rr.responses.files))
+        return 0
     if args.experiment == "degradation":
         from resnetlab.analysis import run_degradation
 
-        res = run_degradation(args.data, args.depths, args.seeds, args.epochs, args.overrides, args.jobs)
+        res = run_degradation(args.data, args.depths, args.seeds, args.epochs, args.overrides, args.jobs,
+                              extra_models=args.extra_models)
         print(res.markdown)
-        print(f"{res.figure} | {res.out_dir / 'table.md'} | {res.out_dir / 'table.csv'} | {res.seconds:.0f} s")
+        print(f"{res.figure} | {res.out_dir / 'depth.png'} | {res.out_dir / 'table.md'} | "
+              f"{res.out_dir / 'table.csv'} | {res.seconds:.0f} s")
         return res.exit_code
     from resnetlab.analysis import run_cifar_table
 
@@ -312,7 +365,157 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _landscape_options(p: argparse.ArgumentParser, images: int = 256) -> None:
+    p.add_argument("--grid", type=int, default=21, help="points per direction (default 21)")
+    p.add_argument("--span", type=float, default=1.0, help="offsets from -span to +span (default 1.0)")
+    p.add_argument("--dims", type=int, default=2, choices=(1, 2), help="1-D curve or 2-D surface (default 2)")
+    p.add_argument("--images", type=int, default=images,
+                   help=f"fixed images the loss is taken over (default {images})")
+    p.add_argument("--bn", default="batch", choices=("batch", "eval"),
+                   help="BatchNorm: statistics of the evaluated images (batch, default) or running ones (eval)")
+    p.add_argument("--chunk", type=int, default=16, help="grid points per batched forward pass (default 16)")
+    p.add_argument("--hessian-iters", type=int, default=20,
+                   help="power-iteration steps per Hessian eigenvalue; 0 skips them (default 20)")
+
+
+def add_landscape(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("landscape", help="loss landscape around a trained net (filter-normalised directions)",
+                       description="Loss and accuracy at w + a*d1 (+ b*d2) for random filter-normalised "
+                                   "directions (Li et al. 2018), many grid points per forward pass; prints "
+                                   "the roughness numbers. Writes landscape.csv, landscape.png and "
+                                   "landscape.json to RUN/landscape/ (or --out).")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"), help="images from (default train)")
+    p.add_argument("--seed", type=int, default=0, help="direction seed (default 0)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default RUN/landscape)")
+    p.add_argument("--device", default="cpu", help="torch device, or auto (default cpu)")
+    _landscape_options(p)
+
+
+def run_landscape(args: argparse.Namespace) -> int:
+    from resnetlab.analysis.landscape import roughness_markdown
+    from resnetlab.analysis.landscape import run_landscape as landscape
+
+    res = landscape(args.path, grid=args.grid, span=args.span, dims=args.dims, split=args.split,
+                    images=args.images, bn=args.bn, seed=args.seed, chunk=args.chunk,
+                    hessian_iters=args.hessian_iters, out=args.out, device=args.device)
+    print(roughness_markdown([res]))
+    print(f"loss at w: {res.loss_at_zero:.4f} | {res.info['grid_points']} points in "
+          f"{res.info['grid_seconds']:.1f} s | " + " | ".join(str(f) for f in res.files))
+    return 0
+
+
+def add_responses(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("responses", help="std of every 3x3 layer's response (the paper's Fig. 7)",
+                       description="For each run, the standard deviation of every 3x3 layer's response "
+                                   "(after BN, before the ReLU and the addition) over a split. Writes "
+                                   "responses.csv, responses.png and summary.md to --out.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or checkpoints")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="default test")
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/responses-<time>)")
+
+
+def run_responses(args: argparse.Namespace) -> int:
+    from resnetlab.analysis.responses import run_responses as responses
+
+    res = responses(args.runs, split=args.split, out=args.out)
+    print(res.markdown)
+    print(" | ".join(str(f) for f in res.files))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------- serve
+
+
+def _positive(kind: type, name: str) -> Callable[[str], float]:
+    def parse(text: str):  # type: ignore[no-untyped-def]
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects a number, got {text!r}") from None
+        if value <= 0 and not (name == "--max-wait-ms" and value == 0):
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP API + web page for a trained network (127.0.0.1:8000)",
+                       description="Serve a run (or checkpoint): POST /v1/predict, POST /v1/explain, "
+                                   "GET /v1/model, /healthz, /readyz, and a web page at /. Listens on "
+                                   "127.0.0.1 only unless --host says otherwise. SIGTERM or Ctrl-C "
+                                   "finishes the requests in flight and exits 0.")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes "
+                        "the server to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--device", default="cpu", help="torch device, or auto (default cpu)")
+    p.add_argument("--max-batch", type=_positive(int, "--max-batch"), default=16,
+                   help="images per forward pass at most (default 16; 1 turns micro-batching off)")
+    p.add_argument("--max-wait-ms", type=_positive(float, "--max-wait-ms"), default=5.0,
+                   help="how long a batch waits for more images after its first, ms (default 5)")
+    p.add_argument("--max-body-mb", type=_positive(float, "--max-body-mb"), default=10.0,
+                   help="largest request body, MiB (default 10; larger: 413)")
+    p.add_argument("--max-images", type=_positive(int, "--max-images"), default=32,
+                   help="images in one request at most (default 32; more: 413)")
+    p.add_argument("--max-pixels", type=_positive(int, "--max-pixels"), default=40_000_000,
+                   help="pixels (w*h) of one image at most (default 40e6; more: 400, a likely "
+                        "decompression bomb)")
+    p.add_argument("--threads", type=_positive(int, "--threads"),
+                   help="torch CPU threads for the network (default: one per core; 1 is steadier on a "
+                        "machine shared with other busy processes)")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn's log level (default warning; info logs every request)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from resnetlab.serve import Limits, serve
+
+    limits = Limits(max_body_mb=args.max_body_mb, max_images=args.max_images, max_pixels=args.max_pixels)
+    try:
+        return serve(args.path, host=args.host, port=args.port, device=args.device,
+                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, limits=limits,
+                     log_level=args.log_level, threads=args.threads)
+    except OSError as e:
+        print(f"resnetlab serve: error: {e}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------- explain
+
+
+def add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="Grad-CAM heatmaps: where the network looked, per image",
+                       description="Per image: top-k classes and a Grad-CAM overlay PNG (Captum's "
+                                   "LayerGradCam on the last stage), with the run's own preprocessing. "
+                                   "Writes OUT/<name>.cam.png and OUT/explain.json.")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders searched recursively")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/explain)")
+    p.add_argument("--target", metavar="CLASS",
+                   help="class name or id to explain (default: each image's top class)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--device", default="cpu", help="torch device, or auto (default cpu)")
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from resnetlab.explain import explain
+
+    result = explain(args.path, args.inputs, out=args.out, target=args.target, topk=args.topk,
+                     device=args.device)
+    for e, png in zip(result.explanations, result.written, strict=True):
+        top = " | ".join(f"{c} {q:.3f}" for c, q in zip(e.classes, e.probs, strict=True))
+        print(f"{e.file}: {top} -> {png} (Grad-CAM of {e.target_class})")
+    if result.summary is not None:
+        print(f"wrote {len(result.written)} overlays and {result.summary}")
+    for file, reason in result.errors:
+        print(f"resnetlab explain: error: {file}: {reason}", file=sys.stderr)
+    return 1 if result.errors else 0
+
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (add_train, run_train),
@@ -320,11 +523,15 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "info": (add_info, run_info),
     "eval": (add_eval, run_eval),
     "predict": (add_predict, run_predict),
+    "serve": (add_serve, run_serve),
+    "explain": (add_explain, run_explain),
     "export": (add_export, run_export),
     "import": (add_import, run_import),
     "reproduce": (add_reproduce, run_reproduce),
     "gradients": (add_gradients, run_gradients),
     "plot": (add_plot, run_plot),
+    "landscape": (add_landscape, run_landscape),
+    "responses": (add_responses, run_responses),
 }
 
 
@@ -355,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # disk full, read-only, permission denied, a file where a folder should be
+        from resnetlab.outputs import describe_os_error
+
+        print(f"resnetlab {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

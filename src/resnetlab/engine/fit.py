@@ -315,7 +315,7 @@ def finish(run: Run) -> Result:
     test = _final_test(run)
     result = Result(run.ckpts.run_dir, run.state.epoch, run.state.step, run.val, run.state.best(), test)
     if run.dist.is_main:
-        _write_result(run.ckpts.run_dir, result, run.loaders.data.skipped)
+        _write_result(run.ckpts.run_dir, result, run.loaders.data.bad_files())
     if run.writer is not None:
         run.writer.close()
     barrier()
