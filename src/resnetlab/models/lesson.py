@@ -188,7 +188,7 @@ class LessonResNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map ``[b, 512, h', w']`` -> logits ``[b, num_classes]`` (with ``pre_logits``:
         the pooled features ``[b, 512]``)."""
-        x = F.adaptive_avg_pool2d(x, [1, 1])  # [b, 512, 1, 1]
+        x = F.adaptive_avg_pool2d(x, (1, 1))  # [b, 512, 1, 1]
         x = x.view(x.size(0), -1)  # [b, 512]
         if pre_logits:
             return x
