@@ -357,6 +357,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     seconds = time.perf_counter() - t0
     (out_dir / "experiment.json").write_text(json.dumps({
         "data": data, "depths": list(depths), "seeds": list(seeds), "epochs": base.train.epochs,
+        "extra_models": list(extras),
         "jobs": jobs, "recipe": RECIPES[data], "overrides": list(overrides),
         "wall_seconds": seconds, "interrupted": interrupted, "failed": failed,
         "curves": {"training": "train_err per epoch (running mean over the epoch, augmented)",
