@@ -317,3 +317,60 @@ def test_readme_resnet50_folder_command(tmp_path: Path) -> None:
     tv = torch.load(tmp_path / "resnet50.pth", weights_only=True)
     assert torch.equal(saved["model"]["layer4.2.conv3.weight"], tv["layer4.2.conv3.weight"])
     assert torch.equal(saved["model"]["bn1.running_mean"], tv["bn1.running_mean"])  # frozen BN
+
+
+# ---------------------------------------------------------------------------------------------- few-shot data, recipes, transfer
+
+
+def test_class_subset_and_train_per_class() -> None:
+    from resnetlab.config import DataConfig
+    from resnetlab.data import DataError, build_datasets
+
+    full = build_datasets(DataConfig(), seed=0)
+    sub = build_datasets(DataConfig(classes=("7", "5"), train_per_class=10), seed=0)
+    assert sub.meta.classes == ("7", "5")
+    assert sub.train.labels.bincount().tolist() == [10, 10]
+    # the test split is every 7 and 5 of the full test split, relabelled 7 -> 0, 5 -> 1
+    want = full.test.labels[(full.test.labels == 7) | (full.test.labels == 5)]
+    assert sub.test.labels.tolist() == [0 if y == 7 else 1 for y in want.tolist()]
+    assert sub.meta.mean != full.meta.mean  # statistics of the 20 images trained on
+    other = build_datasets(DataConfig(classes=("7", "5"), train_per_class=10), seed=1)
+    assert not torch.equal(other.train.images, sub.train.images)  # the draw follows the seed
+    with pytest.raises(DataError, match="'x' is not a class of digits"):
+        build_datasets(DataConfig(classes=("x",)), seed=0)
+    with pytest.raises(DataError, match="has only"):
+        build_datasets(DataConfig(train_per_class=10_000), seed=0)
+
+
+@pytest.mark.parametrize("name", ["finetune_probe", "finetune_two_phase"])
+def test_finetune_recipes_load(name: str) -> None:
+    from resnetlab.config import load
+
+    path = Path(resnetlab.__file__).parent / "recipes" / f"{name}.yaml"
+    cfg = load(path, ["model.init_from=somewhere.pth"])
+    assert cfg.train.freeze == ("backbone",)
+    if name == "finetune_two_phase":
+        assert cfg.train.unfreeze_at_epoch == 3 and cfg.optim.backbone_lr_scale == 0.1
+
+
+def test_two_phase_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match="needs train.freeze"):
+        resnetlab.load(None, ["train.unfreeze_at_epoch=2"])
+    with pytest.raises(ConfigError, match="unfreeze_at_epoch must be in"):
+        resnetlab.load(None, ["train.freeze=stem", "train.unfreeze_at_epoch=99", "train.epochs=5"])
+
+
+def test_transfer_table_schedule_and_a_tiny_run(tmp_path: Path) -> None:
+    from resnetlab.analysis import AnalysisError
+    from resnetlab.analysis.transfer import finetune_schedule, parse_ways, run_transfer
+
+    assert finetune_schedule(5, 100) == (25, 100) and finetune_schedule(50, 100) == (32, 15)
+    with pytest.raises(AnalysisError, match="'fancy'"):
+        parse_ways("scratch,fancy")
+    res = run_transfer("2", "0", "scratch,probe", steps=2, pretrain_epochs=1, jobs=1,
+                       overrides=[f"run.root={tmp_path}"])
+    assert {(r["way"], r["n"]) for r in res.rows} == {("scratch", 2), ("probe", 2)}
+    assert "| probe |" in res.markdown and res.figure.is_file()
+    probe = _last(res.out_dir / "probe-n2-seed0")["model"]
+    pre = _last(res.out_dir / "pretrain-seed0")["model"]
+    assert torch.equal(probe["layer2.0.conv1.weight"], pre["layer2.0.conv1.weight"])

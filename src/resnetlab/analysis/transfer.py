@@ -257,6 +257,7 @@ def plot_transfer(rows: Sequence[dict[str, Any]], path: str | Path, *, seeds: in
     ax.set_xscale("log")
     ns = sorted({r["n"] for r in rows})
     ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()  # the log axis's minor labels (6x10^0 ...) would crowd the N ticks
     ax.set_xlabel("labelled training images per class (digits 5-9)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"resnet20 pretrained on digits 0-4; mean ± std of {seeds} seed(s)", fontsize=9)

@@ -24,7 +24,10 @@ import torch
 import yaml
 from torch import nn
 
-from resnetlab import __version__
+from resnetlab import (
+    __version__,
+    weights,  # module import: weights imports engine.checkpoint, a cycle otherwise
+)
 from resnetlab.config import Config, ConfigError, to_dict
 from resnetlab.data import DataMeta, build_datasets, build_loader
 from resnetlab.engine import checkpoint as ckpt
@@ -42,7 +45,6 @@ from resnetlab.engine.loop import evaluate, train_one_epoch
 from resnetlab.engine.metrics import SumMeter, append_jsonl, read_jsonl, write_csv
 from resnetlab.engine.optim import ModelEMA, build_optimizer, build_param_groups, lr_at
 from resnetlab.models import create_model
-from resnetlab.weights import apply_init_from, preprocessing_meta, read_init_from, resolve_init_from
 
 log = logging.getLogger("resnetlab")
 
@@ -164,13 +166,13 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
-    cfg = resolve_init_from(cfg)  # model.init_from as a file path + its SHA-256, for config.yaml
+    cfg = weights.resolve_init_from(cfg)  # model.init_from as a file path + its SHA-256, for config.yaml
     run_dir = _prepare_run_dir(cfg, dist)
     resume_from = ckpt.latest(run_dir) if cfg.train.resume == "auto" else None
 
     data = build_datasets(cfg.data, seed=cfg.seed)
-    init_source = read_init_from(cfg)
-    meta = preprocessing_meta(data.meta, init_source, cfg)  # normalise as the init weights expect
+    init_source = weights.read_init_from(cfg)
+    meta = weights.preprocessing_meta(data.meta, init_source, cfg)  # normalise as the init weights expect
     loader_kw = {"device": device, "seed": cfg.seed, "rank": dist.rank, "world_size": dist.world_size,
                  "channels_last": cfg.train.channels_last}
     train_loader = build_loader(data.train, meta, cfg.data, train=True, batch_size=cfg.train.batch_size, **loader_kw)
@@ -184,7 +186,7 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
     seed_everything(cfg.seed)  # same init on every rank, and for every resume
     model = build_model(cfg, meta)
     if resume_from is None:
-        model = apply_init_from(model, init_source, meta)
+        model = weights.apply_init_from(model, init_source, meta)
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
