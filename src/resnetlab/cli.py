@@ -122,6 +122,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN|CKPT", help="run folder (best.pt, else last.pt) or checkpoint file")
     p.add_argument("--split", choices=("val", "test"), default="val", help="which held-out split (default val)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--out", metavar="DIR", help="write the report files here instead of the run folder "
+                                                "(for read-only runs)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="data.*/train.* changes to the stored config, e.g. data.root=~/data/x train.device=cpu")
 
@@ -131,7 +133,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from resnetlab.evaluate import evaluate_checkpoint, format_report
 
-    report = evaluate_checkpoint(args.path, args.split, args.overrides)
+    report = evaluate_checkpoint(args.path, args.split, args.overrides, out_dir=args.out)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 
@@ -177,13 +179,15 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
     p.add_argument("--format", required=True, choices=("safetensors", "torchscript", "onnx"))
     p.add_argument("--output", metavar="PATH", help="model file (default: <run>/<arch>.<ext>)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output (never a "
+                                                        "run's checkpoint)")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from resnetlab.export import ExportError, export_model
 
     try:
-        res = export_model(args.path, args.format, args.output)
+        res = export_model(args.path, args.format, args.output, force=args.force)
     except ExportError as e:
         print(f"resnetlab export: error: {e}", file=sys.stderr)
         return 1
@@ -207,12 +211,15 @@ def add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="PATH", help="checkpoint to write (default FILE.resnetlab.pt)")
     p.add_argument("--data-root", default="data/imagenet",
                    help="image folder (train/, val/) stored for eval (default data/imagenet)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output (never a "
+                                                        "run's checkpoint)")
 
 
 def run_import(args: argparse.Namespace) -> int:
     from resnetlab.importers import import_torchvision
 
-    res = import_torchvision(args.file, args.arch, args.classes, args.output, data_root=args.data_root)
+    res = import_torchvision(args.file, args.arch, args.classes, args.output, data_root=args.data_root,
+                             force=args.force)
     check = "not compared" if res.max_abs_diff is None else f"{res.max_abs_diff:.2e}"
     print(f"wrote {res.path} | {res.arch}, {res.num_classes} classes | max |resnetlab - torchvision| = {check}")
     return 0
@@ -330,12 +337,105 @@ def run_plot(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------- serve
+
+
+def _positive(kind: type, name: str) -> Callable[[str], float]:
+    def parse(text: str):  # type: ignore[no-untyped-def]
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects a number, got {text!r}") from None
+        if value <= 0 and not (name == "--max-wait-ms" and value == 0):
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP API + web page for a trained network (127.0.0.1:8000)",
+                       description="Serve a run (or checkpoint): POST /v1/predict, POST /v1/explain, "
+                                   "GET /v1/model, /healthz, /readyz, and a web page at /. Listens on "
+                                   "127.0.0.1 only unless --host says otherwise. SIGTERM or Ctrl-C "
+                                   "finishes the requests in flight and exits 0.")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes "
+                        "the server to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--device", default="cpu", help="torch device, or auto (default cpu)")
+    p.add_argument("--max-batch", type=_positive(int, "--max-batch"), default=16,
+                   help="images per forward pass at most (default 16; 1 turns micro-batching off)")
+    p.add_argument("--max-wait-ms", type=_positive(float, "--max-wait-ms"), default=5.0,
+                   help="how long a batch waits for more images after its first, ms (default 5)")
+    p.add_argument("--max-body-mb", type=_positive(float, "--max-body-mb"), default=10.0,
+                   help="largest request body, MiB (default 10; larger: 413)")
+    p.add_argument("--max-images", type=_positive(int, "--max-images"), default=32,
+                   help="images in one request at most (default 32; more: 413)")
+    p.add_argument("--max-pixels", type=_positive(int, "--max-pixels"), default=40_000_000,
+                   help="pixels (w*h) of one image at most (default 40e6; more: 400, a likely "
+                        "decompression bomb)")
+    p.add_argument("--threads", type=_positive(int, "--threads"),
+                   help="torch CPU threads for the network (default: one per core; 1 is steadier on a "
+                        "machine shared with other busy processes)")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn's log level (default warning; info logs every request)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from resnetlab.serve import Limits, serve
+
+    limits = Limits(max_body_mb=args.max_body_mb, max_images=args.max_images, max_pixels=args.max_pixels)
+    try:
+        return serve(args.path, host=args.host, port=args.port, device=args.device,
+                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, limits=limits,
+                     log_level=args.log_level, threads=args.threads)
+    except OSError as e:
+        print(f"resnetlab serve: error: {e}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------- explain
+
+
+def add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="Grad-CAM heatmaps: where the network looked, per image",
+                       description="Per image: top-k classes and a Grad-CAM overlay PNG (Captum's "
+                                   "LayerGradCam on the last stage), with the run's own preprocessing. "
+                                   "Writes OUT/<name>.cam.png and OUT/explain.json.")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders searched recursively")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/explain)")
+    p.add_argument("--target", metavar="CLASS",
+                   help="class name or id to explain (default: each image's top class)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--device", default="cpu", help="torch device, or auto (default cpu)")
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from resnetlab.explain import explain
+
+    result = explain(args.path, args.inputs, out=args.out, target=args.target, topk=args.topk,
+                     device=args.device)
+    for e, png in zip(result.explanations, result.written, strict=True):
+        top = " | ".join(f"{c} {q:.3f}" for c, q in zip(e.classes, e.probs, strict=True))
+        print(f"{e.file}: {top} -> {png} (Grad-CAM of {e.target_class})")
+    if result.summary is not None:
+        print(f"wrote {len(result.written)} overlays and {result.summary}")
+    for file, reason in result.errors:
+        print(f"resnetlab explain: error: {file}: {reason}", file=sys.stderr)
+    return 1 if result.errors else 0
+
+
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (add_train, run_train),
     "models": (add_models, run_models),
     "info": (add_info, run_info),
     "eval": (add_eval, run_eval),
     "predict": (add_predict, run_predict),
+    "serve": (add_serve, run_serve),
+    "explain": (add_explain, run_explain),
     "export": (add_export, run_export),
     "import": (add_import, run_import),
     "reproduce": (add_reproduce, run_reproduce),
@@ -371,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # disk full, read-only, permission denied, a file where a folder should be
+        from resnetlab.outputs import describe_os_error
+
+        print(f"resnetlab {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
