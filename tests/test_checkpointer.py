@@ -134,7 +134,7 @@ def test_malformed_checkpoints_are_refused_naming_the_file(one_epoch: Path, tmp_
     torch.save({k: v for k, v in obj.items() if k != "optimizer"}, no_state)
     cfg = resume_config(one_epoch, ["train.epochs=2"])
     cpu = torch.device("cpu")
-    parts, _ = build_training(cfg, build_loaders(cfg, DistInfo(), cpu).data.meta, cpu)
+    parts, _ = build_training(cfg, build_loaders(cfg, DistInfo(), cpu), cpu)
     with Checkpointer.open(cfg, DistInfo(), cpu) as c, \
             pytest.raises(ckpt.CheckpointError, match=f"{no_state}: not a training checkpoint"):
         c.restore(no_state, parts, TrainState(), cfg)

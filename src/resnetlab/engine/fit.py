@@ -23,16 +23,18 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from resnetlab import weights  # module import: weights imports engine.checkpoint, a cycle otherwise
 from resnetlab.config import Config, ConfigError, validate
 from resnetlab.data import DataMeta, build_datasets, build_loader
 from resnetlab.engine import checkpoint as ckpt
 from resnetlab.engine.checkpointer import Checkpointer, TrainParts
 from resnetlab.engine.dist import DistInfo, all_reduce_sum, barrier, init_from_env, unwrap, wrap_ddp
 from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
+from resnetlab.engine.freeze import freeze_for_epoch
 from resnetlab.engine.guard import STOP, SYNCED, StepGuard
 from resnetlab.engine.loop import evaluate, train_one_epoch
 from resnetlab.engine.metrics import SumMeter, append_jsonl, read_jsonl, write_csv
-from resnetlab.engine.optim import ModelEMA, build_optimizer, lr_at
+from resnetlab.engine.optim import ModelEMA, build_optimizer, build_param_groups, lr_at
 from resnetlab.engine.state import TrainState
 from resnetlab.models import build_model
 from resnetlab.runtime import (
@@ -78,6 +80,8 @@ class Loaders:
     val: Any | None
     test_every_epoch: Any | None  # test split evaluated after every epoch (figures), or None
     kwargs: dict[str, Any]  # device/seed/rank...: to build the final test loader the same way
+    meta: DataMeta  # the data's meta, normalised as model.init_from's weights expect
+    init_source: Any = None  # weights.read_init_from(cfg): the init weights, or None
 
 
 @dataclass
@@ -108,7 +112,7 @@ class Run:
 
     @property
     def meta(self) -> DataMeta:
-        return self.loaders.data.meta
+        return self.loaders.meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,9 +128,10 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
     takes effect at the next sync step (``train.sync_every``), on every rank at once.
     """
     device, dist = setup_runtime(cfg)
+    cfg = weights.resolve_init_from(cfg)  # model.init_from as a file path + its SHA-256, for config.yaml
     with Checkpointer.open(cfg, dist, device) as ckpts:
         loaders = build_loaders(cfg, dist, device)
-        parts, criterion = build_training(cfg, loaders.data.meta, device)
+        parts, criterion = build_training(cfg, loaders, device, init=ckpts.resume_path() is None)
         state = TrainState()
         resume(ckpts, parts, state, cfg)
         if state.epoch >= cfg.train.epochs and (done := ckpts.finished_result()) is not None:
@@ -155,16 +160,18 @@ def build_loaders(cfg: Config, dist: DistInfo, device: torch.device) -> Loaders:
     """Datasets, then a loader per split (each rank reads its shard of every batch)."""
     data = build_datasets(cfg.data, seed=cfg.seed)
     _check_model_fits_data(cfg, data.meta)
+    init_source = weights.read_init_from(cfg)
+    meta = weights.preprocessing_meta(data.meta, init_source, cfg)  # normalise as the init weights expect
     kw: dict[str, Any] = {"device": device, "seed": cfg.seed, "rank": dist.rank,
                           "world_size": dist.world_size, "channels_last": cfg.train.channels_last}
     evaluation = {"train": False, "batch_size": cfg.train.eval_batch_size, **kw}
-    train = build_loader(data.train, data.meta, cfg.data, train=True, batch_size=cfg.train.batch_size, **kw)
+    train = build_loader(data.train, meta, cfg.data, train=True, batch_size=cfg.train.batch_size, **kw)
     if len(train) == 0:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
-    val = build_loader(data.val, data.meta, cfg.data, **evaluation) if data.val is not None else None
-    test = (build_loader(data.test, data.meta, cfg.data, **evaluation)
+    val = build_loader(data.val, meta, cfg.data, **evaluation) if data.val is not None else None
+    test = (build_loader(data.test, meta, cfg.data, **evaluation)
             if cfg.train.test_every_epoch and data.test is not None else None)
-    return Loaders(data, train, val, test, kw)
+    return Loaders(data, train, val, test, kw, meta, init_source)
 
 
 def _check_model_fits_data(cfg: Config, meta: DataMeta) -> None:
@@ -178,13 +185,18 @@ def _check_model_fits_data(cfg: Config, meta: DataMeta) -> None:
                           f"images have {c} channel(s) (leave it unset to follow the data)")
 
 
-def build_training(cfg: Config, meta: DataMeta, device: torch.device) -> tuple[TrainParts, nn.Module]:
-    """Model (seeded: the same init on every rank and for every resume), optimiser, EMA, scaler."""
+def build_training(cfg: Config, loaders: Loaders, device: torch.device, *,
+                   init: bool = True) -> tuple[TrainParts, nn.Module]:
+    """Model (seeded: the same init on every rank and for every resume; ``model.init_from``
+    weights when ``init``, i.e. not resuming), optimiser over its param groups, EMA, scaler."""
     seed_everything(cfg.seed)
-    model = build_model(cfg, meta).to(device)
+    model = build_model(cfg, loaders.meta)
+    if init:
+        model = weights.apply_init_from(model, loaders.init_source, loaders.meta)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, build_param_groups(model, cfg.optim, cfg.train))
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -211,7 +223,9 @@ def start_run(cfg: Config, dist: DistInfo, device: torch.device, ckpts: Checkpoi
                     "learning-rate schedule continues at epoch %d", steps_per_epoch, state.step,
                     state.epoch * steps_per_epoch, state.epoch + 1)
         state.step = state.epoch * steps_per_epoch
+    freeze_for_epoch(parts.model, cfg.train, state.epoch)  # before DDP: it reduces what requires grad
     net = wrap_ddp(parts.model, dist, device, cfg.train.sync_bn)
+    freeze_for_epoch(unwrap(net), cfg.train, state.epoch)  # again on SyncBN's new BN layers
     if cfg.train.compile:
         net = cast(nn.Module, torch.compile(net))  # an OptimizedModule, an nn.Module subclass
     sync_every = sync_interval(cfg.train, device)
@@ -236,6 +250,10 @@ def run_epoch(run: Run) -> Result | None:
     """Train one epoch (or its rest), validate, log, checkpoint; a Result when stopped early."""
     cfg, state, parts = run.cfg, run.state, run.parts
     epoch = state.epoch
+    if freeze_for_epoch(unwrap(run.net), cfg.train, epoch) and run.dist.enabled:  # two-phase unfreeze
+        run.net = wrap_ddp(unwrap(run.net), run.dist, run.device, sync_bn=False)  # BN already converted
+        if cfg.train.compile:
+            run.net = cast(nn.Module, torch.compile(run.net))
     if state.batch == 0:
         parts.meter.sums.zero_()
     progress = _Progress(cfg, run.dist, epoch, run.steps_per_epoch, state.batch)
@@ -412,7 +430,7 @@ def _final_test(run: Run) -> dict[str, Any] | None:
         state = ckpt.model_state(ckpt.load_checkpoint(best, map_location=run.device), best)
         ckpt.load_weights(model, state, source=str(best))
     loader = run.loaders.test_every_epoch or build_loader(
-        data.test, data.meta, cfg.data, train=False, batch_size=cfg.train.eval_batch_size, **run.loaders.kwargs)
+        data.test, run.meta, cfg.data, train=False, batch_size=cfg.train.eval_batch_size, **run.loaders.kwargs)
     test: dict[str, Any] = dict(evaluate(model, loader, device=run.device, amp=cfg.train.amp))
     if current is not None:
         model.load_state_dict(current)
