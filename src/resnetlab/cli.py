@@ -275,6 +275,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--device", default="cpu", help="torch device, or auto (default cpu)")
+    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                   help="grey runs (digits: light ink on dark) learned one polarity; auto reads it from "
+                        "the image border and inverts dark-on-light images (default auto)")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -282,7 +285,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from resnetlab.predict import format_predictions, predict
 
-    result = predict(args.path, args.inputs, topk=args.topk, device=args.device)
+    result = predict(args.path, args.inputs, topk=args.topk, device=args.device, invert=args.invert)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif result.predictions:
