@@ -236,3 +236,23 @@ def test_tensorboard_tags_are_grouped_with_hparams(run: Path) -> None:
     assert not any("_" in t.split("/")[0] for t in tags)  # no ungrouped train_loss-style tags
     assert len(acc.Scalars("train/loss_step")) == 1  # 19 steps, one point every 10
     assert acc.PluginTagToContent("hparams")  # the experiment and session records of the HParams tab
+
+
+def test_train_sets_up_logging_only_when_nothing_is_configured(monkeypatch) -> None:
+    """Scripts and notebooks see progress; an application's own logging set-up is left alone."""
+    import logging
+
+    from resnetlab import _ensure_logging
+
+    logger, root = logging.getLogger("resnetlab"), logging.getLogger()
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setattr(root, "handlers", [])
+    _ensure_logging()
+    assert len(logger.handlers) == 1 and logger.level == logging.INFO
+    _ensure_logging()
+    assert len(logger.handlers) == 1  # idempotent
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(root, "handlers", [logging.NullHandler()])  # the application configured logging
+    _ensure_logging()
+    assert logger.handlers == []
