@@ -241,7 +241,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="loss, top-1/top-5 error, per-class accuracy, confusion matrix",
+    p = sub.add_parser("eval", help="loss, top-1/top-5 error, per-class accuracy/precision/recall/F1, confusion matrix",
                        description="Evaluate a run (or checkpoint) on its own data, rebuilt from the "
                                    "stored config. Writes eval-SPLIT.json, confusion-SPLIT.json and "
                                    "confusion-SPLIT.png in the run folder (or beside the checkpoint).")
