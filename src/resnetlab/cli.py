@@ -522,8 +522,6 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
-            if hasattr(args, "overrides"):  # a value swallowed as an override: `--epochs 5`
-                args.overrides = [o for o in args.overrides if "=" in o]
             parser.error(_unknown_options(extra, argv))
     _setup_logging(getattr(args, "quiet", False))
     try:
