@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/resnetlab train -c configs/digits_resnet20.yaml
+	$(BIN)/resnetlab train -c digits_resnet20
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

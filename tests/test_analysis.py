@@ -324,8 +324,7 @@ def tiny_cifar10(tmp_path: Path) -> Path:
 
 
 def _table_args(root: Path, tmp_path: Path) -> list[str]:
-    return ["reproduce", "cifar-table", "--depths", "20", "--estimate-steps", "1", "--configs",
-            str(REPO / "configs"), f"data.root={root}", "train.epochs=1", "train.batch_size=16",
+    return ["reproduce", "cifar-table", "--depths", "20", "--estimate-steps", "1", f"data.root={root}", "train.epochs=1", "train.batch_size=16",
             "train.eval_batch_size=64", f"run.root={tmp_path / 'runs'}", "run.name=t6", *FAST]
 
 

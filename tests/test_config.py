@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from resnetlab.config import Config, ConfigError, apply_overrides, from_dict, load, to_dict
-
-ROOT = Path(__file__).resolve().parents[1]
+from resnetlab.config import (
+    DATASET_RECIPES,
+    RECIPE_DIR,
+    Config,
+    ConfigError,
+    apply_overrides,
+    describe_keys,
+    from_dict,
+    load,
+    to_dict,
+)
 
 
 def test_defaults_yaml_then_overrides(tmp_path: Path) -> None:
@@ -74,14 +83,14 @@ def test_round_trip_through_dict() -> None:
 
 
 def test_every_shipped_recipe_loads() -> None:
-    recipes = sorted((ROOT / "configs").glob("*.yaml"))
+    recipes = sorted(RECIPE_DIR.glob("*.yaml"))
     names = {p.stem for p in recipes}
     assert {"digits_resnet20", "cifar10_resnet20", "cifar10_resnet56", "cifar10_resnet110",
-            "cifar100_resnet56", "imagenet_resnet50"} <= names
+            "cifar100_resnet56", "imagenet_resnet50", *DATASET_RECIPES.values()} <= names
     for path in recipes:
-        cfg = load(path)
-        assert cfg.model.name in path.stem
-    paper = load(ROOT / "configs/cifar10_resnet110.yaml")
+        cfg = load(path, ["data.root=/nowhere"] if path.stem in ("cifar10", "cifar100", "folder") else [])
+        assert cfg.model.name in path.stem or path.stem in DATASET_RECIPES.values()
+    paper = load("cifar10_resnet110")
     assert (paper.optim.lr, paper.optim.momentum, paper.optim.weight_decay) == (0.1, 0.9, 1e-4)
     assert paper.optim.warmup == "constant" and paper.optim.warmup_lr == 0.01
 
@@ -90,3 +99,73 @@ def test_zero_init_residual_is_refused_for_plain_nets() -> None:
     assert load(None, ["model.zero_init_residual=true"]).model.zero_init_residual
     with pytest.raises(ConfigError, match="plain20"):
         load(None, ["model.name=plain20", "model.zero_init_residual=true"])
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes: packaged, chosen per dataset, recorded
+
+
+def test_bare_config_is_the_make_train_recipe() -> None:
+    """`resnetlab train` alone and `make train` (-c digits_resnet20) resolve to the same run."""
+    bare, make = load(None), load("digits_resnet20")
+    assert replace(bare, run=replace(bare.run, recipe=None)) == replace(make, run=replace(make.run, recipe=None))
+    assert bare.run.recipe == "digits" and make.run.recipe == "digits <- digits_resnet20"
+    assert bare.data.augment.flip is False and bare.data.augment.crop_padding == 1
+    assert bare.optim.schedule == "cosine" and bare.optim.warmup == "linear"
+
+
+@pytest.mark.parametrize(("data", "extra", "expect"), [
+    ("cifar10", ["data.root=/x"], {"flip": True, "crop": 4, "schedule": "step", "epochs": 182}),
+    ("cifar100", ["data.root=/x"], {"flip": True, "crop": 4, "schedule": "step", "epochs": 182}),
+    ("folder", ["data.root=/x"], {"flip": True, "schedule": "step", "epochs": 90, "batch": 256}),
+])
+def test_each_dataset_brings_its_recipe(data: str, extra: list[str], expect: dict) -> None:
+    cfg = load(None, [f"data.name={data}", *extra])
+    assert cfg.run.recipe == data
+    assert cfg.data.augment.flip is expect["flip"] and cfg.optim.schedule == expect["schedule"]
+    assert cfg.train.epochs == expect["epochs"]
+    assert cfg.data.augment.crop_padding == expect.get("crop", cfg.data.augment.crop_padding)
+    assert cfg.train.batch_size == expect.get("batch", 128)
+
+
+def test_layering_file_then_overrides_win_over_the_dataset_recipe(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("data: {name: digits, augment: {flip: true}}\ntrain: {epochs: 4}\n")
+    cfg = load(mine, ["train.epochs=6"])
+    assert cfg.data.augment.flip is True  # the user asked for flips
+    assert cfg.train.epochs == 6 and cfg.optim.schedule == "cosine"  # digits recipe underneath
+    assert cfg.run.recipe == f"digits <- {mine}"
+    # a recipe that switches dataset gets that dataset's recipe underneath, not digits'
+    assert load("cifar10_resnet56").run.recipe == "cifar10 <- cifar10_resnet56"
+    # a saved config.yaml keeps its own record when loaded again (resume)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(__import__("yaml").safe_dump(to_dict(load("digits_resnet20"))))
+    assert load(saved).run.recipe == "digits <- digits_resnet20"
+
+
+def test_recipe_by_name_works_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load("cifar10_resnet56", ["data.root=/x"]).model.name == "resnet56"
+    assert load("cifar10_resnet56.yaml", ["data.root=/x"]).model.name == "resnet56"
+    with pytest.raises(ConfigError, match="-c digits_resnet20"):
+        load("configs/digits_resnet20.yaml")  # the old path: named, with the new spelling
+    with pytest.raises(ConfigError, match="digits_resnet20"):
+        load("digits_resnet2")  # a typo: nearest recipe named
+
+
+def test_overrides_as_dict_and_bare_string_refused() -> None:
+    assert load(None, {"train.epochs": 3, "optim": {"lr": 0.02}}).optim.lr == 0.02
+    with pytest.raises(ConfigError, match=r"not the string 'train.epochs=3'"):
+        load(None, "train.epochs=3")
+    with pytest.raises(ConfigError, match="model.init_from"):
+        load(None, ["model.pretrained=true"])  # timm's habit: pointed at weights loading
+
+
+def test_every_key_is_described() -> None:
+    rows = describe_keys()
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) and {"optim.lr", "data.augment.flip", "seed", "run.recipe"} <= set(keys)
+    lr = next(r for r in rows if r["key"] == "optim.lr")
+    assert lr["type"] == "float" and lr["default"] == Config().optim.lr and "learning rate" in lr["comment"]
+    flip = next(r for r in rows if r["key"] == "data.augment.flip")
+    assert "mirrored" in flip["comment"]

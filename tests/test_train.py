@@ -48,7 +48,7 @@ def test_existing_run_is_never_overwritten(quick: list[str]) -> None:
 
 
 def test_cli_train_prints_test_accuracy(quick: list[str], tmp_path: Path, capsys) -> None:
-    code = main(["train", "-c", "configs/digits_resnet20.yaml", *quick, "run.name=cli", "train.epochs=1"])
+    code = main(["train", "-c", "digits_resnet20", *quick, "run.name=cli", "train.epochs=1"])
     assert code == 0
     assert "test: top-1 acc" in capsys.readouterr().out
     assert (tmp_path / "runs" / "cli" / "result.json").is_file()

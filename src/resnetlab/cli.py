@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -49,27 +50,53 @@ def _setup_logging(quiet: bool = False) -> None:
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a network (default: resnet20 on digits)",
-                       description="Train a network: defaults <- -c recipe <- key=value overrides.")
-    p.add_argument("-c", "--config", help="YAML recipe, e.g. configs/cifar10_resnet56.yaml")
+    p = sub.add_parser("train", help="train a network (default: resnet20 on digits, its tuned recipe)",
+                       description="Train a network. Config layers: defaults <- the dataset's recipe "
+                                   "(chosen by data.name) <- -c RECIPE <- key=value overrides. Config "
+                                   "values are key=value words, not --options: train.epochs=5.")
+    p.add_argument("-c", "--config", metavar="RECIPE",
+                   help="packaged recipe name (`resnetlab recipes`, e.g. cifar10_resnet56) or a YAML file")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this run folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     p.add_argument("--seeds", metavar="0,1,2",
                    help="train once per seed into <run.root>/<run.name>/seed<k>/, then write the "
                         "mean ± std of every final metric (summary.md, summary.json) beside them")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit; nothing is created")
+    p.add_argument("--help-keys", action="store_true",
+                   help="list every config key with its type, default and meaning, and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.05 train.epochs=30")
 
 
-def run_train(args: argparse.Namespace) -> int:
+def resolve_train_config(args: argparse.Namespace) -> Any:
+    """The Config ``resnetlab train`` would run with these arguments (nothing is created)."""
     from dataclasses import replace
 
-    from resnetlab.config import Config, load, validate
-    from resnetlab.engine import fit, resume_config
+    from resnetlab.config import load, validate
 
-    def quiet(cfg: Config) -> Config:  # a typed value, not a "train.quiet=true" string to re-parse
-        return validate(replace(cfg, train=replace(cfg.train, quiet=True))) if args.quiet else cfg
+    if args.resume:
+        from resnetlab.engine import resume_config
 
-    overrides = list(args.overrides)
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = load(args.config, args.overrides)
+    # --quiet is a typed value, not a "train.quiet=true" string to re-parse
+    return validate(replace(cfg, train=replace(cfg.train, quiet=True))) if args.quiet else cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.help_keys:
+        from resnetlab.config import describe_keys
+
+        print(format_keys(describe_keys()))
+        return 0
+    if args.print_config:
+        import yaml
+
+        from resnetlab.config import to_dict
+
+        print(yaml.safe_dump(to_dict(resolve_train_config(args)), sort_keys=False), end="")
+        return 0
     if args.seeds is not None:
         from resnetlab.analysis import train_seeds
 
@@ -77,15 +104,83 @@ def run_train(args: argparse.Namespace) -> int:
             print("resnetlab train: error: --seeds and --resume do not combine; resume one seed's "
                   "run folder at a time", file=sys.stderr)
             return 2
-        seeds = train_seeds(quiet(load(args.config, overrides)), (), args.seeds)
+        seeds = train_seeds(resolve_train_config(args), (), args.seeds)
         print(seeds.markdown + f"\n{seeds.group_dir}/summary.md, summary.json")
         return seeds.exit_code
-    result = fit(quiet(resume_config(args.resume, overrides) if args.resume else load(args.config, overrides)))
+    from resnetlab.launch import fit_cleanly
+
+    result = fit_cleanly(resolve_train_config(args))
     if result.interrupted is None and result.test is not None and os.environ.get("RANK", "0") == "0":
         t = result.test
         print(f"test: top-1 acc {t['top1_acc']:.2f}% (err {t['top1_err']:.2f}%), "
               f"top-5 acc {t['top5_acc']:.2f}%, loss {t['loss']:.4f} | {result.run_dir}")
     return result.exit_code
+
+
+# ---------------------------------------------------------------------------------------------- recipes, config
+
+
+def add_recipes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="the packaged training recipes (-c NAME)",
+                       description="List the YAML recipes shipped with resnetlab; `train -c NAME` uses "
+                                   "one from any folder. Recipes marked with a dataset are applied "
+                                   "first whenever data.name is that dataset.")
+    p.add_argument("name", nargs="?", help="print this recipe's YAML instead of the list")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+
+def run_recipes(args: argparse.Namespace) -> int:
+    import json
+
+    from resnetlab.config import list_recipes, recipe_path
+
+    if args.name:
+        print(recipe_path(args.name)[0].read_text(), end="")
+        return 0
+    rows = list_recipes()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        tag = f"  [default for data.name={r['dataset_default']}]" if r["dataset_default"] else ""
+        print(f"{r['name']:<{width}}  {r['description']}{tag}")
+    return 0
+
+
+def add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="config keys: type, default and meaning of each",
+                       description="Inspect the configuration. `config keys [PATTERN]` lists every key "
+                                   "(train --help-keys does the same); `train --print-config` shows a "
+                                   "resolved config.")
+    what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    k = what.add_parser("keys", help="every key with its type, default and comment")
+    k.add_argument("pattern", nargs="?", default="*", help="glob on the key, e.g. 'optim.*'")
+    k.add_argument("--json", action="store_true", help="print the keys as JSON")
+
+
+def format_keys(rows: list[dict[str, Any]]) -> str:
+    """One line per key: ``key  type  default  # comment`` in aligned columns."""
+    import json
+
+    cells = [(r["key"], r["type"], json.dumps(r["default"]), r["comment"]) for r in rows]
+    w = [max(len(c[i]) for c in cells) for i in range(3)]
+    return "\n".join(f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {'# ' + d if d else ''}".rstrip()
+                     for a, b, c, d in cells)
+
+
+def run_config(args: argparse.Namespace) -> int:
+    import fnmatch
+    import json
+
+    from resnetlab.config import describe_keys
+
+    rows = [r for r in describe_keys() if fnmatch.fnmatchcase(r["key"], args.pattern)]
+    if not rows:
+        print(f"resnetlab config: error: no config key matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(rows, indent=2) if args.json else format_keys(rows))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -94,24 +189,53 @@ def run_train(args: argparse.Namespace) -> int:
 def add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the networks: parameters and multiply-adds")
     p.add_argument("pattern", nargs="?", default="*", help="glob on the name, e.g. 'resnet*'")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from resnetlab.models.summary import format_model_table, model_table
+    import json
 
-    print(format_model_table(model_table(args.pattern)))
+    from resnetlab.catalog import cached_rows
+
+    rows = cached_rows(args.pattern)  # the shipped counts: no torch import
+    if rows is None:  # the catalog is stale (a model file changed): count afresh
+        from resnetlab.models.summary import model_table
+
+        rows = model_table(args.pattern, use_catalog=False)
+    if not rows:
+        print(f"resnetlab models: error: no model matches {args.pattern!r}; `resnetlab models` lists "
+              f"them all", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from resnetlab.catalog import format_model_table
+
+    print(format_model_table(rows))
     return 0
 
 
 def add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="one network's stages: output shapes and parameters")
     p.add_argument("name", help="registry name, e.g. resnet56")
+    p.add_argument("--json", action="store_true", help="print the stages as JSON")
 
 
 def run_info(args: argparse.Namespace) -> int:
+    import difflib
+    import json
+
+    from resnetlab.models import list_models
     from resnetlab.models.summary import format_model_info, model_info
 
-    print(format_model_info(model_info(args.name)))
+    if args.name not in list_models():
+        close = difflib.get_close_matches(args.name, list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        print(f"resnetlab info: error: unknown model {args.name!r}{hint} (`resnetlab models` lists them)",
+              file=sys.stderr)
+        return 1
+    rows = model_info(args.name)
+    print(json.dumps(rows, indent=2) if args.json else format_model_info(rows))
     return 0
 
 
@@ -119,7 +243,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="loss, top-1/top-5 error, per-class accuracy, confusion matrix",
+    p = sub.add_parser("eval", help="loss, top-1/top-5 error, per-class accuracy/precision/recall/F1, confusion matrix",
                        description="Evaluate a run (or checkpoint) on its own data, rebuilt from the "
                                    "stored config. Writes eval-SPLIT.json, confusion-SPLIT.json and "
                                    "confusion-SPLIT.png in the run folder (or beside the checkpoint).")
@@ -155,6 +279,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.add_argument("--device", default="cpu", help="torch device, or auto (default cpu)")
+    p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                   help="grey runs (digits: light ink on dark) learned one polarity; auto reads it from "
+                        "the image border and inverts dark-on-light images (default auto)")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -162,7 +289,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from resnetlab.predict import format_predictions, predict
 
-    result = predict(args.path, args.inputs, topk=args.topk, device=args.device)
+    result = predict(args.path, args.inputs, topk=args.topk, device=args.device, invert=args.invert)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif result.predictions:
@@ -286,13 +413,13 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. run.root=out")
     c = exp.add_parser("cifar-table", help="Table 6: resnet20..110 on local CIFAR-10, ours vs the paper's",
-                       description="Train configs/cifar10_resnet{20,32,44,56,110}.yaml on local CIFAR-10 "
+                       description="Train the packaged recipes cifar10_resnet{20,32,44,56,110} on local CIFAR-10 "
                                    "files and print our test error next to the paper's. For GPUs: prints "
                                    "its estimated time first; on CPU it trains only with --yes.")
     c.add_argument("--depths", default="20,32,44,56,110", help="which of Table 6's nets (default all five)")
     c.add_argument("--seeds", default="0", help="seeds per net (default 0)")
     c.add_argument("--yes", action="store_true", help="train even on a CPU")
-    c.add_argument("--configs", metavar="DIR", help="folder with cifar10_resnet<d>.yaml (default ./configs)")
+    c.add_argument("--configs", metavar="DIR", help="folder with cifar10_resnet<d>.yaml (default: the packaged recipes)")
     c.add_argument("--estimate-steps", type=int, default=5, help="optimiser steps timed per net (default 5)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=~/data/cifar10")
 
@@ -540,6 +667,8 @@ def run_explain(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "train": (add_train, run_train),
+    "recipes": (add_recipes, run_recipes),
+    "config": (add_config, run_config),
     "models": (add_models, run_models),
     "info": (add_info, run_info),
     "eval": (add_eval, run_eval),
@@ -567,14 +696,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options other tools taught (timm, torchvision's references, Lightning) -> resnetlab's config key.
+_OPTION_KEYS = {"model": "model.name", "arch": "model.name", "a": "model.name", "dataset": "data.name",
+                "data": "data.name", "data_path": "data.root", "data_dir": "data.root", "root": "data.root",
+                "b": "train.batch_size", "lr": "optim.lr", "wd": "optim.weight_decay", "opt": "optim.name",
+                "sched": "optim.schedule", "j": "data.num_workers", "workers": "data.num_workers",
+                "output": "run.root", "output_dir": "run.root", "out_dir": "run.root",
+                "warmup_epochs": "optim.warmup_epochs", "smoothing": "optim.label_smoothing",
+                "pretrained": "model.init_from", "weights": "model.init_from", "num_classes": "model.num_classes"}
+
+
+def option_hint(option: str, value: str | None) -> str | None:
+    """For an unknown ``--option [value]``: the ``key=value`` override it most likely meant."""
+    from resnetlab.config import Config, _all_keys
+
+    name = option.lstrip("-").split("=", 1)[0]
+    keys = _all_keys(Config)
+    if name in keys:
+        key = name
+    else:
+        norm = name.replace("-", "_")
+        matches = [k for k in keys if k.rsplit(".", 1)[-1] == norm]
+        key = matches[0] if len(matches) == 1 else _OPTION_KEYS.get(norm)
+    if key is None:
+        return None
+    if key == "model.init_from" and key not in keys:  # the weights key, named before it exists
+        return ("resnetlab downloads nothing; start from saved weights with model.init_from=RUN|CKPT, "
+                "or import torchvision weights on disk with `resnetlab import torchvision FILE.pth --arch NAME`")
+    shown = value if value is not None else "VALUE"
+    return f"config values are key=value words: did you mean `{key}={shown}`?"
+
+
+def _unknown_options(extra: list[str], argv: list[str]) -> str:
+    """The message for unrecognised arguments, with a key=value hint where one fits."""
+    for tok in extra:
+        if not tok.startswith("-"):
+            continue
+        if "=" in tok:
+            value: str | None = tok.split("=", 1)[1]
+        else:
+            i = argv.index(tok) if tok in argv else -1
+            nxt = argv[i + 1] if 0 <= i < len(argv) - 1 else None
+            value = nxt if nxt is not None and not nxt.startswith("-") and "=" not in nxt else None
+        hint = option_hint(tok, value)
+        if hint:
+            return f"unrecognized option {tok.split('=', 1)[0]}; {hint}"
+    return f"unrecognized arguments: {' '.join(extra)}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also come after options: `eval RUN --split test data.root=x`
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.error(_unknown_options(extra, argv))
     _setup_logging(getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command][1](args)
@@ -583,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `resnetlab predict ... | head`: the reader left; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a program killed by the broken pipe
     except OSError as e:  # disk full, read-only, permission denied, a file where a folder should be
         from resnetlab.outputs import describe_os_error
 

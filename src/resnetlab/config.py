@@ -1,14 +1,20 @@
-"""Typed, frozen configuration: defaults <- YAML recipe <- ``key=value`` overrides.
+"""Typed, frozen configuration: defaults <- dataset recipe <- ``-c`` recipe <- ``key=value``.
 
-Every value carries its unit and reason in a comment. ``load()`` builds a :class:`Config`,
-``validate()`` checks cross-field rules, and unknown keys are refused with the closest valid key
-named, so a typo such as ``optim.lr_rate=0.1`` never silently trains with the default.
+Every value carries its unit and reason in a comment (``resnetlab config keys`` lists them).
+``load()`` builds a :class:`Config`: the dataclass defaults, then the packaged recipe of the
+dataset that ``data.name`` ends up naming (``recipes/digits.yaml`` ...), then the ``-c`` recipe
+(a packaged name such as ``cifar10_resnet56`` or a YAML path), then the overrides; the recipes
+applied are recorded in ``run.recipe``. ``validate()`` checks cross-field rules, and unknown keys
+are refused with the closest valid key named, so a typo such as ``optim.lr_rate=0.1`` never
+silently trains with the default.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -120,6 +126,7 @@ class TrainConfig:
 class RunConfig:
     name: str | None = None  # run folder name; None: <model>-<data>-<timestamp>
     root: str = "runs"  # parent folder of the run folders
+    recipe: str | None = None  # recipes load() applied, in order ("digits <- cifar10_resnet56"); set by load()
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,27 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys other libraries taught (timm, torchvision, Lightning): what resnetlab calls them instead.
+FOREIGN_KEYS: dict[str, str] = {
+    "pretrained": "nothing is downloaded; start from saved weights with model.init_from "
+                  "(a run folder or checkpoint), or turn torchvision weights on disk into a checkpoint "
+                  "with `resnetlab import torchvision FILE.pth --arch NAME`",
+    "weights": "start from saved weights with model.init_from (a run folder or checkpoint)",
+    "arch": "the network is model.name (see `resnetlab models`)",
+    "model": "the network is model.name (see `resnetlab models`)",
+    "dataset": "the data source is data.name (digits, cifar10, cifar100, folder)",
+    "lr": "the learning rate is optim.lr",
+    "wd": "weight decay is optim.weight_decay",
+    "max_epochs": "the number of epochs is train.epochs",
+    "data_dir": "the data folder is data.root",
+    "output_dir": "run folders go under run.root, named run.name",
+}
+
+
 def _unknown_key(key: str) -> ConfigError:
+    last = key.rsplit(".", 1)[-1]
+    if last in FOREIGN_KEYS and key not in _all_keys(Config):
+        return ConfigError(f"unknown config key {key!r}: {FOREIGN_KEYS[last]}")
     close = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
@@ -316,36 +343,203 @@ def _check_key(dotted: str) -> None:
         raise _unknown_key(dotted)
 
 
-def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults <- YAML file ``path`` <- ``key=value`` overrides, then :func:`validate`."""
-    cfg = Config()
-    if path is not None:
-        path = Path(path).expanduser()
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-        try:
-            cfg = _build(Config, data, base=cfg)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    return apply_overrides(cfg, overrides)
+# ----------------------------------------------------------------------------------------------
+# recipes: YAML files shipped inside the package (resnetlab/recipes/*.yaml)
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+# data.name -> the packaged recipe applied before any -c file, so that every dataset trains with
+# settings that fit it (no 4-pixel shifts or flips on 8x8 digits) whatever the user passes.
+DATASET_RECIPES: dict[str, str] = {"digits": "digits", "cifar10": "cifar10", "cifar100": "cifar100",
+                                   "folder": "folder"}
 
 
-def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
-    """``cfg`` with ``key=value`` strings applied in order, then :func:`validate`."""
-    for text in overrides:
-        key, value = parse_override(text)
-        key = _renamed(key)
+def recipe_names() -> list[str]:
+    """Names of the packaged recipes (``-c NAME``), sorted."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_path(recipe: str | Path) -> tuple[Path, str]:
+    """``(file, label)`` of ``recipe``: an existing YAML path, else a packaged recipe's name.
+
+    ``label`` is what ``run.recipe`` records: the name for a packaged recipe, else the path.
+    A path that does not exist and is not a recipe name raises ConfigError naming the recipes.
+    """
+    text = str(recipe)
+    path = Path(text).expanduser()
+    if path.is_file():
+        packaged = path.resolve().parent == RECIPE_DIR
+        return path, (path.stem if packaged else str(path))
+    name = Path(text).name.removesuffix(".yaml").removesuffix(".yml")
+    candidate = RECIPE_DIR / f"{name}.yaml"
+    if candidate.is_file() and ("/" not in text and "\\" not in text):
+        return candidate, name
+    names = recipe_names()
+    if candidate.is_file():  # e.g. the old configs/digits_resnet20.yaml, from a folder without it
+        raise ConfigError(f"config file {text} does not exist; the packaged recipe of that name is "
+                          f"`-c {name}`")
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"cannot read config file {text}: no such file, and no packaged recipe has that name; {hint}"
+                      f"recipes: {', '.join(names)} (`resnetlab recipes`)")
+
+
+def recipe_description(path: str | Path) -> str:
+    """The first comment line of a recipe file (what it is), without the ``#``."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def list_recipes() -> list[dict[str, Any]]:
+    """One row per packaged recipe: ``{"name", "path", "dataset_default", "description"}``.
+
+    ``dataset_default`` is the ``data.name`` whose recipe it is (applied with no ``-c``), else None.
+    """
+    defaults = {v: k for k, v in DATASET_RECIPES.items()}
+    return [{"name": n, "path": str(RECIPE_DIR / f"{n}.yaml"), "dataset_default": defaults.get(n),
+             "description": recipe_description(RECIPE_DIR / f"{n}.yaml")} for n in recipe_names()]
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def _apply_file(cfg: Config, data: Mapping[str, Any], path: Path) -> Config:
+    try:
+        return _build(Config, data, base=cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+Overrides = Iterable[str] | Mapping[str, Any]
+
+
+def override_pairs(overrides: Overrides | None) -> list[tuple[str, Any]]:
+    """``key=value`` strings, or a mapping (``{"train.epochs": 5}`` or nested), as checked pairs.
+
+    A bare string is refused: iterating it would apply one character at a time.
+    """
+    if overrides is None:
+        return []
+    if isinstance(overrides, (str, bytes)):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings or a dict, not the string "
+                          f"{overrides!r}; write [{overrides!r}]")
+    if isinstance(overrides, Mapping):
+        pairs = _flatten(overrides)
+    else:
+        pairs = []
+        for item in overrides:
+            if not isinstance(item, str):
+                raise ConfigError(f"override {item!r} is not a 'key=value' string")
+            pairs.append(parse_override(item))
+    pairs = [(_renamed(key), value) for key, value in pairs]
+    for key, _ in pairs:
         _check_key(key)
+    return pairs
+
+
+def _apply_pairs(cfg: Config, pairs: Iterable[tuple[str, Any]]) -> Config:
+    for key, value in pairs:
         cfg = _build(Config, _nest(key, value), base=cfg)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: Overrides | None = ()) -> Config:
+    """Defaults <- dataset recipe <- recipe ``path`` <- ``overrides``, then :func:`validate`.
+
+    ``path`` is a YAML file or the name of a packaged recipe (``resnetlab recipes``); the dataset
+    recipe is the packaged one for the ``data.name`` that the recipe and overrides select
+    (``DATASET_RECIPES``). ``run.recipe`` records the recipes applied, unless the file or the
+    overrides set it (a run's own ``config.yaml`` keeps its record when resumed).
+    """
+    pairs = override_pairs(overrides)
+    file: Path | None = None
+    label = ""
+    data: Mapping[str, Any] = {}
+    if path is not None:
+        file, label = recipe_path(path)
+        data = _read_yaml(file)
+    # first pass: which dataset do the recipe and the overrides choose?
+    first = _apply_pairs(_apply_file(Config(), data, file) if file else Config(), pairs)
+    cfg, applied = Config(), []
+    dataset_recipe = DATASET_RECIPES.get(first.data.name)
+    if dataset_recipe is not None and (file is None or file.resolve() != RECIPE_DIR / f"{dataset_recipe}.yaml"):
+        ds_file = RECIPE_DIR / f"{dataset_recipe}.yaml"
+        cfg = _apply_file(cfg, _read_yaml(ds_file), ds_file)
+        applied.append(dataset_recipe)
+    if file is not None:
+        cfg = _apply_file(cfg, data, file)
+        applied.append(label)
+    cfg = _apply_pairs(cfg, pairs)
+    recorded = "recipe" in (data.get("run") or {}) or any(k == "run.recipe" for k, _ in pairs)
+    if not recorded:
+        cfg = replace(cfg, run=replace(cfg.run, recipe=" <- ".join(applied) or None))
     return validate(cfg)
+
+
+def apply_overrides(cfg: Config, overrides: Overrides | None) -> Config:
+    """``cfg`` with ``key=value`` strings (or a mapping) applied in order, then :func:`validate`."""
+    return validate(_apply_pairs(cfg, override_pairs(overrides)))
+
+
+# ----------------------------------------------------------------------------------------------
+# every key, its type, default and comment (``resnetlab config keys``)
+
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Trailing ``# comment`` of each field line in ``cls``'s source (units and reasons)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source (frozen app): keys still list, without comments
+        return {}
+    out = {}
+    for line in lines:
+        m = _FIELD_LINE.match(line)
+        if m and m.group(1) not in out:
+            out[m.group(1)] = (m.group(2) or "").strip()
+    return out
+
+
+def describe_keys(cls: type = Config, prefix: str = "", base: Any = None) -> list[dict[str, Any]]:
+    """One row per config key: ``{"key", "type", "default", "comment"}`` (defaults of ``cls()``)."""
+    base = cls() if base is None else base
+    hints, comments = _type_hints(cls), _field_comments(cls)
+    rows: list[dict[str, Any]] = []
+    for f in fields(cls):
+        tp, value = hints[f.name], getattr(base, f.name)
+        if is_dataclass(tp):
+            rows.extend(describe_keys(tp, f"{prefix}{f.name}.", value))
+        else:
+            rows.append({"key": f"{prefix}{f.name}", "type": _describe(tp),
+                         "default": to_dict(value) if is_dataclass(value) else
+                         (list(value) if isinstance(value, tuple) else value),
+                         "comment": comments.get(f.name, "")})
+    return rows
 
 
 MAX_CLASSES = 1_000_000  # far above any real label set (ImageNet-21k: 21,841); a typo guard
@@ -449,5 +643,6 @@ def validate(cfg: Config) -> Config:
 __all__ = [
     "AugmentConfig", "Config", "apply_overrides", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig",
     "RunConfig", "TrainConfig", "from_dict", "load", "parse_override",
-    "to_dict", "validate",
+    "to_dict", "validate", "DATASET_RECIPES", "RECIPE_DIR", "describe_keys", "list_recipes",
+    "override_pairs", "recipe_names", "recipe_path",
 ]

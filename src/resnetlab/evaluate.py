@@ -63,10 +63,24 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
 
 
 def per_class_accuracy(cm: torch.Tensor, classes: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per class: images, correct top-1, accuracy in percent (None for an absent class)."""
+    """One row per class: images, correct top-1, accuracy, precision, recall and F1 in percent.
+
+    Accuracy is None for a class absent from the split. Precision, recall and F1 come from
+    scikit-learn's ``precision_recall_fscore_support`` on the (true, predicted) pairs the matrix
+    counts, with 0 where a ratio has nothing to divide by (a class never predicted).
+    """
+    import numpy as np
+    from sklearn.metrics import precision_recall_fscore_support
+
+    k = len(classes)
     counts, correct = cm.sum(dim=1).tolist(), cm.diagonal().tolist()
+    flat = cm.reshape(-1).numpy()  # [k * k] counts of (true, pred) pairs, row-major
+    cells = np.repeat(np.arange(k * k), flat)  # one entry per image
+    y_true, y_pred = cells // k, cells % k
+    prec, rec, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=np.arange(k), zero_division=0)
     return [{"class": name, "index": i, "count": n, "correct": c,
-             "accuracy": 100.0 * c / n if n else None}
+             "accuracy": 100.0 * c / n if n else None,
+             "precision": 100.0 * float(prec[i]), "recall": 100.0 * float(rec[i]), "f1": 100.0 * float(f1[i])}
             for i, (name, n, c) in enumerate(zip(classes, counts, correct, strict=True))]
 
 
@@ -193,8 +207,11 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
 
     model = fuse_for_inference(build_inference_model(state, cfg, meta, source=str(file))).to(device)
     metrics, cm = run_split(model, loader, label_map, len(meta.classes), device)
+    per_class = per_class_accuracy(cm, meta.classes)
+    present = [r for r in per_class if r["count"]]  # macro average over the classes in the split
+    metrics["macro_f1"] = sum(r["f1"] for r in present) / max(len(present), 1)
     report = EvalReport(source=str(file), split=split, metrics=metrics, classes=list(meta.classes),
-                        confusion=cm.tolist(), per_class=per_class_accuracy(cm, meta.classes))
+                        confusion=cm.tolist(), per_class=per_class)
     if write:
         out = Path(out_dir).expanduser() if out_dir is not None else output_dir(path)
         files = {"json": out / f"eval-{split}.json", "confusion_json": out / f"confusion-{split}.json",
@@ -215,16 +232,19 @@ def format_report(report: EvalReport, max_classes: int = 30) -> str:
     m = report.metrics
     lines = [f"{report.source} | {report.split} split | {m['count']} images",
              f"loss {m['loss']:.4f} | top-1 error {m['top1_err']:.2f}% (acc {m['top1_acc']:.2f}%) | "
-             f"top-5 error {m['top5_err']:.2f}% (acc {m['top5_acc']:.2f}%)", ""]
+             f"top-5 error {m['top5_err']:.2f}% (acc {m['top5_acc']:.2f}%)"
+             + (f" | macro F1 {m['macro_f1']:.2f}%" if "macro_f1" in m else ""), ""]
     rows = [r for r in report.per_class if r["count"]]
     note = ""
     if len(rows) > max_classes:  # 1000 ImageNet rows help nobody on a terminal
         note = f"(the {max_classes} worst of {len(rows)} classes; all in the JSON)"
         rows = sorted(rows, key=lambda r: (r["accuracy"], r["index"]))[:max_classes]
     width = max([5, *(len(r["class"]) for r in rows)])
-    lines.append(f"{'class':<{width}}  {'images':>6}  {'correct':>7}  {'accuracy':>8}  {note}".rstrip())
+    lines.append(f"{'class':<{width}}  {'images':>6}  {'correct':>7}  {'accuracy':>8}  {'precision':>9}  "
+                 f"{'recall':>7}  {'F1':>7}  {note}".rstrip())
     for r in rows:
-        lines.append(f"{r['class']:<{width}}  {r['count']:>6}  {r['correct']:>7}  {r['accuracy']:>7.2f}%")
+        lines.append(f"{r['class']:<{width}}  {r['count']:>6}  {r['correct']:>7}  {r['accuracy']:>7.2f}%  "
+                     f"{r.get('precision', 0.0):>8.2f}%  {r.get('recall', 0.0):>6.2f}%  {r.get('f1', 0.0):>6.2f}%")
     if report.files:
         lines += ["", "wrote " + ", ".join(report.files.values())]
     return "\n".join(lines)

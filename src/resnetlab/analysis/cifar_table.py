@@ -1,6 +1,6 @@
 """``resnetlab reproduce cifar-table``: the paper's Table 6 (CIFAR-10 test error of resnet20..110).
 
-Each network is trained with its recipe ``configs/cifar10_resnet<d>.yaml`` (the paper's: 64k
+Each network is trained with its packaged recipe ``cifar10_resnet<d>`` (the paper's: 64k
 iterations of batch 128, lr 0.1 divided by 10 at 32k and 48k, weight decay 1e-4, 45k/5k split,
 pad-4 crop and flip; resnet110 warms up at lr 0.01) on local CIFAR-10 files (``data.root=...``),
 then tested once. The result is a table of our test error next to the paper's.
@@ -24,7 +24,8 @@ from torch import nn
 
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
-from resnetlab.config import Config, load, validate
+from resnetlab.config import RECIPE_DIR, Config, load, validate
+from resnetlab.launch import removed_on_failure
 
 log = logging.getLogger("resnetlab")
 
@@ -51,14 +52,12 @@ class CifarTableResult:
 
 
 def find_configs(configs_dir: str | Path | None = None) -> Path:
-    """The folder with ``cifar10_resnet<d>.yaml``: ``configs_dir``, ``./configs`` or the repo's."""
-    candidates = ([Path(configs_dir).expanduser()] if configs_dir is not None else
-                  [Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"])
-    for c in candidates:
-        if (c / "cifar10_resnet20.yaml").is_file():
-            return c
-    raise AnalysisError(f"no cifar10_resnet20.yaml in {' or '.join(map(str, candidates))}; run from the "
-                        "repository root or pass --configs DIR")
+    """The folder with ``cifar10_resnet<d>.yaml``: ``configs_dir``, else the packaged recipes."""
+    folder = Path(configs_dir).expanduser() if configs_dir is not None else RECIPE_DIR
+    if (folder / "cifar10_resnet20.yaml").is_file():
+        return folder
+    raise AnalysisError(f"no cifar10_resnet20.yaml in {folder}; pass --configs DIR with "
+                        "cifar10_resnet<d>.yaml files, or leave it out to use the packaged recipes")
 
 
 def _duration(seconds: float) -> str:
@@ -165,11 +164,13 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
     from resnetlab.analysis.degradation import run_trainings, write_rows_csv
     from resnetlab.analysis.seeds import final_metrics
 
+    existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [validate(replace(cfg, seed=s, train=replace(cfg.train, quiet=True),
                              run=replace(cfg.run, root=str(out_dir), name=f"{cfg.model.name}-seed{s}")))
             for cfg in cfgs for s in seeds_t]
-    results = run_trainings(runs, jobs=1)
+    with removed_on_failure(out_dir, existed):  # a failed start leaves nothing
+        results = run_trainings(runs, jobs=1)
     per_model: dict[str, list[float]] = {}
     for cfg, res in zip(runs, results, strict=False):
         if res["interrupted"] or res["error"]:

@@ -36,6 +36,7 @@ from typing import Any
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, apply_overrides, from_dict, validate
+from resnetlab.launch import discard_untrained, removed_on_failure
 from resnetlab.models import list_models, model_defaults
 
 log = logging.getLogger("resnetlab")
@@ -43,7 +44,7 @@ log = logging.getLogger("resnetlab")
 # One recipe per data source, as typed values over the defaults (no YAML file, no key=value
 # strings to re-parse).
 RECIPES: dict[str, dict[str, Any]] = {
-    # The project's digits recipe (configs/digits_resnet20.yaml) at half its lr: at lr 0.1,
+    # The project's digits recipe (recipes/digits.yaml, `-c digits_resnet20`) at half its lr: at lr 0.1,
     # 20 epochs, resnet56 seed 1 jumped from 60% back to 82% training error when the warm-up
     # reached 0.1 and ended at 50%; at 0.05 it ends at ~1% while plain56 still sits at ~72%.
     "digits": {"data": {"name": "digits", "augment": {"crop_padding": 1, "flip": False}},
@@ -309,12 +310,14 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
         raise AnalysisError(f"--jobs must be >= 1, got {jobs}")
     name = base.run.name or f"degradation-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(base.run.root).expanduser() / name
+    existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     cfgs = plan(base, depths, seeds, out_dir, jobs, extras)
     log.info("degradation on %s: %d runs (plain and resnet x depths %s x seeds %s), %d epochs each, "
              "%d worker process(es) -> %s", data, len(cfgs), ",".join(map(str, depths)),
              ",".join(map(str, seeds)), base.train.epochs, jobs, out_dir)
-    results = run_trainings(cfgs, jobs)
+    with removed_on_failure(out_dir, existed):  # a failed start leaves nothing
+        results = run_trainings(cfgs, jobs)
     interrupted = next((r["interrupted"] for r in results if r["interrupted"]), None)
     finished = {r["run_dir"] for r in results if not r["interrupted"] and not r["error"]}
     failed = [{"run_dir": r["run_dir"], "error": r["error"]} for r in results if r["error"]]
@@ -335,6 +338,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
                      "run_dir": str(run_dir)})
         curves.append({"family": family, "depth": depth, "rows": read_run_metrics(run_dir)})
     if not runs:
+        discard_untrained(out_dir, existed)
         raise AnalysisError(f"{out_dir}: no run finished ({interrupted or 'nothing trained'})")
 
     rows = table_rows(runs)

@@ -396,18 +396,59 @@ def _log_epoch(row: dict[str, Any], run_dir: Path, dist: DistInfo, writer: Any) 
     if writer is not None:
         for k, v in row.items():
             if k not in ("epoch", "step"):
-                writer.add_scalar(k, v, row["epoch"])
+                writer.add_scalar(tensorboard_tag(k), v, row["epoch"])
         writer.flush()
 
 
+# metrics.jsonl column -> TensorBoard tag: grouped sections so runs compare side by side
+_TB_TAGS = {"lr": "opt/lr", "images_per_s": "speed/images_per_s", "seconds": "speed/epoch_seconds"}
+
+
+def tensorboard_tag(column: str) -> str:
+    """``train_loss`` -> ``train/loss``, ``val_top1_err`` -> ``val/top1_err``, ``lr`` -> ``opt/lr``."""
+    if column in _TB_TAGS:
+        return _TB_TAGS[column]
+    for split in ("train", "val", "test"):
+        if column.startswith(split + "_"):
+            return f"{split}/{column[len(split) + 1:]}"
+    return f"other/{column}"
+
+
+def _hparams(cfg: Config) -> dict[str, Any]:
+    """Flat ``section.key -> value`` of the config, as TensorBoard's HParams tab takes them."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (bool, int, float, str)):
+                out[f"{prefix}{k}"] = v
+            else:  # None, lists: shown as text
+                out[f"{prefix}{k}"] = str(v)
+    walk(to_dict(cfg), "")
+    return out
+
+
 def _tensorboard(cfg: Config, run_dir: Path, dist: DistInfo) -> Any:
+    """Rank 0's event writer (None when off or not installed), with the config as hparams.
+
+    Epoch scalars go under ``train/``, ``val/``, ``test/``, ``opt/`` and ``speed/``; the
+    per-step loss (``train/loss_step``) comes from :func:`resnetlab.launch.fit_cleanly`. The
+    HParams tab lists every config key against the final validation metrics.
+    """
     if not (cfg.train.tensorboard and dist.is_main):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
     except ImportError:  # tensorboard is optional: `pip install resnetlab[tensorboard]`
         return None
-    return SummaryWriter(log_dir=str(run_dir / "tb"))
+    writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+    metrics = {tag: 0.0 for tag in ("val/top1_err", "val/top5_err", "val/loss", "train/err", "train/loss")}
+    for summary in hparams(_hparams(cfg), metrics):  # the metrics' values are the scalars of this run
+        writer.file_writer.add_summary(summary)
+    return writer
 
 
 def _say_interrupted(reason: str | None, run_dir: Path, state: TrainState, dist: DistInfo) -> None:

@@ -10,11 +10,15 @@ default: no memory is allocated and no arithmetic runs, so the whole zoo takes s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from resnetlab.catalog import _fmt_macs, _fmt_shape, _render
+from resnetlab.catalog import format_model_table as format_model_table  # re-exported
 
 from .registry import create_model, list_models
 
@@ -55,12 +59,20 @@ def count_macs(model: nn.Module, input_size: Sequence[int] | None = None) -> int
     return counter.get_total_flops() // 2  # one multiply-add = 2 FLOPs
 
 
-def model_table(pattern: str = "*") -> list[dict[str, Any]]:
+def model_table(pattern: str = "*", use_catalog: bool = True) -> list[dict[str, Any]]:
     """One row per registered model matching ``pattern``.
 
     Rows: ``{"name", "params", "macs", "input_size"}`` with MACs at the model's native input
-    size (32x32 CIFAR, 224x224 ImageNet) and its default number of classes.
+    size (32x32 CIFAR, 224x224 ImageNet) and its default number of classes. With
+    ``use_catalog`` the rows come from the shipped catalog when it matches the model sources
+    (:mod:`resnetlab.catalog`); otherwise they are counted here (seconds for resnet1202).
     """
+    if use_catalog:
+        from resnetlab.catalog import cached_rows
+
+        rows = cached_rows(pattern)
+        if rows is not None:
+            return rows
     rows = []
     for name in list_models(pattern):
         with torch.device("meta"):  # no allocation, no init arithmetic
@@ -74,42 +86,6 @@ def model_table(pattern: str = "*") -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f}M"
-
-
-def _fmt_macs(n: int) -> str:
-    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "x".join(str(s) for s in shape)
-
-
-def _render(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 1) -> str:
-    """Aligned text table; the first ``left`` columns are left-aligned, the rest right."""
-    table = [list(header), *[list(r) for r in body]]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i < left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(table[0]), rule, *(line(r) for r in table[1:])])
-
-
-def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Render ``model_table()`` rows: name, parameters (M), multiply-adds (M/G), input size."""
-    body = [
-        (r["name"], _fmt_params(r["params"]), _fmt_macs(r["macs"]), _fmt_shape(r["input_size"]))
-        for r in rows
-    ]
-    return _render(("model", "params", "MACs", "input"), body)
 
 
 def model_info(
@@ -161,3 +137,27 @@ def format_model_info(rows: Sequence[dict[str, Any]]) -> str:
     body.append(("total", "", "", f"{total_params:,}", _fmt_macs(total_macs)))
     title = f"{rows[0]['model']}\n" if rows and "model" in rows[0] else ""
     return title + _render(("stage", "blocks", "output", "params", "MACs"), body)
+
+
+def build_catalog() -> dict[str, Any]:
+    """Count every registered model afresh: the document :mod:`resnetlab.catalog` reads."""
+    from resnetlab.catalog import models_fingerprint
+
+    rows = model_table("*", use_catalog=False)
+    return {"fingerprint": models_fingerprint(), "torch": torch.__version__,
+            "models": [{**r, "input_size": list(r["input_size"])} for r in rows]}
+
+
+def write_catalog(path: str | None = None) -> Path:
+    """Recompute and write ``models/catalog.json`` (or ``path``); returns the file written."""
+    import json
+
+    from resnetlab.catalog import CATALOG_FILE
+
+    out = Path(path) if path else CATALOG_FILE
+    doc = build_catalog()
+    rows = ",\n".join("  " + json.dumps(r) for r in doc.pop("models"))  # one model per line
+    head = json.dumps(doc)[:-1]
+    out.write_text(f'{head}, "models": [\n{rows}\n]}}\n')
+    return out
+

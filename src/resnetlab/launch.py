@@ -1,0 +1,110 @@
+"""Start training so that a failed start leaves nothing behind.
+
+A run that stops before its first optimiser step (missing data, a bad image folder, a batch
+larger than the split) has produced nothing worth keeping: the run folder it created (with only
+``config.yaml`` and an empty ``checkpoints/``) is removed, so the next attempt with the same
+``run.name`` is not refused as "already holds a training run" and ``runs/`` is not littered.
+A folder that existed before (``--resume``, ``train.resume=auto``) is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from resnetlab.config import Config
+
+
+def holds_checkpoints(folder: Path) -> bool:
+    """True when ``folder`` (searched recursively) holds a checkpoint file (``*.pt``)."""
+    return folder.is_dir() and any(folder.rglob("*.pt"))
+
+
+def discard_untrained(folder: str | Path, existed: bool) -> bool:
+    """Remove ``folder`` if this process created it (``existed`` False) and it holds no checkpoint.
+
+    Only rank 0 removes (other ranks share the folder). Returns True when it was removed.
+    """
+    folder = Path(folder)
+    if existed or os.environ.get("RANK", "0") != "0" or not folder.is_dir() or holds_checkpoints(folder):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+@contextmanager
+def removed_on_failure(folder: str | Path, existed: bool) -> Iterator[None]:
+    """Run the body; if it raises, remove ``folder`` unless it ``existed`` before or holds a checkpoint."""
+    folder = Path(folder).expanduser()
+    try:
+        yield
+    except BaseException:
+        discard_untrained(folder, existed)
+        raise
+
+
+def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None = None) -> Any:
+    """:func:`resnetlab.engine.fit` that removes the run folder it created if no step ran.
+
+    The run name is fixed before ``fit`` so the folder is known; under DDP every rank's choice is
+    replaced by rank 0's inside ``fit`` (which broadcasts it), and only rank 0 removes.
+    """
+    from resnetlab.engine import fit
+    from resnetlab.engine.fit import default_run_name
+
+    if cfg.run.name is None:
+        cfg = replace(cfg, run=replace(cfg.run, name=default_run_name(cfg)))
+    run_dir = Path(cfg.run.root).expanduser() / str(cfg.run.name)
+    existed = run_dir.exists()
+    stepped = [False]
+    steps = _StepLoss(cfg, run_dir)
+
+    def watch(info: dict[str, Any]) -> bool | None:
+        stepped[0] = True
+        steps.log(info)
+        return on_step(info) if on_step is not None else None
+
+    try:
+        return fit(cfg, on_step=watch)
+    except BaseException:
+        if not stepped[0]:
+            discard_untrained(run_dir, existed)
+        raise
+    finally:
+        steps.close()
+
+
+class _StepLoss:
+    """``train/loss_step`` in TensorBoard every ``every`` optimiser steps (rank 0 only).
+
+    Reading the loss waits for the device, so it is read every 10th step, not every step. The
+    events go to the run's ``tb/`` folder beside fit's epoch scalars (one run in TensorBoard).
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, every: int = 10) -> None:
+        self.on = cfg.train.tensorboard and os.environ.get("RANK", "0") == "0"
+        self.run_dir, self.every, self.writer = run_dir, every, None
+
+    def log(self, info: dict[str, Any]) -> None:
+        if not self.on or info["step"] % self.every:
+            return
+        if self.writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional dependency
+                self.on = False
+                return
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), filename_suffix=".steps")
+        self.writer.add_scalar("train/loss_step", float(info["loss"].item()), info["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+__all__ = ["discard_untrained", "fit_cleanly", "holds_checkpoints", "removed_on_failure"]
