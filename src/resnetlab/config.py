@@ -533,7 +533,7 @@ def describe_keys(cls: type = Config, prefix: str = "", base: Any = None) -> lis
     for f in fields(cls):
         tp, value = hints[f.name], getattr(base, f.name)
         if is_dataclass(tp):
-            rows.extend(describe_keys(tp, f"{prefix}{f.name}.", value))
+            rows.extend(describe_keys(typing.cast(type, tp), f"{prefix}{f.name}.", value))
         else:
             rows.append({"key": f"{prefix}{f.name}", "type": _describe(tp),
                          "default": to_dict(value) if is_dataclass(value) else

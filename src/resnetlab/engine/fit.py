@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from resnetlab import weights  # module import: weights imports engine.checkpoint, a cycle otherwise
-from resnetlab.config import Config, ConfigError, validate
+from resnetlab.config import Config, ConfigError, to_dict, validate
 from resnetlab.data import DataMeta, build_datasets, build_loader
 from resnetlab.engine import checkpoint as ckpt
 from resnetlab.engine.checkpointer import Checkpointer, TrainParts
@@ -446,8 +446,10 @@ def _tensorboard(cfg: Config, run_dir: Path, dist: DistInfo) -> Any:
         return None
     writer = SummaryWriter(log_dir=str(run_dir / "tb"))
     metrics = {tag: 0.0 for tag in ("val/top1_err", "val/top5_err", "val/loss", "train/err", "train/loss")}
-    for summary in hparams(_hparams(cfg), metrics):  # the metrics' values are the scalars of this run
-        writer.file_writer.add_summary(summary)
+    file_writer = writer.file_writer  # created by SummaryWriter's constructor
+    if file_writer is not None:
+        for summary in hparams(_hparams(cfg), metrics):  # the metrics' values are the scalars of this run
+            file_writer.add_summary(summary)
     return writer
 
 
