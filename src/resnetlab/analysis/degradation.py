@@ -7,6 +7,7 @@ same seeds. Everything lands in ``<run.root>/degradation-<data>-<time>/``::
 
     plain20-seed0/ ... resnet56-seed2/   ordinary run folders (metrics.jsonl, result.json, ...)
     degradation.png, degradation.svg      Figure 6: plain left, ResNet right
+    depth.png, depth.svg                  final training and test error against depth
     table.md, table.csv                   final errors, mean ± std over seeds (ddof=1)
     runs.csv                              the same numbers per run
     experiment.json                       settings, recipe, wall time
@@ -128,18 +129,54 @@ def base_config(data: str, overrides: Sequence[str] = (), epochs: int | None = N
                        *([f"train.epochs={epochs}"] if epochs else [])])
 
 
+def parse_extra_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"densenet_bc100,lesson_resnet18"`` -> registered names trained beside the twins."""
+    if text is None:
+        return ()
+    names = tuple(n for n in (text.replace(",", " ").split() if isinstance(text, str) else text) if n)
+    known = list_models()
+    for n in names:
+        if n not in known:
+            raise AnalysisError(f"--extra-models: unknown model {n!r}; see `resnetlab models`")
+        if re.fullmatch(r"(plain|resnet)\d+", n):
+            raise AnalysisError(f"--extra-models: {n!r} is a plain/resnet twin; use --depths")
+    if len(set(names)) != len(names):
+        raise AnalysisError(f"--extra-models: repeated name in {text!r}")
+    return names
+
+
+def weighted_depth(model_name: str) -> int:
+    """Weighted layers on the main path (convs + linear, not shortcut projections), as the
+    papers count depth: 20 for resnet20, 100 for densenet_bc100, 121 for densenet121."""
+    import torch
+    from torch import nn
+
+    from resnetlab.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(model_name)
+    shortcut_words = ("downsample", "extra", "shortcut")
+    return sum(1 for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+               and not any(w in n.split(".") for w in shortcut_words))
+
+
+def family_depth(model: str, extra: bool = False) -> tuple[str, int]:
+    """``("plain", 56)`` for a twin; ``(name, weighted_depth)`` for an extra model."""
+    return (model, weighted_depth(model)) if extra else split_name(model)
+
+
 def plan(base: Config, depths: Sequence[int], seeds: Sequence[int], out_dir: Path,
-         jobs: int) -> list[Config]:
-    """One config per (family, depth, seed), the deepest first (better packing on workers)."""
+         jobs: int, extra_models: Sequence[str] = ()) -> list[Config]:
+    """One config per (family, depth, seed), the deepest first (better packing on workers);
+    then one per (extra model, seed)."""
     cfgs = []
-    for d in sorted(depths, reverse=True):
-        for family in FAMILIES:
-            for s in seeds:
-                train = replace(base.train, quiet=True, tensorboard=False,
-                                threads=1 if jobs > 1 else base.train.threads)
-                cfgs.append(replace(base, seed=s, train=train,
-                                    model=replace(base.model, name=f"{family}{d}"),
-                                    run=replace(base.run, root=str(out_dir), name=f"{family}{d}-seed{s}")))
+    names = [f"{family}{d}" for d in sorted(depths, reverse=True) for family in FAMILIES]
+    for model_name in [*names, *extra_models]:
+        for s in seeds:
+            train = replace(base.train, quiet=True, tensorboard=False,
+                            threads=1 if jobs > 1 else base.train.threads)
+            cfgs.append(replace(base, seed=s, train=train, model=replace(base.model, name=model_name),
+                                run=replace(base.run, root=str(out_dir), name=f"{model_name}-seed{s}")))
     return cfgs
 
 
@@ -248,9 +285,12 @@ def run_trainings(cfgs: Sequence[Config], jobs: int = 1) -> list[dict[str, Any]]
 
 def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_DEPTHS,
                     seeds: str | Sequence[int] = DEFAULT_SEEDS, epochs: int | None = None,
-                    overrides: Sequence[str] = (), jobs: int | None = None) -> DegradationResult:
-    """Train plain and residual twins at each depth and seed; write the figure and the table.
+                    overrides: Sequence[str] = (), jobs: int | None = None,
+                    extra_models: str | Sequence[str] | None = None) -> DegradationResult:
+    """Train plain and residual twins at each depth and seed; write the figures and the table.
 
+    ``extra_models`` (registered names, e.g. ``densenet_bc100``) are trained with the same
+    recipe and seeds and appear in the table and the depth figure at their weighted depth.
     ``overrides`` (``key=value``) apply to every run after the recipe; ``run.root`` and
     ``run.name`` place the experiment folder. ``jobs`` worker processes (default: 2 on CPU, 1 on
     a GPU). Returns a :class:`DegradationResult`; ``result.markdown`` is the table.
@@ -258,6 +298,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     t0 = time.perf_counter()
     depths = parse_depths(depths)
     seeds = parse_seeds(seeds)
+    extras = parse_extra_models(extra_models)
     if epochs is not None and epochs < 1:
         raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
     base = base_config(data, overrides, epochs)
@@ -268,7 +309,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     out_dir = Path(base.run.root).expanduser() / name
     existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfgs = plan(base, depths, seeds, out_dir, jobs)
+    cfgs = plan(base, depths, seeds, out_dir, jobs, extras)
     log.info("degradation on %s: %d runs (plain and resnet x depths %s x seeds %s), %d epochs each, "
              "%d worker process(es) -> %s", data, len(cfgs), ",".join(map(str, depths)),
              ",".join(map(str, seeds)), base.train.epochs, jobs, out_dir)
@@ -286,7 +327,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
         run_dir = out_dir / cfg.run.name
         if str(run_dir) not in finished:
             continue
-        family, depth = split_name(cfg.model.name)
+        family, depth = family_depth(cfg.model.name, cfg.model.name in extras)
         m = final_metrics(run_dir)
         runs.append({"model": cfg.model.name, "family": family, "depth": depth, "seed": cfg.seed,
                      "train_err": m["train_err"], "val_err": m.get("val_top1_err"),
@@ -309,9 +350,15 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     (figure, _svg) = plot_degradation(curves, out_dir / "degradation.png", held_out=held_out,
                                       formats=("png", "svg"),
                                       title=f"{data}: plain vs residual nets, {base.train.epochs} epochs, {n_seeds}")
+    from resnetlab.analysis.plots import plot_depth_sweep
+
+    plot_depth_sweep(rows, out_dir / "depth.png", held_out="test" if held_out == "test" else "validation",
+                     formats=("png", "svg"),
+                     title=f"{data}: final error against depth, {base.train.epochs} epochs, {n_seeds}")
     seconds = time.perf_counter() - t0
     (out_dir / "experiment.json").write_text(json.dumps({
         "data": data, "depths": list(depths), "seeds": list(seeds), "epochs": base.train.epochs,
+        "extra_models": list(extras),
         "jobs": jobs, "recipe": list(RECIPES[data]), "overrides": list(overrides),
         "wall_seconds": seconds, "interrupted": interrupted, "failed": failed,
         "curves": {"training": "train_err per epoch (running mean over the epoch, augmented)",
@@ -338,7 +385,8 @@ def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std(vals) if vals else (None, None)
         rows.append(row)
     # paper order: by depth, plain before resnet
-    return sorted(rows, key=lambda r: (r["depth"], FAMILIES.index(r["family"]) if r["family"] in FAMILIES else 9))
+    return sorted(rows, key=lambda r: (r["family"] not in FAMILIES, r["depth"],
+                                       FAMILIES.index(r["family"]) if r["family"] in FAMILIES else 9))
 
 
 def _cell(mean: float | None, std: float | None) -> str:

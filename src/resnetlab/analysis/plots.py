@@ -219,3 +219,43 @@ def plot_gradients(rows: Sequence[Mapping[str, Any]], path: str | Path,
             ax.legend(fontsize=8)
         axes[row_i][0].set_ylabel("gradient L2 norm")
     return save_figure(fig, path, formats)
+
+
+# ----------------------------------------------------------------------------------------------
+# the depth sweep (error against depth)
+
+
+def plot_depth_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path, *, held_out: str = "test",
+                     title: str = "", formats: Iterable[str] = ("png",)) -> list[Path]:
+    """Final error against depth: training error (left) and held-out error (right).
+
+    ``rows`` are :func:`resnetlab.analysis.degradation.table_rows` (one per model: ``family``,
+    ``depth``, ``train_err_mean``/``_std``, ``test_err_mean``/``_std``, ``val_err_mean``/``_std``).
+    Plain and residual nets are two lines with mean ± std error bars over seeds; other families
+    (``--extra-models``, e.g. DenseNet) are points at their own depth.
+    """
+    key = "test_err" if held_out == "test" else "val_err"
+    styles = {"plain": ("tab:red", "s", "--", "plain"), "resnet": ("tab:blue", "o", "-", "ResNet")}
+    others = [f for f in dict.fromkeys(r["family"] for r in rows) if f not in styles]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    top = 0.0
+    for ax, metric, what in ((axes[0], "train_err", "training error"), (axes[1], key, f"{held_out} error")):
+        for family in [*styles, *others]:
+            pts = sorted((r["depth"], r[f"{metric}_mean"], r[f"{metric}_std"] or 0.0) for r in rows
+                         if r["family"] == family and r.get(f"{metric}_mean") is not None)
+            if not pts:
+                continue
+            colour, marker, ls, label = styles[family] if family in styles else (
+                matplotlib.colormaps["tab10"](2 + others.index(family) % 8), "D", "none", family)
+            d, m, s = zip(*pts, strict=True)
+            ax.errorbar(d, m, yerr=s, color=colour, marker=marker, ls=ls, capsize=3, label=label)
+            top = max(top, *(a + b for a, b in zip(m, s, strict=True)))
+        ax.set(xlabel="depth (weighted layers)", title=f"final {what}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("top-1 error (%), mean ± std over seeds")
+    axes[0].set_ylim(0, min(100.0, max(top, 1.0) * 1.08))
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path, formats)

@@ -175,3 +175,29 @@ register_model(
     groups=32,
     width_per_group=4,
 )
+
+# The lesson's own network (models/lesson.py): its state-dict names, its ResBlk (conv biases, no
+# ReLU after the addition, projection only where the channels change), its broadcasting block 4.
+from .lesson import LessonResNet  # noqa: E402
+
+register_model("lesson_resnet18", stem="cifar", layers=(1, 1, 1, 1))(LessonResNet)
+register_model("lesson_resnet18_corrected", stem="cifar", layers=(1, 1, 1, 1), corrected=True)(
+    LessonResNet
+)
+register_model("lesson_plain18", stem="cifar", layers=(1, 1, 1, 1), plain=True)(LessonResNet)
+
+# DenseNet (models/densenet.py), dense connectivity as the third pattern. DenseNet-BC for CIFAR
+# (Huang et al. 2017, Table 2: depth 100, k=12, 0.8M parameters; depth = 6n + 4 with n layers per
+# block) and the ImageNet nets with torchvision's parameter names.
+from .densenet import DenseNet  # noqa: E402
+
+register_model("densenet_bc100", stem="cifar", layers=(16, 16, 16), growth_rate=12)(DenseNet)
+for _name, (_k, _layers, _init) in {
+    "densenet121": (32, (6, 12, 24, 16), 64),
+    "densenet161": (48, (6, 12, 36, 24), 96),
+    "densenet169": (32, (6, 12, 32, 32), 64),
+    "densenet201": (32, (6, 12, 48, 32), 64),
+}.items():
+    register_model(
+        _name, stem="imagenet", layers=_layers, growth_rate=_k, num_init_features=_init
+    )(DenseNet)

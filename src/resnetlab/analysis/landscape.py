@@ -1,0 +1,575 @@
+"""The loss landscape (Li et al., NeurIPS 2018, "Visualizing the Loss Landscape of Neural Nets").
+
+Around the trained weights ``w`` the loss is drawn along one or two random directions::
+
+    L(a) = loss(w + a d1)              (1-D)
+    L(a, b) = loss(w + a d1 + b d2)    (2-D)
+
+**Filter normalisation** (the paper's Sec. 4): each direction is Gaussian, then every *filter* of
+it (one output channel of a conv, one output row of a linear layer) is rescaled to the norm of
+the weight filter it perturbs, ``d_ij <- d_ij / ||d_ij|| * ||w_ij||``, so the picture does not
+depend on the scale invariance that BatchNorm gives the weights. Directions for BN weights/biases
+and for biases (any parameter with fewer than two dimensions) are zero, as in the paper.
+
+**BatchNorm** during evaluation (``bn``):
+
+- ``"batch"`` (default): every grid point normalises with the statistics of the evaluated images
+  themselves, i.e. running statistics recomputed for the perturbed weights on those images;
+  the stored running statistics are neither used nor changed.
+- ``"eval"``: the trained model's running statistics, as in ``model.eval()``.
+
+**Speed**: the grid points are evaluated many at a time: the perturbed weights of ``chunk``
+points are stacked and one ``torch.func.vmap`` over ``torch.func.functional_call`` runs them all
+on the same fixed images. The reference (:func:`landscape_loop`, used by the benchmark and the
+tests) loads each perturbed state dict into the model and runs it.
+
+**Roughness** as numbers, not only a picture:
+
+- ``second_difference``: the mean absolute second difference of the loss along each grid axis,
+  divided by the squared step, ``mean |L(a+h) - 2 L(a) + L(a-h)| / h^2`` (loss units per unit
+  of filter-normalised distance squared); large on a rough, steep surface, small on a smooth one.
+- Hessian extremes at the minimum: the largest eigenvalue ``lambda_max`` by power iteration
+  on Hessian-vector products (double backward), and the smallest ``lambda_min`` by power
+  iteration on ``H - lambda_max I``; ``|lambda_min / lambda_max|`` is the paper's measure of
+  non-convexity (0 for a locally convex minimum). Over all trainable parameters, same BN mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from resnetlab.analysis import AnalysisError
+
+BN_MODES = ("batch", "eval")
+BN_LABELS = {"batch": "BN: statistics of the evaluated images (recomputed per point)",
+             "eval": "BN: the model's running statistics (eval mode)"}
+
+Directions = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# directions
+
+
+def filter_normalized_direction(model: nn.Module, generator: torch.Generator | None = None) -> Directions:
+    """A random direction over ``model``'s parameters, filter-normalised (Li et al. 2018, Sec. 4).
+
+    Parameters with ``ndim >= 2`` (conv ``[out, in, kh, kw]``, linear ``[out, in]``) get a
+    Gaussian direction whose every filter ``[i]`` has the norm of the weight's filter ``[i]``;
+    BN weights and biases and every bias (``ndim < 2``) get zeros. Drawn on the CPU from
+    ``generator`` (so a seed gives the same direction on any device), then moved beside the weight.
+    """
+    out: Directions = {}
+    for name, w in model.named_parameters():
+        if w.ndim < 2:
+            out[name] = torch.zeros_like(w)
+            continue
+        d = torch.randn(w.shape, generator=generator, dtype=torch.float32).to(w)
+        w_norm = w.detach().flatten(1).norm(dim=1)  # [out]: one norm per filter
+        d_norm = d.flatten(1).norm(dim=1)
+        scale = w_norm / d_norm.clamp_min(1e-12)
+        out[name] = d * scale.view(-1, *([1] * (w.ndim - 1)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# batched evaluation
+
+
+@contextmanager
+def bn_mode(model: nn.Module, mode: str):
+    """Put ``model`` in the evaluation mode for ``mode`` for the block, then restore it.
+
+    ``"eval"``: ``model.eval()``. ``"batch"``: ``model.eval()`` except that every BN normalises
+    with batch statistics and does not touch its running buffers (``track_running_stats=False``
+    in training mode), so the landscape sees the images' own statistics.
+    """
+    if mode not in BN_MODES:
+        raise AnalysisError(f"--bn must be one of {', '.join(BN_MODES)}, got {mode!r}")
+    was_training = {m: m.training for m in model.modules()}
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    tracked = {m: m.track_running_stats for m in bns}
+    model.eval()
+    if mode == "batch":
+        for m in bns:
+            m.train()
+            m.track_running_stats = False  # batch statistics, buffers left as they are
+    try:
+        yield model
+    finally:
+        for m in bns:
+            m.track_running_stats = tracked[m]
+        for m, t in was_training.items():
+            m.train(t)
+
+
+def _loss_acc(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # logits [..., n, classes], y [n] -> mean cross-entropy and accuracy (fraction) per leading index
+    lp = logits.float().log_softmax(-1)
+    loss = -lp.gather(-1, y.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1).mean(-1)
+    acc = (logits.argmax(-1) == y).float().mean(-1)
+    return loss, acc
+
+
+def grid_points(coords_a: Sequence[float], coords_b: Sequence[float] | None) -> list[tuple[float, float]]:
+    """All (a, b) pairs, row-major over b then a (b = 0 everywhere for a 1-D landscape)."""
+    if coords_b is None:
+        return [(float(a), 0.0) for a in coords_a]
+    return [(float(a), float(b)) for b in coords_b for a in coords_a]
+
+
+def landscape_batched(model: nn.Module, x: torch.Tensor, y: torch.Tensor, d1: Directions,
+                      d2: Directions | None, points: Sequence[tuple[float, float]], *,
+                      bn: str = "batch", chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and accuracy at ``w + a d1 + b d2`` for every ``(a, b)`` in ``points``.
+
+    ``chunk`` grid points at a time share one vmapped forward pass over the images ``x``
+    (``[n, c, h, w]``, labels ``y`` ``[n]``). Returns ``(loss [P], acc [P])`` on the CPU.
+    """
+    if chunk < 1:
+        raise AnalysisError(f"--chunk must be >= 1, got {chunk}")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    coef = torch.tensor(points, dtype=torch.float32, device=x.device)  # [P, 2]
+
+    def run_one(p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(model, (p, buffers), (x,))  # [n, classes]
+
+    batched = vmap(run_one)
+    losses, accs = [], []
+    with bn_mode(model, bn), torch.no_grad():
+        for i in range(0, len(points), chunk):
+            c = coef[i:i + chunk]  # [p, 2]
+            shape = (-1,)
+            stacked = {}
+            for k, w in params.items():
+                view = c.shape[:1] + (1,) * w.ndim
+                delta = c[:, 0].view(view) * d1[k]
+                if d2 is not None:
+                    delta = delta + c[:, 1].view(view) * d2[k]
+                stacked[k] = w.unsqueeze(0) + delta  # [p, *w.shape]
+            logits = batched(stacked)  # [p, n, classes]
+            loss, acc = _loss_acc(logits, y)
+            losses.append(loss.reshape(shape).cpu())
+            accs.append(acc.reshape(shape).cpu())
+    return torch.cat(losses), torch.cat(accs)
+
+
+def landscape_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, d1: Directions,
+                   d2: Directions | None, points: Sequence[tuple[float, float]], *,
+                   bn: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward reference: per grid point, load the perturbed state dict and run.
+
+    Same results as :func:`landscape_batched`, one point at a time; ``model`` is not changed.
+    """
+    net = copy.deepcopy(model)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    losses, accs = [], []
+    with bn_mode(net, bn), torch.no_grad():
+        for a, b in points:
+            state = dict(base)
+            for k in d1:
+                state[k] = base[k] + a * d1[k] + (b * d2[k] if d2 is not None else 0)
+            net.load_state_dict(state)
+            loss, acc = _loss_acc(net(x), y)
+            losses.append(float(loss))
+            accs.append(float(acc))
+    return torch.tensor(losses), torch.tensor(accs)
+
+
+# ----------------------------------------------------------------------------------------------
+# roughness
+
+
+def second_difference(loss: torch.Tensor, step: float) -> float:
+    """Mean ``|L[i+1] - 2 L[i] + L[i-1]| / step^2`` along every axis of the grid ``loss``
+    (``[g]`` or ``[g, g]``); loss units per squared unit of filter-normalised distance."""
+    diffs = []
+    for dim in range(loss.ndim):
+        if loss.shape[dim] < 3:
+            continue
+        n = loss.shape[dim]
+        second = loss.narrow(dim, 2, n - 2) - 2 * loss.narrow(dim, 1, n - 2) + loss.narrow(dim, 0, n - 2)
+        diffs.append(second.abs().flatten())
+    if not diffs:
+        raise AnalysisError("--grid must be >= 3 for a second difference")
+    return float(torch.cat(diffs).double().mean()) / step**2
+
+
+def hessian_extremes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bn: str = "batch",
+                     iters: int = 20, seed: int = 0) -> dict[str, float]:
+    """Largest and smallest Hessian eigenvalues of the mean cross-entropy at ``model``'s weights.
+
+    Power iteration on Hessian-vector products (double backward) gives the eigenvalue of
+    largest magnitude, ``lambda_max``; power iteration on ``H - lambda_max I`` then gives the
+    other end of the spectrum, ``lambda_min = mu + lambda_max``. ``iters`` products each.
+    Returns ``lambda_max``, ``lambda_min``, ``ratio = |lambda_min / lambda_max|`` and ``hvps``.
+    """
+    net = copy.deepcopy(model)
+    params = [p for p in net.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(seed)
+
+    def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        with bn_mode(net, bn):
+            loss = F.cross_entropy(net(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        return list(torch.autograd.grad(grads, params, grad_outputs=v))
+
+    def normalise(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        n = torch.sqrt(sum((t.double() ** 2).sum() for t in v))
+        return [t / n.to(t.dtype) for t in v]
+
+    def dot(u: list[torch.Tensor], v: list[torch.Tensor]) -> float:
+        return float(sum((a.double() * b.double()).sum() for a, b in zip(u, v, strict=True)))
+
+    def power(shift: float) -> float:
+        v = normalise([torch.randn(p.shape, generator=g).to(p) for p in params])
+        lam = 0.0
+        for _ in range(iters):
+            hv = [h - shift * t for h, t in zip(hvp(v), v, strict=True)]
+            lam = dot(v, hv)  # Rayleigh quotient of the shifted operator
+            v = normalise(hv)
+        return lam
+
+    lam_max = power(0.0)
+    lam_min = power(lam_max) + lam_max
+    lam_max, lam_min = max(lam_max, lam_min), min(lam_max, lam_min)
+    ratio = abs(lam_min / lam_max) if lam_max != 0 else math.nan
+    return {"lambda_max": lam_max, "lambda_min": lam_min, "ratio": ratio, "hvps": 2 * iters}
+
+
+# ----------------------------------------------------------------------------------------------
+# a run folder -> landscape files
+
+
+@dataclass
+class LandscapeResult:
+    """What :func:`run_landscape` returns for one network."""
+
+    name: str  # label: the model name
+    out_dir: Path
+    coords: list[float]
+    dims: int
+    loss: torch.Tensor  # [g] or [g, g] (rows: b, columns: a)
+    acc: torch.Tensor  # same shape, fraction
+    loss_at_zero: float
+    roughness: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+def load_images(cfg: Any, meta: Any, split: str, images: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``images`` images of ``split`` of the run's own data, normalised as in training."""
+    from dataclasses import replace
+
+    from resnetlab.data import DataError, build_datasets, build_loader
+
+    data = build_datasets(cfg.data, seed=cfg.seed, needs=(split,))
+    subset = getattr(data, split)
+    if subset is None or len(subset) == 0:
+        raise DataError(f"{cfg.data.name}: no {split} split to draw the landscape on")
+    loader_meta = replace(data.meta, mean=meta.mean, std=meta.std)
+    n = min(images, len(subset))
+    loader = build_loader(subset, loader_meta, cfg.data, train=False, batch_size=n, device=device,
+                          seed=cfg.seed, channels_last=False)
+    x, y = next(iter(loader.iterate(0)))
+    return x[:n].contiguous(), y[:n]
+
+
+def run_landscape(path: str | Path, *, grid: int = 21, span: float = 1.0, dims: int = 2,
+                  split: str = "train", images: int = 256, bn: str = "batch", seed: int = 0,
+                  chunk: int = 16, hessian_iters: int = 20, out: str | Path | None = None,
+                  device: str = "cpu") -> LandscapeResult:
+    """The landscape of the network saved at ``path`` (run folder or checkpoint).
+
+    Writes to ``out`` (default ``<run>/landscape/``): ``landscape.csv`` (one row per grid point:
+    ``a, b, loss, acc``), ``landscape.png``/``.svg`` and ``landscape.json`` (settings, roughness).
+    """
+    from resnetlab.engine.fit import select_device
+
+    if dims not in (1, 2):
+        raise AnalysisError(f"--dims must be 1 or 2, got {dims}")
+    if grid < 3:
+        raise AnalysisError(f"--grid must be >= 3, got {grid}")
+    if not span > 0:
+        raise AnalysisError(f"--span must be > 0, got {span}")
+    if images < 1:
+        raise AnalysisError(f"--images must be >= 1, got {images}")
+    if split not in ("train", "val", "test"):
+        raise AnalysisError(f"--split must be train, val or test, got {split!r}")
+    if bn not in BN_MODES:
+        raise AnalysisError(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+    t0 = time.perf_counter()
+    dev = select_device(device)
+    from resnetlab.analysis.gradients import _torch_threads
+
+    # One intra-op thread on CPU: these small convolutions do not split well, and on 2 shared
+    # cores two threads fighting were several times slower than one.
+    with _torch_threads(1 if dev.type == "cpu" else 0):
+        return _run_landscape(path, grid, span, dims, split, images, bn, seed, chunk, hessian_iters,
+                              out, dev, t0)
+
+
+def _run_landscape(path: str | Path, grid: int, span: float, dims: int, split: str, images: int,
+                   bn: str, seed: int, chunk: int, hessian_iters: int, out: str | Path | None,
+                   dev: torch.device, t0: float) -> LandscapeResult:
+    from resnetlab.engine.fit import build_model
+    from resnetlab.inference import output_dir, read_checkpoint
+
+    file, state, cfg, meta = read_checkpoint(path)
+    model = build_model(cfg, meta)
+    from resnetlab.engine import checkpoint as ckpt
+
+    ckpt.load_weights(model, state, source=str(file))
+    model = model.to(dev).eval()
+    x, y = load_images(cfg, meta, split, images, dev)
+
+    g = torch.Generator().manual_seed(seed)
+    d1 = filter_normalized_direction(model, g)
+    d2 = filter_normalized_direction(model, g) if dims == 2 else None
+    coords = torch.linspace(-span, span, grid).tolist()
+    points = grid_points(coords, coords if dims == 2 else None)
+    t_grid = time.perf_counter()
+    loss, acc = landscape_batched(model, x, y, d1, d2, points, bn=bn, chunk=chunk)
+    grid_seconds = time.perf_counter() - t_grid
+    shape = (grid, grid) if dims == 2 else (grid,)
+    loss, acc = loss.view(shape), acc.view(shape)
+    zero, _ = landscape_batched(model, x, y, d1, d2, [(0.0, 0.0)], bn=bn, chunk=1)
+    step = 2 * span / (grid - 1)
+    rough = {"second_difference": second_difference(loss, step)}
+    if hessian_iters > 0:
+        rough.update(hessian_extremes(model, x, y, bn=bn, iters=hessian_iters, seed=seed))
+
+    out_dir = Path(out).expanduser() if out else output_dir(path) / "landscape"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = cfg.model.name
+    res = LandscapeResult(name, out_dir, coords, dims, loss, acc, float(zero[0]), rough, info={
+        "model": name, "source": str(file), "data": cfg.data.name, "split": split, "images": len(y),
+        "grid": grid, "span": span, "dims": dims, "bn": bn, "bn_label": BN_LABELS[bn], "seed": seed,
+        "grid_points": len(points), "grid_seconds": grid_seconds,
+        "points_per_second": len(points) / grid_seconds, "chunk": chunk,
+        "directions": "Gaussian, filter-normalised (Li et al. 2018); BN and bias directions zero",
+    })
+    write_landscape_csv(out_dir / "landscape.csv", res)
+    res.files = [out_dir / "landscape.csv",
+                 *plot_landscapes([res], out_dir / "landscape.png", formats=("png", "svg"))]
+    res.info["seconds"] = time.perf_counter() - t0
+    (out_dir / "landscape.json").write_text(json.dumps(
+        {**res.info, "loss_at_zero": res.loss_at_zero, "roughness": rough}, indent=2) + "\n")
+    res.files.append(out_dir / "landscape.json")
+    return res
+
+
+def write_landscape_csv(path: Path, res: LandscapeResult) -> None:
+    """One row per grid point: ``model, a, b, loss, acc`` (b empty for a 1-D landscape)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "a", "b", "loss", "acc"])
+        if res.dims == 1:
+            for a, lo, ac in zip(res.coords, res.loss.tolist(), res.acc.tolist(), strict=True):
+                w.writerow([res.name, f"{a:.6g}", "", f"{lo:.6g}", f"{ac:.6g}"])
+        else:
+            for j, b in enumerate(res.coords):
+                for i, a in enumerate(res.coords):
+                    w.writerow([res.name, f"{a:.6g}", f"{b:.6g}", f"{float(res.loss[j, i]):.6g}",
+                                f"{float(res.acc[j, i]):.6g}"])
+
+
+def read_landscape_csv(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``landscape.csv`` back as ``{model: {"a": [...], "b": [...], "loss": [...], "acc": [...]}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            d = out.setdefault(r["model"], {"a": [], "b": [], "loss": [], "acc": []})
+            d["a"].append(float(r["a"]))
+            d["b"].append(float(r["b"]) if r["b"] else None)
+            d["loss"].append(float(r["loss"]))
+            d["acc"].append(float(r["acc"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+
+
+def plot_landscapes(results: Sequence[LandscapeResult], path: str | Path,
+                    formats: Sequence[str] = ("png",), title: str = "") -> list[Path]:
+    """Side by side, one column per network, on the same levels: 2-D loss contours (top) and
+    accuracy contours (bottom), or 1-D loss and accuracy curves on shared axes."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from resnetlab.analysis.plots import save_figure
+
+    n = len(results)
+    if results[0].dims == 2:
+        fig = Figure(figsize=(4.6 * n + 0.8, 8), layout="constrained")
+        axes = fig.subplots(2, n, squeeze=False)
+        # Same levels for every net: log-spaced losses from the lowest minimum up to a cap.
+        lo = min(float(r.loss.min()) for r in results)
+        hi = max(float(r.loss.max()) for r in results)
+        cap = min(hi, max(lo * 50, lo + 5.0))
+        loss_levels = np.geomspace(max(lo, 1e-4), cap, 16)
+        acc_levels = np.linspace(0, 1, 11)
+        for i, r in enumerate(results):
+            a = np.asarray(r.coords)
+            loss = np.clip(r.loss.numpy(), None, cap)
+            cs = axes[0][i].contour(a, a, loss, levels=loss_levels, cmap="viridis",
+                                    norm=matplotlib.colors.LogNorm(loss_levels[0], loss_levels[-1]))
+            axes[0][i].clabel(cs, cs.levels[::3], fontsize=6, fmt="%.2g")
+            axes[0][i].set_title(f"{r.name}: loss (roughness {r.roughness['second_difference']:.3g})",
+                                 fontsize=10)
+            ca = axes[1][i].contourf(a, a, r.acc.numpy(), levels=acc_levels, cmap="magma")
+            axes[1][i].set_title(f"{r.name}: accuracy", fontsize=10)
+            for ax in (axes[0][i], axes[1][i]):
+                ax.plot([0], [0], "r+", ms=10)
+                ax.set(xlabel="direction 1", ylabel="direction 2", aspect="equal")
+        fig.colorbar(ca, ax=axes[1, :].tolist(), label="accuracy", shrink=0.8)
+    else:
+        fig = Figure(figsize=(10, 4), layout="constrained")
+        axes = fig.subplots(1, 2, squeeze=False)
+        for r in results:
+            axes[0][0].plot(r.coords, r.loss.numpy(), marker=".", label=r.name)
+            axes[0][1].plot(r.coords, r.acc.numpy() * 100, marker=".", label=r.name)
+        axes[0][0].set(yscale="log", xlabel="direction 1", ylabel="cross-entropy loss", title="loss")
+        axes[0][1].set(xlabel="direction 1", ylabel="accuracy (%)", title="accuracy", ylim=(0, 100))
+        for ax in axes[0]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    r0 = results[0]
+    head = title or f"Loss landscape on {r0.info.get('data')} {r0.info.get('split')}"
+    fig.suptitle(f"{head}, {r0.info.get('images')} images, filter-normalised directions\n"
+                 f"{BN_LABELS[r0.info.get('bn', 'batch')]}", fontsize=10)
+    return save_figure(fig, path, formats)
+
+
+# ----------------------------------------------------------------------------------------------
+# resnetlab reproduce landscape
+
+
+@dataclass
+class ReproduceLandscapeResult:
+    """What :func:`reproduce_landscape` returns."""
+
+    out_dir: Path
+    results: list[LandscapeResult]
+    files: list[Path]
+    markdown: str
+
+
+def reproduce_landscape(models: str | Sequence[str] = ("plain56", "resnet56"), *, epochs: int = 10,
+                        seed: int = 0, grid: int = 21, span: float = 1.0, dims: int = 2,
+                        images: int = 128, bn: str = "batch", chunk: int = 16, hessian_iters: int = 20,
+                        overrides: Sequence[str] = (), jobs: int | None = None,
+                        on_progress: Callable[[str], None] | None = None) -> ReproduceLandscapeResult:
+    """Train ``models`` on digits with the degradation recipe, then draw their landscapes side by
+    side (``landscape.png``, ``landscape.csv`` with every net's grid, ``roughness.md``/``.csv``)."""
+    from resnetlab.analysis.degradation import base_config, default_jobs, run_trainings
+    from resnetlab.analysis.seeds import final_metrics
+
+    names = list(models.replace(",", " ").split() if isinstance(models, str) else models)
+    from resnetlab.models import list_models
+
+    for n in names:
+        if n not in list_models():
+            raise AnalysisError(f"--models: unknown model {n!r}; see `resnetlab models`")
+    if epochs < 1:
+        raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
+    base = base_config("digits", overrides, epochs)
+    name = base.run.name or f"landscape-digits-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(base.run.root).expanduser() / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from dataclasses import replace
+
+    jobs = default_jobs(base.train.device) if jobs is None else jobs
+    cfgs = [replace(base, seed=seed, model=replace(base.model, name=m),
+                    train=replace(base.train, quiet=True, tensorboard=False,
+                                  threads=1 if jobs > 1 else base.train.threads),
+                    run=replace(base.run, root=str(out_dir), name=m)) for m in names]
+    trained = run_trainings(cfgs, jobs)
+    for cfg, t in zip(cfgs, trained, strict=False):
+        if t["interrupted"] or t["error"]:
+            raise AnalysisError(f"{cfg.model.name}: training did not finish ({t['interrupted'] or t['error']})")
+    if len(trained) < len(cfgs):
+        raise AnalysisError("training was interrupted")
+    jobs_kw = [dict(path=str(out_dir / m), grid=grid, span=span, dims=dims, split="train", images=images,
+                    bn=bn, seed=seed, chunk=chunk, hessian_iters=hessian_iters,
+                    out=str(out_dir / f"{m}-landscape")) for m in names]
+    if jobs > 1 and len(names) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # one single-thread process per net (spawn: a clean interpreter, as in degradation.py)
+        with ProcessPoolExecutor(max_workers=min(jobs, len(names)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_landscape_job, jobs_kw))
+    else:
+        results = [_landscape_job(kw) for kw in jobs_kw]
+    for m, res in zip(names, results, strict=True):
+        res.info["train_err"] = final_metrics(out_dir / m)["train_err"]
+        if on_progress:
+            on_progress(f"{m}: {res.info['grid_points']} points in {res.info['grid_seconds']:.0f} s "
+                        f"({res.info['points_per_second']:.2f} points/s)")
+    files = plot_landscapes(results, out_dir / "landscape.png", formats=("png", "svg"),
+                            title=f"Loss landscape on digits train, after {epochs} epochs")
+    with open(out_dir / "landscape.csv", "w", newline="") as f:
+        f.write("model,a,b,loss,acc\n")
+    for r in results:  # every net's grid in one file
+        tmp = out_dir / f".{r.name}.csv"
+        write_landscape_csv(tmp, r)
+        with open(out_dir / "landscape.csv", "a") as f:
+            f.writelines(tmp.read_text().splitlines(keepends=True)[1:])
+        tmp.unlink()
+    md = roughness_markdown(results)
+    (out_dir / "roughness.md").write_text(md)
+    from resnetlab.analysis.degradation import write_rows_csv
+
+    write_rows_csv(out_dir / "roughness.csv", roughness_rows(results))
+    return ReproduceLandscapeResult(out_dir, results, [*files, out_dir / "landscape.csv",
+                                                      out_dir / "roughness.md", out_dir / "roughness.csv"], md)
+
+
+def _landscape_job(kw: dict[str, Any]) -> LandscapeResult:
+    return run_landscape(**kw)
+
+
+def roughness_rows(results: Sequence[LandscapeResult]) -> list[dict[str, Any]]:
+    """One row per net: training error, loss at the minimum, the roughness numbers."""
+    return [{"model": r.name, "train_err": r.info.get("train_err"), "loss_at_zero": r.loss_at_zero,
+             "second_difference": r.roughness["second_difference"],
+             "lambda_max": r.roughness.get("lambda_max"), "lambda_min": r.roughness.get("lambda_min"),
+             "ratio": r.roughness.get("ratio")} for r in results]
+
+
+def roughness_markdown(results: Sequence[LandscapeResult]) -> str:
+    """The roughness numbers as a Markdown table with a note on what each means."""
+    lines = ["| model | training error (%) | loss at w | mean abs 2nd difference | lambda_max | "
+             "lambda_min | abs(lambda_min / lambda_max) |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def f(v: Any, fmt: str = ".3g") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    for r in roughness_rows(results):
+        lines.append(f"| {r['model']} | {f(r['train_err'], '.2f')} | {f(r['loss_at_zero'], '.4f')} | "
+                     f"{f(r['second_difference'])} | {f(r['lambda_max'])} | {f(r['lambda_min'])} | "
+                     f"{f(r['ratio'])} |")
+    lines += ["", "Mean abs 2nd difference: mean |L(a+h) - 2L(a) + L(a-h)| / h^2 over the grid, both "
+              "axes. lambda: Hessian eigenvalues at the trained weights (power iteration on "
+              "Hessian-vector products); abs(lambda_min / lambda_max) near 0 = locally convex."]
+    return "\n".join(lines) + "\n"
