@@ -12,6 +12,8 @@ Cases (issue 7; targets are for a 2-core CPU):
   d  resnet50 inference, resnetlab fused vs torchvision eager, time   (<= 0.85x)
   e  grad checkpointing: peak memory (<= 0.5x) and step time (<= 1.35x)
   f  DDP, 2 processes vs 1, images/s                                  (no target)
+  serve  `resnetlab serve` at concurrency 1/8/32 vs in-process predict_images (>= 0.8 at 8),
+         micro-batching vs --max-batch 1; zero errors (benchmarks/bench_serve.py -> serve.json)
 
 Writes ``benchmarks/results/<case>.json`` and ``benchmarks/results/summary.md`` (the machine it
 ran on heads the table). A case that fails is recorded as an error and the others still run;
@@ -43,7 +45,7 @@ from benchmarks.common import (
     write_json,
 )
 
-ALL_CASES = ("a", "b", "c", "d", "e", "f")
+ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve")
 INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
 TITLES = {
     "a": "training images/s vs idiomatic loop",
@@ -52,6 +54,7 @@ TITLES = {
     "d": "resnet50 inference time, fused / torchvision eager",
     "e": "grad checkpointing, with / without",
     "f": "DDP images/s, 2 processes / 1",
+    "serve": "serve images/s over HTTP / in-process predict_images",
 }
 
 
@@ -164,9 +167,32 @@ def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str
              f"{r['without']['seconds_per_step']:.2f} s", f"{fmt_ratio(r['time_ratio'])}x", f"<= {t['time']}",
              _yes(r["time_ratio"] <= t["time"]), time_note],
         ]
+    if case == "serve":
+        return _serve_rows(p, r)
     return [[case, f"{r['model']}, global batch {r['global_batch']}",
              f"{fmt_rate(r['two_processes']['images_per_s'])} img/s",
              f"{fmt_rate(r['one_process']['images_per_s'])} img/s", f"{fmt_ratio(r['ratio'])}x", "-", "-", ""]]
+
+
+def _serve_rows(p: dict[str, Any], r: dict[str, Any]) -> list[list[str]]:
+    """(serve): one row per concurrency, server images/s vs in-process; batching in the note."""
+    mb = r["servers"]["micro_batching"]["runs"]
+    one = {x["concurrency"]: x for x in r["servers"]["max_batch_1"]["runs"]}
+    ref = r["in_process"]["images_per_s"]
+    rows = []
+    for x in mb:
+        ratio = x["images_per_s"] / ref
+        at_8 = x["concurrency"] == 8
+        errors = x["errors"] + x["dropped"] + one[x["concurrency"]]["errors"] + one[x["concurrency"]]["dropped"]
+        note = (f"p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms; --max-batch 1: "
+                f"{fmt_rate(one[x['concurrency']]['images_per_s'])} img/s, micro-batching "
+                f"{fmt_ratio(r['batching_speedup'][str(x['concurrency'])])}x that; errors {errors}")
+        rows.append(["serve", f"{r['model']} {r['input']}, concurrency {x['concurrency']}",
+                     f"{fmt_rate(x['images_per_s'])} img/s",
+                     f"{fmt_rate(ref)} img/s (in-process, batch {r['in_process']['batch']})",
+                     f"{fmt_ratio(ratio)}x", f">= {p['target']}" if at_8 else "-",
+                     _yes(ratio >= p["target"]) if at_8 else "-", note])
+    return rows
 
 
 def _earlier_results(cases: list[str], results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
@@ -208,7 +234,8 @@ def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], 
     lines += ["", "Reference column: (a) the idiomatic loop, (b) the machine's matmul, (c) the pure train "
               "step, (d) torchvision eager, (e) without grad checkpointing (resnetlab column: the default "
               "checkpointing, segments of ~sqrt(blocks) over all stages but the last; note: one "
-              "checkpoint per block over every stage), (f) one process. "
+              "checkpoint per block over every stage), (f) one process, (serve) the same images "
+              "through predict_images in-process in batches of 16. "
               "Details per case in `<case>.json`."]
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "summary.md"
@@ -271,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_ddp
 
         guarded(["f"], lambda: {"f": bench_ddp.run(args.quick, str(device))})
+    if "serve" in cases:
+        from benchmarks import bench_serve
+
+        guarded(["serve"], lambda: {"serve": bench_serve.run(args.quick, str(device))})
 
     seconds = time.perf_counter() - t0
     machine["other_work_cpu_share"] = others.share()

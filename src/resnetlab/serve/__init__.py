@@ -1,0 +1,71 @@
+"""``resnetlab serve``: a trained network behind an HTTP API and a web page.
+
+    resnetlab serve runs/digits                  # http://127.0.0.1:8000
+    curl -F file=@digit.png http://127.0.0.1:8000/v1/predict
+
+Built on Starlette (the ASGI app, :mod:`resnetlab.serve.app`) and uvicorn (the HTTP server).
+Concurrent requests are micro-batched (:mod:`resnetlab.serve.batcher`). SIGTERM or Ctrl-C stops
+accepting, finishes the requests in flight, and exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from resnetlab.serve.app import (
+    ApiError,
+    Limits,
+    ServeApp,
+    ServedModel,
+    create_app,
+    load_served_model,
+)
+
+
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+          max_batch: int = 16, max_wait_ms: float = 5.0, limits: Limits | None = None,
+          log_level: str = "warning", graceful_timeout_s: float | None = 30.0,
+          threads: int | None = None) -> int:
+    """Load the network at ``path`` and serve it until SIGTERM/SIGINT; returns the exit code 0.
+
+    Loading errors (a missing run, a broken checkpoint) raise before anything listens.
+    ``graceful_timeout_s`` bounds how long shutdown waits for requests in flight. ``threads``
+    sets torch's intra-op CPU threads (default: one per core).
+    """
+    import torch
+    import uvicorn
+
+    if threads:
+        torch.set_num_threads(threads)
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_wait_ms < 0:
+        raise ValueError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
+    served = load_served_model(path, device=device)
+    state = ServeApp(served, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits)
+    app = state.build()
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=graceful_timeout_s, server_header=False)
+    server = uvicorn.Server(config)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {served.config.model.name} from {path} on http://{shown}:{port} "
+          f"(max batch {max_batch}, max wait {max_wait_ms:g} ms); Ctrl-C or SIGTERM stops", flush=True)
+    # uvicorn drains the requests in flight, then re-raises the signal it caught so the process
+    # dies of it; with these no-op handlers in place that re-raise is a no-op and we exit 0.
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _f: caught.append(s))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise OSError(f"could not listen on {host}:{port} (see the message above)")
+    print(f"stopped ({', '.join(signal.Signals(s).name for s in dict.fromkeys(caught)) or 'shut down'}); "
+          f"answered {state.batcher.images} images", flush=True)
+    return 0
+
+
+__all__ = ["ApiError", "Limits", "ServeApp", "ServedModel", "create_app", "load_served_model", "serve"]

@@ -1,0 +1,507 @@
+"""``resnetlab serve`` as a real server process on a free localhost port, and a real browser.
+
+One server (module scope) answers every test; the last test stops it with SIGTERM while a request
+is in flight. The browser test drives Debian's headless ``chromium`` over the DevTools protocol;
+it fails (rather than skips) when chromium is missing and ``CI`` is set.
+
+Two environment variables help by hand: ``RESNETLAB_SERVE_RUN=runs/<digits run>`` serves that
+run instead of a 1-epoch one, and ``RESNETLAB_SCREENSHOT=docs/serve-page.png`` keeps the browser
+test's screenshot there.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import resnetlab
+from resnetlab.cli import main as cli_main
+from resnetlab.config import load
+from resnetlab.data.datasets import build_datasets
+
+pytestmark = pytest.mark.slow
+
+SERVER_FLAGS = ["--max-body-mb", "1", "--max-images", "4", "--max-pixels", "1000000",
+                "--max-wait-ms", "20", "--threads", os.environ.get("RESNETLAB_TEST_THREADS", "1")]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body: bytes | None = None, content_type: str | None = None,
+         method: str | None = None, timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+    """``(status, JSON body)`` of one request; HTTP errors are answers too."""
+    req = urllib.request.Request(url, data=body, method=method)
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def multipart(files: list[tuple[str, bytes]], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """``multipart/form-data`` body with one ``file`` part per ``(filename, bytes)``."""
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for key, value in (fields or {}).items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
+    for name, data in files:
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                  f"Content-Type: application/octet-stream\r\n\r\n".encode())
+        out.write(data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """A 1-epoch resnet20 on digits, or the run in ``RESNETLAB_SERVE_RUN``."""
+    if os.environ.get("RESNETLAB_SERVE_RUN"):
+        return Path(os.environ["RESNETLAB_SERVE_RUN"])
+    root = tmp_path_factory.mktemp("runs")
+    return resnetlab.train(None, [f"run.root={root}", "run.name=digits", "train.quiet=true",
+                                  "train.tensorboard=false", "train.epochs=1"]).run_dir
+
+
+@pytest.fixture(scope="module")
+def digit_files(digits_run: Path, tmp_path_factory) -> list[Path]:
+    """Six real test-split digits as 8x8 PNGs (the dataset's own pixels)."""
+    cfg = load(digits_run / "config.yaml")
+    test = build_datasets(cfg.data, seed=cfg.seed, needs=("test",)).test
+    folder = tmp_path_factory.mktemp("digits")
+    files = []
+    for i in range(6):
+        files.append(folder / f"digit{i}-label{int(test.labels[i])}.png")
+        Image.fromarray(test.images[i, 0].numpy(), "L").save(files[-1])
+    return files
+
+
+@pytest.fixture(scope="module")
+def server(digits_run: Path, tmp_path_factory) -> Server:
+    """``resnetlab serve`` in its own process on a free port, ready (warm-up done)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "resnetlab", "serve", str(digits_run),
+                                 "--port", str(port), *SERVER_FLAGS], stdout=out, stderr=subprocess.STDOUT)
+    srv = Server(f"http://127.0.0.1:{port}", port, proc, log)
+    deadline = time.monotonic() + 180  # importing torch on a busy 2-core machine takes a while
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{srv.output()}")
+        try:
+            if http(srv.url + "/readyz", timeout=5)[0] == 200:
+                break
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server not ready after 180 s:\n{srv.output()}")
+        time.sleep(0.2)
+    yield srv
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+
+def test_model_health_and_ready(server: Server, digits_run: Path) -> None:
+    assert http(server.url + "/healthz") == (200, {"status": "ok"})
+    assert http(server.url + "/readyz") == (200, {"status": "ready"})
+    status, info = http(server.url + "/v1/model")
+    assert status == 200
+    ckpt_file = Path(info["checkpoint"])
+    assert ckpt_file.parent == digits_run / "checkpoints"
+    assert info["checkpoint_sha256"] == hashlib.sha256(ckpt_file.read_bytes()).hexdigest()
+    assert info["model"] == "resnet20" and info["classes"] == [str(d) for d in range(10)]
+    assert info["in_chans"] == 1 and info["input_size"] == [8, 8] and len(info["mean"]) == 1
+    assert info["parameters"] > 200_000 and info["ready"] is True
+
+
+def test_predict_agrees_with_resnetlab_predict(server: Server, digits_run: Path, digit_files: list[Path],
+                                               capsys) -> None:
+    assert cli_main(["predict", str(digits_run), *map(str, digit_files), "--topk", "3", "--json"]) == 0
+    want = {Path(p["file"]).name: p for p in json.loads(capsys.readouterr().out)["predictions"]}
+    body, ctype = multipart([(f.name, f.read_bytes()) for f in digit_files[:4]])
+    status, got = http(server.url + "/v1/predict?topk=3", body, ctype)
+    assert status == 200 and got["model"] == "resnet20" and got["run"] == str(digits_run)
+    assert [r["name"] for r in got["results"]] == [f.name for f in digit_files[:4]]
+    raw = [http(server.url + "/v1/predict?topk=3", f.read_bytes(), "image/png")[1]["results"][0]
+           for f in digit_files[4:]]  # the raw-body form, one image each
+    for f, r in zip(digit_files, got["results"] + raw, strict=True):
+        p = want[f.name]
+        assert [t["label"] for t in r["top"]] == p["classes"] and [t["index"] for t in r["top"]] == p["indices"]
+        # Same fused net and preprocessing; only the batch composition differs (float32
+        # reductions in another order): differences are a few ulp of the logits.
+        assert np.allclose([t["probability"] for t in r["top"]], p["probs"], atol=1e-5)
+
+
+def test_explain_returns_overlay_for_top_or_requested_class(server: Server, digit_files: list[Path]) -> None:
+    data = digit_files[0].read_bytes()
+    status, top = http(server.url + "/v1/explain", data, "image/png")
+    assert status == 200
+    r = top["results"][0]
+    assert r["target"]["index"] == r["top"][0]["index"] and len(r["top"]) == 5
+    prefix = "data:image/png;base64,"
+    assert r["overlay_png"].startswith(prefix)
+    img = Image.open(io.BytesIO(base64.b64decode(r["overlay_png"][len(prefix):])))
+    assert img.size == (224, 224) and img.mode == "RGB"  # 8 px * 28, square pixels
+    other = str((r["top"][0]["index"] + 1) % 10)
+    body, ctype = multipart([("d.png", data)], {"target": other})
+    status, forced = http(server.url + "/v1/explain", body, ctype)
+    assert status == 200 and forced["results"][0]["target"]["label"] == other
+    status, bad = http(server.url + "/v1/explain?target=eleven", data, "image/png")
+    assert status == 400 and "target 'eleven'" in bad["error"]
+
+
+def _bomb() -> bytes:
+    """A 25-megapixel grey PNG of a few kB: tiny on the wire, 25 MB once decoded."""
+    return png_bytes(Image.new("L", (5000, 5000)))
+
+
+BAD_INPUTS = {  # name: (body, content type, status, words the message must contain)
+    "over the body limit": (b"\0" * (1_100_000), "image/png", 413, "--max-body-mb"),
+    "not an image": (b"just some text, no pixels", "image/png", 415, "not an image"),
+    "wrong content type": (b"{}", "application/json", 415, "application/json"),
+    "empty body": (b"", "image/png", 400, "empty image"),
+    "truncated": (None, "image/png", 400, "truncated"),
+    "decompression bomb": (None, "image/png", 400, "decompression bomb"),
+    "too many images": (None, None, 413, "--max-images"),
+    "bad topk": (None, None, 400, "topk"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_status_and_reason(server: Server, digit_files: list[Path], case: str) -> None:
+    body, ctype, want_status, words = BAD_INPUTS[case]
+    url = server.url + "/v1/predict"
+    good = digit_files[0].read_bytes()
+    if case == "truncated":
+        body = png_bytes(Image.fromarray(np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)))
+        body = body[: len(body) // 2]
+    elif case == "decompression bomb":
+        body = _bomb()
+        assert len(body) < 100_000
+    elif case == "too many images":
+        body, ctype = multipart([(f"d{i}.png", good) for i in range(5)])
+    elif case == "bad topk":
+        body, url = good, url + "?topk=0"
+        ctype = "image/png"
+    status, answer = http(url, body, ctype)
+    assert (status, answer["status"]) == (want_status, want_status), answer
+    assert words in answer["error"], answer
+    # ... and the server keeps answering others.
+    assert http(server.url + "/v1/predict", good, "image/png")[0] == 200
+
+
+def test_unknown_route_and_method_are_json(server: Server) -> None:
+    assert http(server.url + "/v2/nothing") == (404, {"error": "Not Found", "status": 404})
+    assert http(server.url + "/v1/predict")[0] == 405
+
+
+def test_concurrent_requests_share_batches(server: Server, digit_files: list[Path]) -> None:
+    before = http(server.url + "/v1/model")[1]["batching"]
+    data = [f.read_bytes() for f in digit_files]
+
+    def one(i: int) -> int:
+        return http(server.url + "/v1/predict", data[i % len(data)], "image/png")[0]
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(one, range(48)))
+    after = http(server.url + "/v1/model")[1]["batching"]
+    assert statuses == [200] * 48
+    assert after["images"] - before["images"] == 48
+    # 16 clients at once with a 20 ms collection window: images share forward passes.
+    assert after["batches"] - before["batches"] < 48
+
+
+def test_page_and_its_files_are_served_locally(server: Server) -> None:
+    with urllib.request.urlopen(server.url + "/") as r:
+        html = r.read().decode()
+        assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+    assert 'id="file"' in html and 'id="pad"' in html and 'id="bars"' in html
+    for name in ("app.js", "style.css"):
+        with urllib.request.urlopen(f"{server.url}/static/{name}") as r:
+            text = r.read().decode()
+        assert "http://" not in text and "https://" not in text  # no CDN: works offline
+    assert "http://" not in html and "https://" not in html
+
+
+def test_serve_cli_refuses_a_missing_run_and_bad_flags_in_one_line(tmp_path: Path, capsys) -> None:
+    assert cli_main(["serve", str(tmp_path / "no-such-run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resnetlab serve: error:") and "no-such-run" in err and "\n" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["serve", str(tmp_path), "--max-batch", "0"])
+    assert exit_info.value.code == 2 and "--max-batch must be > 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- explain CLI
+
+
+def test_explain_cli_writes_overlays_and_json(digits_run: Path, digit_files: list[Path], tmp_path: Path,
+                                              capsys) -> None:
+    out = tmp_path / "cams"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    code = cli_main(["explain", str(digits_run), *map(str, digit_files[:2]), str(bad), "--out", str(out),
+                     "--target", "3", "--topk", "2"])
+    captured = capsys.readouterr()
+    assert code == 1 and f"{bad}" in captured.err  # the unreadable file is named, the rest explained
+    summary = json.loads((out / "explain.json").read_text())
+    assert [e["overlay"] for e in summary["explanations"]] == [f"{f.stem}.cam.png" for f in digit_files[:2]]
+    assert all(e["target_class"] == "3" and len(e["probs"]) == 2 for e in summary["explanations"])
+    assert Image.open(out / f"{digit_files[0].stem}.cam.png").size == (224, 224)
+    assert cli_main(["explain", str(digits_run), str(digit_files[0]), "--target", "ten"]) == 2
+    assert "target 'ten'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- browser
+
+
+class Chromium:
+    """Headless chromium driven over the DevTools protocol (one page, one websocket)."""
+
+    def __init__(self, binary: str, profile: Path, width: int = 1200, height: int = 900) -> None:
+        import websocket
+
+        self.proc = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+             "--remote-debugging-port=0", "--remote-allow-origins=*", f"--user-data-dir={profile}",
+             f"--window-size={width},{height}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"{binary} did not open its DevTools port")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            page = next(t for t in json.loads(r.read()) if t["type"] == "page")
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        self.ids = 0
+        self.events: list[dict[str, Any]] = []
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self.ids += 1
+        self.ws.send(json.dumps({"id": self.ids, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.ids:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)  # console messages, exceptions, network requests
+
+    def eval(self, expression: str) -> Any:
+        r = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.eval(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"still false after {timeout} s: {expression}")
+
+    def close(self) -> None:
+        if getattr(self, "ws", None) is not None:
+            self.ws.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def chromium_binary() -> str:
+    """Debian's chromium; in CI its absence is a failure, elsewhere a skip."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("chromium is not installed; .ci/run installs it with apt-get (Debian package "
+                    "'chromium'), and the browser test must run in CI")
+    pytest.skip("chromium is not installed (apt-get install chromium); CI=true makes this a failure")
+
+
+# What the page shows: the top class, the bars (label, probability, text, drawn length over
+# the track's), and how colourful the heatmap is (share of
+# pixels whose channels differ by over 60 of 255: grey pixels do not count).
+READ_PAGE = """(async () => {
+  const img = document.getElementById('overlay');
+  await img.decode();
+  const c = document.createElement('canvas');
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const ctx = c.getContext('2d');
+  ctx.drawImage(img, 0, 0);
+  const px = ctx.getImageData(0, 0, c.width, c.height).data;
+  let coloured = 0;
+  for (let i = 0; i < px.length; i += 4) {
+    if (Math.max(px[i], px[i+1], px[i+2]) - Math.min(px[i], px[i+1], px[i+2]) > 60) coloured++;
+  }
+  return {
+    state: document.body.dataset.state,
+    status: document.getElementById('status').textContent,
+    label: document.getElementById('prediction').dataset.label,
+    bars: [...document.querySelectorAll('#bars li')].map(li => [li.dataset.label, +li.dataset.probability,
+           li.querySelector('.pct').textContent,
+           li.querySelector('.fill').getBoundingClientRect().width /
+           li.querySelector('.track').getBoundingClientRect().width]),
+    overlayWidth: img.naturalWidth,
+    colouredShare: coloured / (c.width * c.height),
+  };
+})()"""
+
+
+def test_browser_upload_shows_class_bars_and_heatmap(server: Server, digit_files: list[Path],
+                                                     tmp_path: Path) -> None:
+    browser = Chromium(chromium_binary(), tmp_path / "profile")
+    try:
+        browser.send("Runtime.enable")
+        browser.send("Log.enable")
+        browser.send("Network.enable")
+        browser.send("Page.enable")
+        browser.send("Page.navigate", url=server.url + "/")
+        browser.wait_for("document.body && document.body.dataset.state === 'idle'")
+        assert browser.eval("document.getElementById('draw').hidden") is False  # digits: 1 channel
+        # Upload a real digit through the file input, as a person picking a file would.
+        doc = browser.send("DOM.getDocument")["root"]["nodeId"]
+        node = browser.send("DOM.querySelector", nodeId=doc, selector="#file")["nodeId"]
+        browser.send("DOM.setFileInputFiles", nodeId=node, files=[str(digit_files[1])])
+        browser.wait_for("['done', 'error'].includes(document.body.dataset.state)")
+        page = browser.eval(READ_PAGE)
+        assert page["state"] == "done", page["status"]
+        api = http(server.url + "/v1/predict?topk=5", digit_files[1].read_bytes(), "image/png")[1]
+        top = api["results"][0]["top"]
+        assert page["label"] == top[0]["label"] and [b[0] for b in page["bars"]] == [t["label"] for t in top]
+        assert np.allclose([b[1] for b in page["bars"]], [t["probability"] for t in top], atol=1e-5)
+        for _, p, text, drawn_share in page["bars"]:  # the bar is as long as its probability
+            assert text.endswith("%") and abs(drawn_share - p) < 0.02
+        assert page["overlayWidth"] == 224 and page["colouredShare"] > 0.2  # a drawn heatmap
+        shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
+        assert Image.open(io.BytesIO(shot)).size[0] == 1200
+        if os.environ.get("RESNETLAB_SCREENSHOT"):
+            Path(os.environ["RESNETLAB_SCREENSHOT"]).write_bytes(shot)
+
+        # Draw a stroke on the pad with the mouse: predicted by itself after the debounce.
+        box = browser.eval("(() => { const r = document.getElementById('pad').getBoundingClientRect();"
+                           " return [r.left, r.top, r.width, r.height]; })()")
+        x0, y0 = box[0] + box[2] * 0.5, box[1] + box[3] * 0.15
+        browser.send("Input.dispatchMouseEvent", type="mousePressed", x=x0, y=y0, button="left", clickCount=1)
+        for k in range(1, 11):
+            browser.send("Input.dispatchMouseEvent", type="mouseMoved", x=x0, y=y0 + box[3] * 0.07 * k,
+                         button="left", buttons=1)
+        browser.send("Input.dispatchMouseEvent", type="mouseReleased", x=x0, y=y0 + box[3] * 0.7,
+                     button="left", clickCount=1)
+        browser.wait_for("document.body.dataset.state === 'done' && "
+                         "document.getElementById('status').textContent.startsWith('drawing.png')")
+        drawn = browser.eval(READ_PAGE)
+        assert len(drawn["bars"]) == 5 and drawn["colouredShare"] > 0.2
+
+        # Phone width: nothing sticks out sideways.
+        browser.send("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=2,
+                     mobile=True)
+        assert browser.eval("document.documentElement.scrollWidth <= window.innerWidth")
+
+        errors = [e for e in browser.events if e.get("method") == "Runtime.exceptionThrown"
+                  or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+        assert not errors, errors
+        urls = {e["params"]["request"]["url"] for e in browser.events
+                if e.get("method") == "Network.requestWillBeSent"}
+        assert urls and all(u.startswith((server.url, "data:", "blob:")) for u in urls), urls
+    finally:
+        browser.close()
+
+
+# ---------------------------------------------------------------------------------------------- last: SIGTERM
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(server: Server, digit_files: list[Path]) -> None:
+    """Runs last in this module: it stops the shared server."""
+    data = digit_files[2].read_bytes()
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(head + data[:10])  # the request is in flight: half its body still to come
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the listener closes first: no new connections
+            try:
+                socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("still accepting connections 30 s after SIGTERM")
+        assert server.proc.poll() is None  # ... but still finishing our request
+        sock.sendall(data[10:])
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 200"), reply[:300]
+    answer = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert answer["results"][0]["top"][0]["label"] in [str(d) for d in range(10)]
+    assert server.proc.wait(timeout=60) == 0, server.output()
+    assert "stopped (SIGTERM)" in server.output()
