@@ -14,6 +14,7 @@ Cases (issue 7; targets are for a 2-core CPU):
   f  DDP, 2 processes vs 1, images/s                                  (no target)
   serve  `resnetlab serve` at concurrency 1/8/32 vs in-process predict_images (>= 0.8 at 8),
          micro-batching vs --max-batch 1; zero errors (benchmarks/bench_serve.py -> serve.json)
+  landscape  loss-landscape grid points/s, batched (vmap) vs state-dict loop (no target)
 
 Writes ``benchmarks/results/<case>.json`` and ``benchmarks/results/summary.md`` (the machine it
 ran on heads the table). A case that fails is recorded as an error and the others still run;
@@ -45,7 +46,7 @@ from benchmarks.common import (
     write_json,
 )
 
-ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve")
+ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "landscape")
 INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
 TITLES = {
     "a": "training images/s vs idiomatic loop",
@@ -55,6 +56,7 @@ TITLES = {
     "e": "grad checkpointing, with / without",
     "f": "DDP images/s, 2 processes / 1",
     "serve": "serve images/s over HTTP / in-process predict_images",
+    "landscape": "landscape grid points/s, batched (vmap) / state-dict loop",
 }
 
 
@@ -169,6 +171,10 @@ def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str
         ]
     if case == "serve":
         return _serve_rows(p, r)
+    if case == "landscape":
+        return [[case, f"{r['model']}, {r['images']} images, {r['grid_points']} points, chunk {r['chunk']}",
+                 f"{r['batched']['points_per_s']:.2f} points/s", f"{r['loop']['points_per_s']:.2f} points/s",
+                 f"{fmt_ratio(r['ratio'])}x", "-", "-", f"|loss diff| {r['max_abs_loss_diff']:.0e}"]]
     return [[case, f"{r['model']}, global batch {r['global_batch']}",
              f"{fmt_rate(r['two_processes']['images_per_s'])} img/s",
              f"{fmt_rate(r['one_process']['images_per_s'])} img/s", f"{fmt_ratio(r['ratio'])}x", "-", "-", ""]]
@@ -235,7 +241,8 @@ def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], 
               "step, (d) torchvision eager, (e) without grad checkpointing (resnetlab column: the default "
               "checkpointing, segments of ~sqrt(blocks) over all stages but the last; note: one "
               "checkpoint per block over every stage), (f) one process, (serve) the same images "
-              "through predict_images in-process in batches of 16. "
+              "through predict_images in-process in batches of 16, (landscape) one load_state_dict + "
+              "forward per grid point. "
               "Details per case in `<case>.json`."]
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "summary.md"
@@ -302,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_serve
 
         guarded(["serve"], lambda: {"serve": bench_serve.run(args.quick, str(device))})
+    if "landscape" in cases:
+        from benchmarks import bench_landscape
+
+        guarded(["landscape"], lambda: {"landscape": bench_landscape.run(args.quick, str(device))})
 
     seconds = time.perf_counter() - t0
     machine["other_work_cpu_share"] = others.share()

@@ -155,8 +155,24 @@ def test_degradation_writes_table_figure_and_runs(degradation_run: tuple[Path, s
     assert md in printed + "\n" and "| plain20 | 20 | 2 |" in md and "| resnet20 | 20 | 2 |" in md
     assert_png_panels(out_dir / "degradation.png", panels=2)
     assert (out_dir / "degradation.svg").read_text().lstrip().startswith("<?xml")
+    assert_png_panels(out_dir / "depth.png", panels=2)  # error against depth: training | test
+    assert "depth.png" in printed
     doc = json.loads((out_dir / "experiment.json").read_text())
     assert doc["depths"] == [20] and doc["seeds"] == [0, 1] and doc["epochs"] == 2
+    assert doc["extra_models"] == []
+
+
+def test_extra_models_are_checked_and_placed_at_their_weighted_depth() -> None:
+    assert degradation.parse_extra_models("densenet_bc100, lesson_resnet18") == (
+        "densenet_bc100", "lesson_resnet18")
+    with pytest.raises(AnalysisError, match="unknown model"):
+        degradation.parse_extra_models("densenet_bc99")
+    with pytest.raises(AnalysisError, match="--depths"):
+        degradation.parse_extra_models("resnet56")
+    # the papers' depths: weighted layers on the main path, shortcut projections not counted
+    assert [degradation.weighted_depth(n) for n in ("resnet20", "plain56", "densenet_bc100", "densenet121")] \
+        == [20, 56, 100, 121]
+    assert degradation.family_depth("densenet_bc100", extra=True) == ("densenet_bc100", 100)
 
 
 def test_degradation_figure_solid_curves_are_test_when_every_run_has_it(tmp_path: Path) -> None:

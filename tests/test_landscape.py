@@ -18,6 +18,8 @@ from resnetlab.analysis.landscape import (
     hessian_extremes,
     landscape_batched,
     landscape_loop,
+    load_landscape,
+    plot_landscapes,
     second_difference,
 )
 from resnetlab.analysis.responses import ResponseStats, layer_response_stds, response_modules
@@ -197,6 +199,9 @@ def test_landscape_cli_writes_csv_figure_json(tiny_run: Path, tmp_path: Path, ca
     assert float(centre["loss"]) == pytest.approx(doc["loss_at_zero"], rel=1e-4)
     assert doc["bn"] == "batch" and doc["roughness"]["hvps"] == 4
     assert (out / "landscape.png").stat().st_size > 1000
+    back = load_landscape(out)  # the CSV and JSON give the grid back, for re-plotting
+    assert back.loss.shape == (3, 3) and float(back.loss[1, 1]) == pytest.approx(doc["loss_at_zero"], rel=1e-4)
+    assert plot_landscapes([back, back], tmp_path / "two.png")[0].stat().st_size > 1000
     code = main(["landscape", str(tiny_run), "--dims", "1", "--grid", "5", "--images", "8",
                  "--hessian-iters", "0", "--bn", "eval", "--out", str(out / "1d")])
     assert code == 0 and len(read_csv(out / "1d" / "landscape.csv")) == 5

@@ -375,6 +375,24 @@ def _run_landscape(path: str | Path, grid: int, span: float, dims: int, split: s
     return res
 
 
+def load_landscape(folder: str | Path) -> LandscapeResult:
+    """A :class:`LandscapeResult` back from a folder ``run_landscape`` wrote (landscape.csv and
+    landscape.json), e.g. to re-plot several nets: ``plot_landscapes([load_landscape(a), ...], png)``."""
+    folder = Path(folder).expanduser()
+    try:
+        doc = json.loads((folder / "landscape.json").read_text())
+        (name, grid), = read_landscape_csv(folder / "landscape.csv").items()
+    except (OSError, ValueError) as e:
+        raise AnalysisError(f"{folder}: not a landscape folder ({e})") from None
+    g, dims = int(doc["grid"]), int(doc["dims"])
+    shape = (g, g) if dims == 2 else (g,)
+    coords = grid["a"][:g]
+    info = {k: v for k, v in doc.items() if k not in ("loss_at_zero", "roughness")}
+    return LandscapeResult(name, folder, coords, dims, torch.tensor(grid["loss"]).view(shape),
+                           torch.tensor(grid["acc"]).view(shape), float(doc["loss_at_zero"]),
+                           dict(doc["roughness"]), info)
+
+
 def write_landscape_csv(path: Path, res: LandscapeResult) -> None:
     """One row per grid point: ``model, a, b, loss, acc`` (b empty for a 1-D landscape)."""
     with open(path, "w", newline="") as f:
@@ -425,7 +443,11 @@ def plot_landscapes(results: Sequence[LandscapeResult], path: str | Path,
         lo = min(float(r.loss.min()) for r in results)
         hi = max(float(r.loss.max()) for r in results)
         cap = min(hi, max(lo * 50, lo + 5.0))
-        loss_levels = np.geomspace(max(lo, 1e-4), cap, 16)
+        # Log-spaced levels over the common range, plus each net's own quartiles, so a net on
+        # a flat plateau (an untrained plain net sits near ln(classes)) still shows its contours;
+        # every panel uses the same union of levels.
+        own = [np.quantile(np.clip(r.loss.numpy(), None, cap), [0.1, 0.3, 0.5, 0.7, 0.9]) for r in results]
+        loss_levels = np.unique(np.round(np.concatenate([np.geomspace(max(lo, 1e-4), cap, 12), *own]), 4))
         acc_levels = np.linspace(0, 1, 11)
         for i, r in enumerate(results):
             a = np.asarray(r.coords)
