@@ -15,6 +15,8 @@ Cases (issue 7; targets are for a 2-core CPU):
   serve  `resnetlab serve` at concurrency 1/8/32 vs in-process predict_images (>= 0.8 at 8),
          micro-batching vs --max-batch 1; zero errors (benchmarks/bench_serve.py -> serve.json)
   landscape  loss-landscape grid points/s, batched (vmap) vs state-dict loop (no target)
+  pipeline  image-folder training pipeline vs torchvision's ImageFolder + transforms.v2,
+            images/s (ratio >= 1.3), and start-up on 100,000 files     (bench_pipeline.py)
 
 Writes ``benchmarks/results/<case>.json`` and ``benchmarks/results/summary.md`` (the machine it
 ran on heads the table). A case that fails is recorded as an error and the others still run;
@@ -46,7 +48,7 @@ from benchmarks.common import (
     write_json,
 )
 
-ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "landscape")
+ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "landscape", "pipeline")
 INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
 TITLES = {
     "a": "training images/s vs idiomatic loop",
@@ -57,6 +59,7 @@ TITLES = {
     "f": "DDP images/s, 2 processes / 1",
     "serve": "serve images/s over HTTP / in-process predict_images",
     "landscape": "landscape grid points/s, batched (vmap) / state-dict loop",
+    "pipeline": "image-folder pipeline images/s vs torchvision",
 }
 
 
@@ -131,7 +134,21 @@ def _b_note(r: dict[str, Any]) -> str:
     return f"convolutions alone {fmt_ratio(r['convolution_only_ratio'])}; time in {rest}"
 
 
+def _pipeline_rows(p: dict[str, Any], r: dict[str, Any]) -> list[list[str]]:
+    tp, su = r["throughput"], r["startup"]
+    check = (f"; with data.check_images=true {su['resnetlab_check_images_s']:.1f} s"
+             if "resnetlab_check_images_s" in su else "")
+    return [["pipeline", f"{tp['images']} JPEGs 500x375 -> {tp['crop']} px, batch {tp['batch']}",
+             f"{fmt_rate(tp['resnetlab']['images_per_s'])} img/s",
+             f"{fmt_rate(tp['torchvision']['images_per_s'])} img/s ({tp['workers']} workers)",
+             f"{fmt_ratio(tp['ratio'])}x", f">= {p['target']}", _yes(tp["ratio"] >= p["target"]),
+             f"start-up to the first batch on {su['files']:,} files: {su['resnetlab_s']:.1f} s vs "
+             f"ImageFolder {su['torchvision_s']:.1f} s{check}"]]
+
+
 def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str]]:
+    if case == "pipeline":
+        return _pipeline_rows(p, r)
     if case == "a":
         base = r["baseline"]
         workers = base.removeprefix("baseline_w")
@@ -242,7 +259,8 @@ def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], 
               "checkpointing, segments of ~sqrt(blocks) over all stages but the last; note: one "
               "checkpoint per block over every stage), (f) one process, (serve) the same images "
               "through predict_images in-process in batches of 16, (landscape) one load_state_dict + "
-              "forward per grid point. "
+              "forward per grid point, (pipeline) torchvision "
+              "ImageFolder + transforms.v2 with the same workers. "
               "Details per case in `<case>.json`."]
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "summary.md"
@@ -313,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_landscape
 
         guarded(["landscape"], lambda: {"landscape": bench_landscape.run(args.quick, str(device))})
+
+    if "pipeline" in cases:
+        from benchmarks import bench_pipeline
+
+        guarded(["pipeline"], lambda: {"pipeline": bench_pipeline.run(args.quick)})
 
     seconds = time.perf_counter() - t0
     machine["other_work_cpu_share"] = others.share()

@@ -447,15 +447,41 @@ def test_folder_workers_and_resume_are_deterministic(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["zero_byte", "truncated_jpeg", "text_as_png"])
-def test_folder_bad_image_error_or_counted_skip(tmp_path: Path, kind: str) -> None:
+def test_folder_bad_image_error_or_counted_skip_up_front(tmp_path: Path, kind: str) -> None:
     write_folder(tmp_path)
     bad = _bad_file(tmp_path / "train" / "cat", kind)
     with pytest.raises(DataError, match=str(bad)):
-        build_datasets(folder_cfg(tmp_path), seed=0)
-    ds = build_datasets(folder_cfg(tmp_path, on_bad_image="skip"), seed=0)
-    assert [f for f, _ in ds.skipped] == [str(bad)]
+        build_datasets(folder_cfg(tmp_path, check_images=True), seed=0)
+    ds = build_datasets(folder_cfg(tmp_path, on_bad_image="skip", check_images=True), seed=0)
+    assert [f for f, _ in ds.skipped] == [str(bad)] and ds.bad_files() == ds.skipped
     assert str(bad) not in ds.train.paths + ds.val.paths
     assert len(ds.train) + len(ds.val) == 8
+
+
+@pytest.mark.parametrize("kind", ["zero_byte", "truncated_jpeg", "text_as_png"])
+@pytest.mark.parametrize("train", [True, False])
+def test_folder_bad_image_found_while_reading(tmp_path: Path, kind: str, train: bool) -> None:
+    """Default start-up decodes nothing; the loader stops naming the file, or skips it,
+    counts it once and lists it in bad_files() (what result.json shows)."""
+    write_folder(tmp_path)
+    bad = _bad_file(tmp_path / "train" / "cat", kind)
+    ds = build_datasets(folder_cfg(tmp_path, val_fraction=0.0), seed=0)
+    assert str(bad) in ds.train.paths and not ds.bad_files()  # listed, not decoded
+    loader = build_loader(ds.train, ds.meta, folder_cfg(tmp_path), train=train, batch_size=3,
+                          device=CPU, seed=0)
+    with pytest.raises(BadImageError, match=rf"^{bad}: .*data.on_bad_image=skip") as err:
+        for epoch in range(4):  # train drops the tail batch: some epoch reads every file
+            collect(loader, epoch=epoch)
+    assert "\n" not in str(err.value)  # one line, not a worker traceback
+
+    skip_cfg = folder_cfg(tmp_path, on_bad_image="skip")
+    loader = build_loader(ds.train, ds.meta, skip_cfg, train=train, batch_size=3, device=CPU, seed=0)
+    sizes = [x.shape[0] for epoch in range(4) for x, _ in loader.iterate(epoch)]
+    assert [f for f, _ in ds.bad_files()] == [str(bad)]
+    if train:
+        assert 2 in sizes and set(sizes) <= {2, 3}  # the batch that held it is one short
+    else:
+        assert sum(sizes) == 4 * (len(ds.train) - 1)  # evaluation sees every other file
 
 
 def test_folder_layout_errors(tmp_path: Path) -> None:
@@ -607,12 +633,15 @@ def test_folder_decodes_only_the_needed_splits(tmp_path: Path, monkeypatch) -> N
     decoded: list[str] = []
     real = datasets_module.check_images
     monkeypatch.setattr(datasets_module, "check_images", lambda paths: decoded.extend(paths) or real(paths))
-    ds = build_datasets(folder_cfg(tmp_path), seed=0, needs=("test",))  # eval on test/
+    build_datasets(folder_cfg(tmp_path), seed=0)  # default: list and label, decode nothing
+    assert decoded == []
+    check = folder_cfg(tmp_path, check_images=True)
+    ds = build_datasets(check, seed=0, needs=("test",))  # eval on test/
     assert decoded and all("/test/" in p for p in decoded)
     assert len(ds.test) == 8 and str(bad) in ds.train.paths + ds.val.paths  # listed, not decoded
     decoded.clear()
     with pytest.raises(DataError, match=str(bad)):  # val is held out of train/: train is checked
-        build_datasets(folder_cfg(tmp_path), seed=0, needs=("val",))
+        build_datasets(check, seed=0, needs=("val",))
     assert any("/train/" in p for p in decoded)
     with pytest.raises(ValueError, match="unknown split"):
         build_datasets(folder_cfg(tmp_path), seed=0, needs=("tset",))

@@ -248,6 +248,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN|CKPT", help="run folder (best.pt, else last.pt) or checkpoint file")
     p.add_argument("--split", choices=("val", "test"), default="val", help="which held-out split (default val)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--out", metavar="DIR", help="write the report files here instead of the run folder "
+                                                "(for read-only runs)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="data.*/train.* changes to the stored config, e.g. data.root=~/data/x train.device=cpu")
 
@@ -257,7 +259,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from resnetlab.evaluate import evaluate_checkpoint, format_report
 
-    report = evaluate_checkpoint(args.path, args.split, args.overrides)
+    report = evaluate_checkpoint(args.path, args.split, args.overrides, out_dir=args.out)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 
@@ -306,13 +308,15 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
     p.add_argument("--format", required=True, choices=("safetensors", "torchscript", "onnx"))
     p.add_argument("--output", metavar="PATH", help="model file (default: <run>/<arch>.<ext>)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output (never a "
+                                                        "run's checkpoint)")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from resnetlab.export import ExportError, export_model
 
     try:
-        res = export_model(args.path, args.format, args.output)
+        res = export_model(args.path, args.format, args.output, force=args.force)
     except ExportError as e:
         print(f"resnetlab export: error: {e}", file=sys.stderr)
         return 1
@@ -336,12 +340,15 @@ def add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="PATH", help="checkpoint to write (default FILE.resnetlab.pt)")
     p.add_argument("--data-root", default="data/imagenet",
                    help="image folder (train/, val/) stored for eval (default data/imagenet)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output (never a "
+                                                        "run's checkpoint)")
 
 
 def run_import(args: argparse.Namespace) -> int:
     from resnetlab.importers import import_torchvision
 
-    res = import_torchvision(args.file, args.arch, args.classes, args.output, data_root=args.data_root)
+    res = import_torchvision(args.file, args.arch, args.classes, args.output, data_root=args.data_root,
+                             force=args.force)
     check = "not compared" if res.max_abs_diff is None else f"{res.max_abs_diff:.2e}"
     print(f"wrote {res.path} | {res.arch}, {res.num_classes} classes | max |resnetlab - torchvision| = {check}")
     return 0
@@ -735,6 +742,11 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
         return 141  # 128 + SIGPIPE, what a shell reports for a program killed by the broken pipe
+    except OSError as e:  # disk full, read-only, permission denied, a file where a folder should be
+        from resnetlab.outputs import describe_os_error
+
+        print(f"resnetlab {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

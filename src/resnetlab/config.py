@@ -60,6 +60,8 @@ class DataConfig:
     num_workers: int = 2  # folder data: DataLoader worker processes
     in_memory: bool = True  # keep small datasets on the device as one uint8 tensor
     on_bad_image: Literal["error", "skip"] = "error"  # unreadable image files: stop, or count and skip
+    check_images: bool = False  # folder data: decode every file before training (default: as read)
+    balance: bool = False  # draw classes equally often in training (seeded weighted sampler)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

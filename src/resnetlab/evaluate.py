@@ -24,10 +24,10 @@ from torch import nn
 from resnetlab import __version__
 from resnetlab.config import ConfigError, apply_overrides, parse_override
 from resnetlab.data import DataError, build_datasets, build_loader
-from resnetlab.engine.checkpoint import atomic_write
 from resnetlab.engine.metrics import SumMeter
 from resnetlab.inference import build_inference_model, output_dir, read_checkpoint
 from resnetlab.models import fuse_for_inference
+from resnetlab.outputs import write_output
 
 SPLITS = ("val", "test")
 OVERRIDE_SECTIONS = ("data.", "train.")  # the model itself comes from the checkpoint, never a flag
@@ -157,12 +157,12 @@ def plot_confusion(cm: torch.Tensor, classes: Sequence[str], path: str | Path, t
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    write_output(path, lambda f: f.write(buf.getvalue()))
 
 
 def _write_json(path: Path, doc: Any) -> None:
     text = json.dumps(doc, indent=2)
-    atomic_write(path, lambda f: f.write(text.encode()))
+    write_output(path, lambda f: f.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,12 +170,14 @@ def _write_json(path: Path, doc: Any) -> None:
 
 
 def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequence[str] = (),
-                        *, write: bool = True) -> EvalReport:
+                        *, write: bool = True, out_dir: str | Path | None = None) -> EvalReport:
     """Evaluate the run folder or checkpoint ``path`` on ``split`` of its own data.
 
     ``overrides`` are ``data.*`` / ``train.*`` ``key=value`` strings applied to the stored
     config (e.g. ``data.root=/new/place``, ``train.device=cpu``, ``train.eval_batch_size=64``).
-    With ``write`` the three files of the module docstring go to the run (or checkpoint) folder.
+    With ``write`` the three files of the module docstring go to ``out_dir`` (created if
+    needed), by default the run (or checkpoint) folder: pass one for a read-only run.
+    OS errors name the path (:class:`~resnetlab.outputs.OutputWriteError`).
     """
     from resnetlab.engine.fit import select_device
 
@@ -211,7 +213,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
     report = EvalReport(source=str(file), split=split, metrics=metrics, classes=list(meta.classes),
                         confusion=cm.tolist(), per_class=per_class)
     if write:
-        out = output_dir(path)
+        out = Path(out_dir).expanduser() if out_dir is not None else output_dir(path)
         files = {"json": out / f"eval-{split}.json", "confusion_json": out / f"confusion-{split}.json",
                  "confusion_png": out / f"confusion-{split}.png"}
         report.files = {k: str(v) for k, v in files.items()}

@@ -33,7 +33,6 @@ from torch import nn
 from resnetlab import __version__
 from resnetlab.config import Config, ConfigError, to_dict
 from resnetlab.data import DataMeta
-from resnetlab.engine.checkpoint import atomic_write
 from resnetlab.inference import (
     SAFETENSORS_CONFIG_KEY,
     SAFETENSORS_META_KEY,
@@ -42,6 +41,7 @@ from resnetlab.inference import (
     read_checkpoint,
 )
 from resnetlab.models import fuse_for_inference
+from resnetlab.outputs import check_output, write_output
 
 FORMATS: tuple[str, ...] = ("safetensors", "torchscript", "onnx")
 EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -158,17 +158,35 @@ def default_output(path: str | Path, cfg: Config, fmt: str) -> Path:
     return output_dir(path) / f"{cfg.model.name}{EXTENSIONS[fmt]}"
 
 
+def _output_paths(path: str | Path, output: str | Path | None, cfg: Config, fmt: str,
+                  file: Path, force: bool) -> tuple[Path, Path]:
+    """The model file and its ``.json``, both checked before any work (see outputs.py)."""
+    if output is None:
+        out = default_output(path, cfg, fmt)
+    else:
+        out = Path(output).expanduser()
+        if out.is_dir():
+            out = out / f"{cfg.model.name}{EXTENSIONS[fmt]}"
+    meta_path = out.with_name(out.name + ".json")
+    for p in (out, meta_path):
+        check_output(p, force=force, sources=[file], what="export")
+    return out, meta_path
+
+
 def export_model(path: str | Path, fmt: str, output: str | Path | None = None, *,
-                 tolerance: float = TOLERANCE, seed: int = 0) -> ExportResult:
+                 tolerance: float = TOLERANCE, seed: int = 0, force: bool = False) -> ExportResult:
     """Export the network at ``path`` (run folder or checkpoint) as ``fmt``; see module doc.
 
     ``output`` is the model file (a folder: ``<arch><ext>`` inside it); default
     :func:`default_output`. Raises :class:`ExportError`, writing nothing, when the export's
-    largest absolute difference from PyTorch exceeds ``tolerance``.
+    largest absolute difference from PyTorch exceeds ``tolerance``; an existing output (or its
+    ``.json``) is refused unless ``force``, a run's checkpoint or the source always
+    (:class:`~resnetlab.outputs.OutputError`).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     file, state, cfg, meta = read_checkpoint(path)
+    out, meta_path = _output_paths(path, output, cfg, fmt, file, force)
     reference = build_inference_model(state, cfg, meta, source=str(file))  # unfused, eval, CPU
     reference.requires_grad_(False)
     c, (h, w) = meta.in_chans, meta.input_size
@@ -182,13 +200,6 @@ def export_model(path: str | Path, fmt: str, output: str | Path | None = None, *
         fused = fuse_for_inference(reference)
         blob, run = _onnx(fused, example, meta) if fmt == "onnx" else _torchscript(fused, example)
     diff = parity(reference, run, inputs)
-
-    if output is None:
-        out = default_output(path, cfg, fmt)
-    else:
-        out = Path(output).expanduser()
-        if out.is_dir():
-            out = out / f"{cfg.model.name}{EXTENSIONS[fmt]}"
     if not diff <= tolerance:
         raise ExportError(
             f"{fmt} export of {file} fails its parity check: max |{fmt} - PyTorch| = {diff:.3g} "
@@ -217,10 +228,9 @@ def export_model(path: str | Path, fmt: str, output: str | Path | None = None, *
         "tolerance": tolerance,
         "parity_batches": list(PARITY_BATCHES),
     }
-    meta_path = out.with_name(out.name + ".json")
-    atomic_write(out, lambda f: f.write(blob))
+    write_output(out, lambda f: f.write(blob))
     text = json.dumps(metadata, indent=2)
-    atomic_write(meta_path, lambda f: f.write(text.encode()))
+    write_output(meta_path, lambda f: f.write(text.encode()))
     return ExportResult(out, meta_path, fmt, diff, metadata)
 
 

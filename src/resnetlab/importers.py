@@ -140,17 +140,21 @@ def _torchvision_parity(arch: str, state: Mapping[str, torch.Tensor], ours: torc
 
 def import_torchvision(file: str | Path, arch: str, classes: str | Path | None = None,
                        output: str | Path | None = None, *,
-                       data_root: str = DEFAULT_DATA_ROOT) -> ImportResult:
+                       data_root: str = DEFAULT_DATA_ROOT, force: bool = False) -> ImportResult:
     """Turn the torchvision state dict at ``file`` into a resnetlab checkpoint for ``arch``.
 
     ``classes``: a text file with one class name per line (as many as the classifier has
     outputs); default ``"0".."k-1"``. ``output``: the checkpoint to write, default
     ``<file stem>.resnetlab.pt`` beside ``file``. ``data_root`` is stored as ``data.root`` for
     ``eval`` (override it there). The class count and input channels are read off the weights.
+    An existing ``output`` is refused unless ``force``; a run's checkpoint or ``file`` always.
     """
     from resnetlab.inference import build_inference_model
+    from resnetlab.outputs import check_output
 
     src = Path(file).expanduser()
+    out = Path(output).expanduser() if output is not None else src.with_name(f"{src.stem}.resnetlab.pt")
+    check_output(out, force=force, sources=[src], what="imported checkpoint")
     _check_arch(arch)
     state = _unwrap_state(ckpt.load_checkpoint(src), src)
     fc, conv1 = state.get("fc.weight"), state.get("conv1.weight")
@@ -182,7 +186,6 @@ def import_torchvision(file: str | Path, arch: str, classes: str | Path | None =
         raise ckpt.CheckpointError(f"{src}: imported {arch} differs from torchvision's by {diff:.3g} "
                                    f"(> {PARITY_TOLERANCE:g}); not written")
 
-    out = Path(output).expanduser() if output is not None else src.with_name(f"{src.stem}.resnetlab.pt")
     ckpt.save_checkpoint({
         "model": model.state_dict(),
         "ema": None, "optimizer": None, "scaler": None, "meter": None, "rng": None,

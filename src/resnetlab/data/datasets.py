@@ -11,6 +11,7 @@ dicts, lists, strings, numbers and numpy arrays, so a planted pickle cannot run 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -112,6 +113,9 @@ class FileSplit:
 
     paths: list[str]
     labels: torch.Tensor  # [n] int64
+    # Files found unreadable while reading (data.on_bad_image=skip): file -> reason. Filled in
+    # by the loaders of this split, in the main process.
+    bad: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -126,6 +130,16 @@ class Datasets:
     test: ArraySplit | FileSplit | None  # None for a folder source without test/
     meta: DataMeta
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason), "skip" mode
+
+    def bad_files(self) -> list[tuple[str, str]]:
+        """Every file or folder left out so far, ``(path, reason)``, sorted by path: those
+        found while listing or by ``data.check_images=true``, and those the loaders found
+        unreadable while reading (``data.on_bad_image=skip``). For ``result.json``."""
+        found = dict(self.skipped)
+        for split in (self.train, self.val, self.test):
+            if isinstance(split, FileSplit):
+                found.update(split.bad)
+        return sorted(found.items())
 
 
 SPLITS = ("train", "val", "test")
@@ -270,6 +284,7 @@ class _CifarSpec:
     label_key: str  # key of the labels in a batch dict
     names_key: str  # key of the class names in the meta dict
     num_classes: int
+    max_bytes: int  # largest file or archive member read: about twice the official largest
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -288,11 +303,13 @@ _CIFAR: dict[str, _CifarSpec] = {
         name="cifar10", folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
         train_files=tuple(f"data_batch_{i}" for i in range(1, 6)), test_files=("test_batch",),
         meta_file="batches.meta", label_key="labels", names_key="label_names", num_classes=10,
+        max_bytes=64 * 2**20,  # official data_batch_*: 31 MB
     ),
     "cifar100": _CifarSpec(
         name="cifar100", folder="cifar-100-python", archive="cifar-100-python.tar.gz",
         train_files=("train",), test_files=("test",), meta_file="meta",
         label_key="fine_labels", names_key="fine_label_names", num_classes=100,
+        max_bytes=320 * 2**20,  # official train: 155 MB
     ),
 }
 
@@ -315,10 +332,36 @@ class _ForbiddenGlobal(pickle.UnpicklingError):
     pass
 
 
+class _TooLarge(pickle.UnpicklingError):
+    pass
+
+
+#: Most bytes one ``bytes(n)`` / ``bytearray(n)`` call in a pickle may create. Protocol-2
+#: pickles call ``bytes()`` for empty strings; ``bytes(8_000_000_000)`` in a 40-byte file would
+#: allocate 8 GB, so a size argument is capped (real data arrive as byte strings, not sizes).
+_MAX_SIZED_ALLOC = 2**20
+
+
+def _sized(kind: type) -> Callable[..., Any]:
+    def make(*args: Any) -> Any:
+        if args and isinstance(args[0], int) and not isinstance(args[0], bool) \
+                and args[0] > _MAX_SIZED_ALLOC:
+            raise _TooLarge(f"{kind.__name__}({args[0]}) would allocate {args[0]:,} bytes")
+        return kind(*args)
+    return make
+
+
+_SIZED = {("builtins", "bytes"): _sized(bytes), ("builtins", "bytearray"): _sized(bytearray)}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only :data:`_ALLOWED_GLOBALS` and refuses everything else."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # Python 2's name, written by protocol-2 pickles
+            module = "builtins"
+        if (module, name) in _SIZED:
+            return _SIZED[module, name]
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise _ForbiddenGlobal(f"{module}.{name}")
@@ -336,6 +379,11 @@ def safe_unpickle(data: bytes, source: str) -> Any:
         raise DataError(
             f"{source}: refused to load: the pickle references {e}, which a CIFAR batch never "
             "contains (loading it could run code); replace the file with the official one"
+        ) from None
+    except _TooLarge as e:
+        raise DataError(
+            f"{source}: refused to load: {e}, far more than a CIFAR batch holds; replace the "
+            "file with the official one"
         ) from None
     except Exception as e:  # a corrupt pickle can raise almost anything
         raise DataError(
@@ -389,9 +437,18 @@ def _read_cifar_folder(folder: Path, spec: _CifarSpec, root: Path) -> Callable[[
         )
 
     def read(name: str) -> bytes:
+        size = (folder / name).stat().st_size
+        if size > spec.max_bytes:
+            raise DataError(_too_big(folder / name, size, spec))
         return (folder / name).read_bytes()
 
     return read
+
+
+def _too_big(what: object, size: int, spec: _CifarSpec) -> str:
+    return (f"{what} is {size / 2**20:.0f} MiB, over the {spec.max_bytes / 2**20:.0f} MiB an "
+            f"official {spec.name} file can be (the largest is about half that); refusing to "
+            "read it into memory. Replace it with the file from the official archive")
 
 
 def _read_cifar_archive(archive: Path, spec: _CifarSpec) -> Callable[[str], bytes]:
@@ -403,6 +460,9 @@ def _read_cifar_archive(archive: Path, spec: _CifarSpec) -> Callable[[str], byte
             for member in tar:
                 name = wanted.get(member.name.removeprefix("./"))
                 if name is not None and member.isfile():
+                    if member.size > spec.max_bytes:  # the header's size, before reading
+                        raise DataError(_too_big(f"{archive}: member {member.name}",
+                                                 member.size, spec))
                     stream = tar.extractfile(member)
                     if stream is not None:
                         found[name] = stream.read()
@@ -507,24 +567,102 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _class_folders(split_dir: Path) -> list[Path]:
-    return sorted(p for p in split_dir.iterdir() if p.is_dir() and _visible(p.name))
+def _inside(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or below it (both resolved)."""
+    return path == folder or folder in path.parents
 
 
-def _image_files(class_dir: Path) -> list[str]:
-    """Image files under ``class_dir`` (recursively, sorted, hidden entries ignored)."""
-    out: list[str] = []
-    for parent, dirs, files in os.walk(class_dir, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if _visible(d))
-        out.extend(
-            os.path.join(parent, f) for f in sorted(files) if _visible(f) and is_image_file(f)
-        )
-    return out
+class _Lister:
+    """Lists one split's image files with links checked; folders that cannot be listed are an
+    error, or, with ``skip``, collected in :attr:`unreadable` as ``(folder, reason)``.
+
+    Links are followed, except that a link resolving inside ``data.root`` but outside its own
+    class folder is an error (it would label another class's or split's image as this class),
+    and so is a folder reached twice in one split (a symlink loop, or two links to one folder:
+    its images would count twice, possibly under two classes). Links leading outside
+    ``data.root`` (a link farm over a central image store) are followed.
+    """
+
+    def __init__(self, root: Path, split_dir: Path, *, skip: bool) -> None:
+        self.root, self.split_dir, self.skip = root.resolve(), split_dir, skip
+        self.seen: dict[Path, str] = {}  # real folder -> the path it was first reached by
+        self.unreadable: list[tuple[str, str]] = []
+
+    def _entries(self, folder: Path, skip: bool) -> list[os.DirEntry[str]] | None:
+        try:
+            with os.scandir(folder) as it:
+                return sorted((e for e in it if _visible(e.name)), key=lambda e: e.name)
+        except OSError as e:
+            reason = f"cannot list folder ({e.strerror or e})"
+            if not skip:
+                raise DataError(f"{folder}: {reason}; fix its permissions or remove it, or set "
+                                "data.on_bad_image=skip to leave it out (it is then listed in "
+                                "result.json)") from None
+            self.unreadable.append((str(folder), reason))
+            return None
+
+    def _enter(self, folder: Path, own: Path) -> None:
+        """Record ``folder`` as visited: an error when reached before or when it leaves its
+        class folder for another place inside data.root."""
+        real = folder.resolve()
+        if real in self.seen:
+            raise DataError(
+                f"{folder} leads to {real}, already listed as {self.seen[real]}: a symlink loop "
+                "or a second link to one folder, whose images would count twice; remove the link")
+        if _inside(real, self.root) and not _inside(real, own):
+            raise DataError(
+                f"{folder} is a link to {real}, outside its class folder {own} but inside "
+                f"data.root: its images would be labelled {own.name!r}; remove the link")
+        self.seen[real] = str(folder)
+
+    def class_folders(self) -> list[Path]:
+        """The class folders of the split (an unreadable split folder is always an error)."""
+        entries = self._entries(self.split_dir, skip=False) or []
+        return [Path(e.path) for e in entries if _is_dir(e)]
+
+    def image_files(self, class_dir: Path) -> list[str]:
+        """Image files under ``class_dir``, recursively, in os.walk's top-down sorted order."""
+        own = class_dir.resolve()
+        if _inside(own, self.root) and not _inside(own, self.split_dir.resolve()):
+            raise DataError(f"class folder {class_dir} is a link to {own}, outside its split "
+                            f"{self.split_dir}; remove the link")
+        out: list[str] = []
+        stack = [class_dir]
+        while stack:
+            folder = stack.pop()
+            self._enter(folder, own)
+            entries = self._entries(folder, self.skip)
+            if entries is None:
+                continue
+            subdirs: list[Path] = []
+            for e in entries:
+                if e.is_symlink() and not _is_dir(e):  # a linked file: where does it lead?
+                    target = Path(e.path).resolve()
+                    if _inside(target, self.root) and not _inside(target, own):
+                        raise DataError(
+                            f"{e.path} is a link to {target}, outside its class folder {class_dir} "
+                            f"but inside data.root: it would be labelled {class_dir.name!r}; "
+                            "remove the link")
+                if _is_dir(e):
+                    subdirs.append(Path(e.path))
+                elif is_image_file(e.name):
+                    out.append(e.path)
+            stack.extend(reversed(subdirs))  # the first sub-folder is listed next
+        return out
 
 
-def _scan_split(split_dir: Path, classes: Sequence[str] | None) -> tuple[list[str], list[int]]:
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows links; a dangling link is not a folder
+    except OSError:
+        return False
+
+
+def _scan_split(
+    split_dir: Path, classes: Sequence[str] | None, lister: _Lister
+) -> tuple[list[str], list[int]]:
     """Paths and labels of one split folder. ``classes`` None: this is train and defines them."""
-    folders = _class_folders(split_dir)
+    folders = lister.class_folders()
     if not folders:
         raise DataError(
             f"{split_dir} has no class folders; expected {split_dir}/<class name>/<image files>"
@@ -540,8 +678,9 @@ def _scan_split(split_dir: Path, classes: Sequence[str] | None) -> tuple[list[st
     paths: list[str] = []
     labels: list[int] = []
     for folder in folders:
-        files = _image_files(folder)
-        if not files:
+        before = len(lister.unreadable)
+        files = lister.image_files(folder)
+        if not files and len(lister.unreadable) == before:
             raise DataError(
                 f"class folder {folder} holds no images ({' '.join(IMAGE_EXTENSIONS)}); add "
                 "images or remove it: an empty class would shift every later label id"
@@ -563,22 +702,10 @@ def check_images(paths: Sequence[str]) -> list[str | None]:
         return list(pool.map(check_image, paths, chunksize=64))
 
 
-def _build_folder(cfg: DataConfig, seed: int, needs: set[str]) -> Datasets:
-    if cfg.root is None:
-        raise DataError("data.root is required for data.name=folder")
-    root = Path(cfg.root).expanduser()
-    train_dir = root / "train"
-    if not train_dir.is_dir():
-        raise DataError(f"{train_dir} is not a folder; expected {root}/train/<class>/<images>")
-    scanned = {"train": _scan_split(train_dir, None)}
-    classes = tuple(f.name for f in _class_folders(train_dir))
-    for split in ("val", "test"):
-        if (root / split).is_dir():
-            scanned[split] = _scan_split(root / split, classes)
-
-    # Decode every needed file now, so a bad image stops the run (or is skipped) before training.
-    if "val" in needs and "val" not in scanned:
-        needs = needs | {"train"}  # val is held out of the checked train files
+def _check_up_front(
+    scanned: dict[str, tuple[list[str], list[int]]], needs: set[str], cfg: DataConfig, root: Path
+) -> list[tuple[str, str]]:
+    """data.check_images=true: decode every needed file now; drop (skip) or stop on bad ones."""
     skipped: list[tuple[str, str]] = []
     for split, (paths, labels) in scanned.items():
         if split not in needs:
@@ -595,6 +722,32 @@ def _build_folder(cfg: DataConfig, seed: int, needs: set[str]) -> Datasets:
         skipped.extend(bad)
         good = [i for i, r in enumerate(reasons) if r is None]
         scanned[split] = ([paths[i] for i in good], [labels[i] for i in good])
+    return skipped
+
+
+def _build_folder(cfg: DataConfig, seed: int, needs: set[str]) -> Datasets:
+    """List and label the files (no decoding: 100,000 files take about a second); bad files
+    are found as the loaders read them, or all up front with ``data.check_images=true``."""
+    if cfg.root is None:
+        raise DataError("data.root is required for data.name=folder")
+    root = Path(cfg.root).expanduser()
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"{train_dir} is not a folder; expected {root}/train/<class>/<images>")
+    skip = cfg.on_bad_image == "skip"
+    listers = {"train": _Lister(root, train_dir, skip=skip)}
+    scanned = {"train": _scan_split(train_dir, None, listers["train"])}
+    classes = tuple(f.name for f in listers["train"].class_folders())
+    for split in ("val", "test"):
+        if (root / split).is_dir():
+            listers[split] = _Lister(root, root / split, skip=skip)
+            scanned[split] = _scan_split(root / split, classes, listers[split])
+    skipped = [u for lister in listers.values() for u in lister.unreadable]
+
+    if cfg.check_images:
+        if "val" in needs and "val" not in scanned:
+            needs = needs | {"train"}  # val is held out of the checked train files
+        skipped += _check_up_front(scanned, needs, cfg, root)
 
     def as_split(paths: list[str], labels: list[int]) -> FileSplit:
         return FileSplit(paths=list(paths), labels=torch.tensor(labels, dtype=torch.int64))
@@ -631,6 +784,24 @@ def _build_folder(cfg: DataConfig, seed: int, needs: set[str]) -> Datasets:
 # Evaluation preprocessing (shared by the folder loader and predict)
 
 
+#: Largest intermediate image of the evaluation resize, in pixels. Resizing the SHORT side to
+#: ``resize`` multiplies a thin image's long side: a 20000x1 strip would become 5,120,000x256
+#: (1.3 G pixels, ~4 GiB). 16 M pixels allows aspect ratios up to 256:1 at resize=256.
+MAX_RESIZED_PIXELS: int = 16 * 2**20
+
+
+def resize_too_large(width: int, height: int, short_side: int) -> str | None:
+    """Why resizing a ``width`` x ``height`` image's short side to ``short_side`` is refused."""
+    short, long = min(width, height), max(width, height)
+    new_long = math.ceil(long * short_side / max(short, 1))
+    if new_long * short_side > MAX_RESIZED_PIXELS:
+        return (f"a {width}x{height} image (aspect ratio {long / max(short, 1):.0f}:1) would "
+                f"become {new_long}x{short_side} = {new_long * short_side / 1e6:.0f} M pixels "
+                f"when its short side is resized to {short_side}, over the limit of "
+                f"{MAX_RESIZED_PIXELS / 1e6:.0f} M; crop it to a less extreme shape")
+    return None
+
+
 def eval_transform(img: Image.Image, meta: DataMeta) -> torch.Tensor:
     """One decoded image -> uint8 ``[c, h, w]`` the way evaluation sees it.
 
@@ -643,6 +814,9 @@ def eval_transform(img: Image.Image, meta: DataMeta) -> torch.Tensor:
     img = to_mode(img, meta.in_chans)
     h, w = meta.input_size
     if meta.resize is not None:
+        reason = resize_too_large(img.width, img.height, meta.resize)
+        if reason:
+            raise DataError(reason)
         img = TF.center_crop(TF.resize(img, [meta.resize], antialias=True), [h, w])
     elif img.size != (w, h):
         resample = Image.Resampling.BOX if meta.name == "digits" else Image.Resampling.BILINEAR

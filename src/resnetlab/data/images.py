@@ -10,21 +10,35 @@ Every failure names the file. Mode conversion rules (all to 8 bits per channel):
 - 32-bit integer ``I`` (how some decoders hand out 16-bit PNGs): values <= 255 are taken as
   8-bit, <= 65535 as 16-bit (``/ 257``), larger ranges are scaled by their maximum.
 - 32-bit float ``F``: values in [0, 1] are scaled by 255, otherwise clipped to [0, 255].
+
+EXIF orientation (phone photos) is applied on reading, as ``ImageOps.exif_transpose``: the
+pixels come back the way a photo viewer shows them.
+
+Work per image is capped before decoding: at most :data:`MAX_PIXELS` pixels (PIL's own bomb
+check allows up to ~179 M, which with mode conversions costs gigabytes per worker).
 """
 
 from __future__ import annotations
 
+import io
+import math
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: File name endings read as images (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 )
+
+#: Largest image decoded, in pixels (width x height): 64 Mpx covers 50 Mpx phone cameras, and
+#: one decoded RGB copy is then at most 192 MiB (a 16-bit grey one 512 MiB while converting).
+MAX_PIXELS: int = 64 * 2**20
 
 # What PIL raises for unreadable files: unknown format (UnidentifiedImageError is an OSError),
 # truncated data (OSError), broken headers (SyntaxError, ValueError, struct.error, EOFError,
@@ -55,11 +69,38 @@ def _describe(err: BaseException) -> str:
     return text.split("\n", 1)[0]
 
 
+def too_large(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` pixels is refused, or ``None`` when it is not."""
+    if width * height > MAX_PIXELS:
+        return (f"{width}x{height} = {width * height / 1e6:.0f} M pixels is over the limit of "
+                f"{MAX_PIXELS / 1e6:.0f} M (decoding it would take "
+                f"{3 * width * height / 2**30:.1f} GiB or more); downscale it first")
+    return None
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) of an opened image; 1 (upright) when absent or broken."""
+    try:
+        value = img.getexif().get(0x0112, 1)  # 0x0112: Orientation
+        return int(value) if value in range(1, 9) else 1
+    except Exception:  # a broken EXIF block must not make a readable image unreadable
+        return 1
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (as ``ImageOps.exif_transpose``); a no-op when upright."""
+    if exif_orientation(img) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode the image at ``path`` (pixels loaded, file closed).
+    """Open and fully decode the image at ``path`` (pixels loaded, file closed, EXIF
+    orientation applied).
 
     Raises :class:`BadImageError` ``"<path>: <reason>"`` for a missing, zero-byte, truncated
-    or non-image file. The mode is left as stored; see :func:`to_mode`.
+    or non-image file, or one over :data:`MAX_PIXELS`. The mode is left as stored; see
+    :func:`to_mode`.
     """
     path = Path(path)
     try:
@@ -68,9 +109,12 @@ def load_image(path: str | Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                reason = too_large(*img.size)  # from the header: nothing decoded yet
+                if reason:
+                    raise BadImageError(f"{path}: {reason}")
                 img.load()  # decode now: truncation shows up here, not in a worker later
                 # copy() detaches the pixels from the file (and keeps info, e.g. transparency).
-                return img.copy()
+                return _upright(img).copy()
     except BadImageError:
         raise
     except FileNotFoundError:
@@ -92,15 +136,105 @@ def check_image(path: str | Path) -> str | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                reason = too_large(*img.size)
+                if reason:
+                    return reason
                 img.verify()
             with Image.open(path) as img:  # verify() leaves the image unusable: reopen
                 img.load()
-                to_rgb(img)  # an exotic mode PIL cannot convert fails here, not in a worker
+                to_rgb(_upright(img))  # an exotic mode PIL cannot convert fails here, not in a worker
     except FileNotFoundError:
         return "file not found"
     except _PIL_ERRORS as e:
         return f"cannot read image ({_describe(e)})"
     return None
+
+
+def _draft_scale(crop_h: int, crop_w: int, size: tuple[int, int]) -> int:
+    """Largest libjpeg scale-down (8, 4, 2, else 1) that keeps the crop at least ``size``."""
+    for r in (8, 4, 2):
+        if crop_h >= r * size[0] and crop_w >= r * size[1]:
+            return r
+    return 1
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found") from None
+    except OSError as e:
+        raise BadImageError(f"{path}: cannot read file ({e.strerror or e})") from None
+    if not data:
+        raise BadImageError(f"{path}: empty file (0 bytes)")
+    return data
+
+
+def _fast_jpeg(data: bytes, path: str, in_chans: int, pick_box: BoxPicker,
+               size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int, int, int]] | None:
+    """``(pixels uint8 [c, h', w'], crop box in them)`` for a plain upright RGB or grey JPEG,
+    else ``None`` (the caller then takes the general path)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+
+    with Image.open(io.BytesIO(data)) as img:
+        # MPO: a JPEG with extra pictures (many phone cameras); the first picture is the photo.
+        if img.format not in ("JPEG", "MPO") or img.mode not in ("RGB", "L") \
+                or exif_orientation(img) != 1:
+            return None
+        reason = too_large(*img.size)
+        if reason:
+            raise BadImageError(f"{path}: {reason}")
+        width, height = img.size
+        top, left, h, w = pick_box(height, width)
+        r = _draft_scale(h, w, size)
+        if r > 1:  # libjpeg decodes at 1/r scale: the crop shrinks before full-size conversion
+            img.draft(img.mode, (math.ceil(width / r), math.ceil(height / r)))
+            img.load()
+            sy, sx = img.height / height, img.width / width
+            box = (math.floor(top * sy), math.floor(left * sx),
+                   max(1, round(h * sy)), max(1, round(w * sx)))
+            return TF.pil_to_tensor(to_mode(img, in_chans)), box
+    mode = ImageReadMode.RGB if in_chans == 3 else ImageReadMode.GRAY
+    pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    return pixels, (top, left, h, w)  # [c, H, W] uint8, libjpeg-turbo straight to a tensor
+
+
+#: ``pick_box(height, width) -> (top, left, h, w)``: the crop to take from an image of that size.
+BoxPicker = Callable[[int, int], tuple[int, int, int, int]]
+
+
+def read_resized_crop(path: str | Path, in_chans: int, pick_box: BoxPicker,
+                      size: tuple[int, int]) -> torch.Tensor:
+    """Decode ``path``, take the crop ``pick_box(height, width)`` chooses and resize it to
+    ``size`` ``(h, w)`` (bilinear, antialiased): uint8 ``[in_chans, h, w]``.
+
+    The training path. Plain upright RGB/grey JPEGs are read fast: the header is parsed first
+    and the crop chosen; when the crop is at least twice ``size`` on both sides libjpeg decodes
+    at 1/2, 1/4 or 1/8 scale (PIL's draft mode), otherwise torchvision's libjpeg-turbo
+    ``decode_jpeg`` decodes straight to a tensor. Every other file (PNG, CMYK, EXIF-rotated,
+    ...) goes through :func:`read_image`. Errors: :class:`BadImageError` naming the file.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    path = str(path)
+    data = _read_bytes(path)
+    found = None
+    if data[:2] == b"\xff\xd8":  # JPEG start-of-image marker
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                found = _fast_jpeg(data, path, in_chans, pick_box, size)
+        except BadImageError:
+            raise
+        except (RuntimeError, *_PIL_ERRORS) as e:  # decode_jpeg: RuntimeError on bad data
+            raise BadImageError(f"{path}: cannot read image ({_describe(e)})") from None
+    if found is None:
+        img = read_image(path, in_chans)
+        found = TF.pil_to_tensor(img), pick_box(img.height, img.width)
+    pixels, (top, left, h, w) = found
+    crop = pixels[:, top : top + h, left : left + w]  # [c, h, w] view
+    return TF.resize(crop, list(size), antialias=True).contiguous()  # [c, size_h, size_w] uint8
 
 
 def _to_8bit_grey(img: Image.Image) -> Image.Image:
@@ -172,6 +306,8 @@ def read_image(path: str | Path, in_chans: int = 3) -> Image.Image:
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "BadImageError", "DataError", "check_image", "is_image_file",
-    "load_image", "read_image", "to_mode", "to_rgb",
+    "IMAGE_EXTENSIONS", "MAX_PIXELS", "BadImageError", "DataError", "check_image",
+    "exif_orientation", "is_image_file", "load_image", "read_image", "read_resized_crop",
+    "to_mode", "to_rgb",
+    "too_large",
 ]

@@ -16,14 +16,15 @@ after the loop, weighted by :meth:`num_samples`).
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Iterator
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from resnetlab.config import DataConfig
@@ -35,7 +36,9 @@ from resnetlab.data.augment import (
     sample_resized_crop,
 )
 from resnetlab.data.datasets import ArraySplit, DataMeta, FileSplit, eval_transform
-from resnetlab.data.images import DataError, read_image
+from resnetlab.data.images import BadImageError, DataError, read_image, read_resized_crop
+
+log = logging.getLogger("resnetlab")
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images [b, c, h, w] float32, labels [b] int64
 
@@ -92,10 +95,15 @@ def build_loader(
 
 
 class _BatchPlan:
-    """Which sample indices each batch of an epoch holds, for one rank."""
+    """Which sample indices each batch of an epoch holds, for one rank.
+
+    ``weights`` (training only): per-sample draw weights; an epoch is then ``n`` indices drawn
+    with replacement from ``(seed, "balance", epoch)`` instead of a permutation (data.balance).
+    """
 
     def __init__(
-        self, n: int, batch_size: int, *, train: bool, seed: int, rank: int, world_size: int
+        self, n: int, batch_size: int, *, train: bool, seed: int, rank: int, world_size: int,
+        weights: torch.Tensor | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
@@ -103,6 +111,7 @@ class _BatchPlan:
             raise DataError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
         self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
         self.rank, self.world_size = rank, world_size
+        self.weights = weights if train else None  # [n] float64, or None
         if train:
             if batch_size % world_size:
                 raise DataError(
@@ -127,7 +136,11 @@ class _BatchPlan:
         return self.num_batches * self.local if self.train else self.shard_size
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        """``[n]`` int64 CPU sample order of a training epoch."""
+        """``[n]`` int64 CPU sample order of a training epoch (with ``weights``: a seeded
+        weighted draw with replacement, a pure function of ``(seed, epoch)`` too)."""
+        if self.weights is not None:
+            gen = make_generator(self.seed, "balance", epoch)
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=gen)
         return torch.randperm(self.n, generator=make_generator(self.seed, "perm", epoch))
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
@@ -145,6 +158,22 @@ class _BatchPlan:
             for b in range(start_batch, self.num_batches):
                 start = self.shard_start + b * self.local
                 yield b, torch.arange(start, min(start + self.local, end))
+
+
+def balance_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights ``1 / (samples of its class)``: every class is drawn equally often.
+
+    ``labels``: ``[n]`` int64 -> ``[n]`` float64 (multinomial normalises them).
+    """
+    counts = torch.bincount(labels.cpu())  # [classes]
+    return 1.0 / counts[labels.cpu()].double()
+
+
+def _plan(split: ArraySplit | FileSplit, cfg: DataConfig, *, train: bool, batch_size: int,
+          seed: int, rank: int, world_size: int) -> _BatchPlan:
+    weights = balance_weights(split.labels) if train and cfg.balance else None
+    return _BatchPlan(len(split), batch_size, train=train, seed=seed, rank=rank,
+                      world_size=world_size, weights=weights)
 
 
 def _finish(x: torch.Tensor, meta: DataMeta, channels_last: bool) -> torch.Tensor:
@@ -187,9 +216,8 @@ class InMemoryLoader:
         self.padding = cfg.augment.crop_padding
         self.flip = cfg.augment.flip
         self.augment = train and (self.padding > 0 or self.flip)
-        self.plan = _BatchPlan(
-            len(split), batch_size, train=train, seed=seed, rank=rank, world_size=world_size
-        )
+        self.plan = _plan(split, cfg, train=train, batch_size=batch_size, seed=seed, rank=rank,
+                          world_size=world_size)
         self.seed = seed
         store = device if cfg.in_memory else torch.device("cpu")
         self.images = split.images.to(store)  # [n, c, h, w] uint8
@@ -224,9 +252,17 @@ class InMemoryLoader:
 # Image folders through torch's DataLoader
 
 
+Sample = tuple[torch.Tensor | None, int, tuple[str, str] | None]  # pixels, label, (file, why)
+
+
 class _FileDataset(Dataset):
     """Decodes one image per key ``(index, epoch)``; the crop is seeded by ``(seed, epoch,
-    index)``, so it does not depend on which worker decodes it, or in which order."""
+    index)``, so it does not depend on which worker decodes it, or in which order.
+
+    An unreadable file does not raise in the worker (where the error would come back wrapped
+    in a traceback): the sample comes back as ``(None, label, (file, reason))`` and the loader
+    in the main process stops or skips (data.on_bad_image).
+    """
 
     def __init__(self, split: FileSplit, meta: DataMeta, cfg: DataConfig, *, train: bool,
                  seed: int) -> None:
@@ -240,25 +276,60 @@ class _FileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def train_transform(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        """Random-resized crop + flip (torchvision v2 functional ops) -> uint8 [c, s, s]."""
-        from torchvision.transforms.v2 import functional as TF
+    def train_sample(self, path: str, generator: torch.Generator) -> torch.Tensor:
+        """Random-resized crop + flip -> uint8 [c, s, s]; the crop is drawn from the image's
+        size before decoding, so JPEGs can be decoded at reduced scale."""
+        def pick_box(height: int, width: int) -> tuple[int, int, int, int]:
+            return sample_resized_crop(height, width, self.scale, self.ratio, generator)
 
-        top, left, h, w = sample_resized_crop(img.height, img.width, self.scale, self.ratio,
-                                              generator)
-        img = TF.resized_crop(img, top, left, h, w, list(self.meta.input_size), antialias=True)
+        x = read_resized_crop(path, self.meta.in_chans, pick_box, self.meta.input_size)
         if self.flip and bool(torch.rand(1, generator=generator) < 0.5):
-            img = TF.horizontal_flip(img)
-        return TF.pil_to_tensor(img)  # [c, s, s] uint8
+            x = x.flip(-1)
+        return x
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
         index, epoch = key
-        img = read_image(self.paths[index], self.meta.in_chans)  # BadImageError names the file
-        if self.train:
-            x = self.train_transform(img, make_generator(self.seed, "crop", epoch, index))
-        else:
-            x = eval_transform(img, self.meta)
-        return x, self.labels[index]
+        path = self.paths[index]
+        try:
+            if self.train:
+                x = self.train_sample(path, make_generator(self.seed, "crop", epoch, index))
+            else:
+                x = eval_transform(read_image(path, self.meta.in_chans), self.meta)
+        except BadImageError as e:  # "<path>: <reason>"
+            return None, self.labels[index], (path, str(e).removeprefix(f"{path}: "))
+        except DataError as e:  # decoded, but refused by the preprocessing (e.g. too thin)
+            return None, self.labels[index], (path, str(e))
+        return x, self.labels[index], None
+
+
+def normalize_batch(x: torch.Tensor, meta: DataMeta, channels_last: bool) -> torch.Tensor:
+    """:func:`~resnetlab.data.augment.normalize` (bit for bit: the same float32 scale and
+    shift, the same two roundings) into one freshly allocated, NHWC-if-asked float32 tensor:
+    one allocation and three passes instead of four allocations, for the CPU path."""
+    c = x.shape[-3]
+    mean = torch.tensor(meta.mean, dtype=torch.float32)  # [c]
+    std = torch.tensor(meta.std, dtype=torch.float32)  # [c]
+    fmt = torch.channels_last if channels_last and x.ndim == 4 else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=torch.float32, memory_format=fmt)
+    out.copy_(x)  # uint8 -> float32 and the layout change in one pass
+    out.mul_((1.0 / (255.0 * std)).view(c, 1, 1))
+    return out.add_((-mean / std).view(c, 1, 1))
+
+
+Collated = tuple[torch.Tensor | None, torch.Tensor, list[tuple[str, str]]]
+
+
+def _collate(samples: list[Sample], meta: DataMeta | None = None,
+             channels_last: bool = True) -> Collated:
+    """``(images of the readable samples or None, labels [b], [(file, reason)])``: images are
+    uint8 ``[b, c, s, s]``, or, with ``meta`` (CPU training: no device to do it on, so the
+    workers do it in parallel), already normalised float32."""
+    good = [(x, y) for x, y, _ in samples if x is not None]
+    bad = [b for _, _, b in samples if b is not None]
+    x = torch.stack([x for x, _ in good]) if good else None
+    if x is not None and meta is not None:
+        x = normalize_batch(x, meta, channels_last)
+    return x, torch.tensor([y for _, y in good], dtype=torch.int64), bad
 
 
 class _PlanSampler(Sampler[list[tuple[int, int]]]):
@@ -307,14 +378,17 @@ class FolderLoader:
     ) -> None:
         self.batch_size = batch_size
         self.meta, self.device, self.channels_last = meta, device, channels_last
-        self.plan = _BatchPlan(
-            len(split), batch_size, train=train, seed=seed, rank=rank, world_size=world_size
-        )
+        self.plan = _plan(split, cfg, train=train, batch_size=batch_size, seed=seed, rank=rank,
+                          world_size=world_size)
         self.sampler = _PlanSampler(self.plan)
+        self.split, self.train, self.skip = split, train, cfg.on_bad_image == "skip"
         workers = cfg.num_workers
         self.loader = DataLoader(
             _FileDataset(split, meta, cfg, train=train, seed=seed),
             batch_sampler=self.sampler,
+            # On a CPU device the workers normalise too; an accelerator does it on arrival.
+            collate_fn=partial(_collate, meta=meta if device.type == "cpu" else None,
+                               channels_last=channels_last),
             num_workers=workers,
             pin_memory=device.type == "cuda",
             worker_init_fn=_seed_worker if workers else None,
@@ -330,10 +404,31 @@ class FolderLoader:
 
     def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self.sampler.set(epoch, start_batch)
-        for x, y in self.loader:  # x [b, c, s, s] uint8, y [b] int64, on the CPU
+        for b, (x, y, bad) in enumerate(self.loader, start=start_batch):
+            # x [b, c, s, s] uint8 (None: nothing readable), y [b] int64, on the CPU
+            self._bad(bad)
+            if x is None:
+                if self.train:  # an empty step would shift every later step of the plan
+                    raise DataError(
+                        f"every image of training batch {b} (epoch {epoch + 1}) is unreadable, "
+                        f"e.g. {bad[0][0]}; run with data.check_images=true to leave all bad "
+                        "files out before training")
+                continue
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            yield _finish(x, self.meta, self.channels_last), y
+            yield (x if x.is_floating_point() else _finish(x, self.meta, self.channels_last)), y
+
+    def _bad(self, bad: list[tuple[str, str]]) -> None:
+        """Stop on the first unreadable file, or record it in the split (skip)."""
+        for path, reason in bad:
+            if not self.skip:
+                raise BadImageError(
+                    f"{path}: {reason}. Fix or remove it, or set data.on_bad_image=skip to leave "
+                    "unreadable files out (they are then listed in result.json)")
+            if path not in self.split.bad:
+                log.warning("skipping unreadable image %s: %s", path, reason)
+                self.split.bad[path] = reason
 
 
-__all__ = ["FolderLoader", "InMemoryLoader", "Loader", "build_loader"]
+__all__ = ["FolderLoader", "InMemoryLoader", "Loader", "balance_weights", "build_loader",
+           "normalize_batch"]

@@ -306,7 +306,7 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
                        test_loader)
     result = Result(run_dir, state["epoch"], state["step"], val, _best(state), test)
     if dist.is_main:
-        _write_result(run_dir, result, data.skipped)
+        _write_result(run_dir, result, data.bad_files())
     if writer is not None:
         writer.close()
     barrier()

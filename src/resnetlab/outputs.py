@@ -1,0 +1,93 @@
+"""Writing the files that ``export``, ``import`` and ``eval`` produce: never over a run's
+checkpoint, never over an existing file without ``force``, and operating-system errors as one
+line that names the path (disk full, read-only folder, permission denied, a file where a
+folder should be).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO
+
+from resnetlab.config import ConfigError
+from resnetlab.engine.checkpoint import CHECKPOINT_DIR, atomic_write
+
+
+class OutputError(ConfigError):
+    """An output path is refused (it exists, or it is a run's checkpoint); nothing was written."""
+
+
+class OutputWriteError(OSError):
+    """The operating system refused a write; ``str()`` is one line naming the path."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}{_HINTS.get(self.errno or 0, '')}"
+
+
+_HINTS = {
+    errno.ENOSPC: " (disk full: free space or write elsewhere; nothing already saved was changed)",
+    errno.EDQUOT: " (disk quota exceeded; nothing already saved was changed)",
+    errno.EROFS: " (read-only file system: write elsewhere)",
+    errno.EACCES: " (no permission to write there: write elsewhere)",
+    errno.EPERM: " (no permission to write there: write elsewhere)",
+    errno.ENOTDIR: " (a file stands where a folder should be)",
+    errno.EEXIST: " (a file stands where a folder should be)",
+}
+
+
+def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
+    """``"<path>: <reason> (<hint>)"`` for ``err``, naming ``err.filename`` or else ``path``."""
+    where = err.filename if err.filename is not None else path
+    reason = err.strerror or str(err)
+    hint = _HINTS.get(err.errno or 0, "")
+    return f"{where}: {reason}{hint}" if where is not None else f"{reason}{hint}"
+
+
+def is_run_checkpoint(path: str | Path) -> bool:
+    """True for a file inside a run folder's ``checkpoints/`` folder (``last.pt``, ``best.pt``,
+    ``epoch_*.pt``): such files are never overwritten by an export or import."""
+    p = Path(path).expanduser().absolute()
+    return p.parent.name == CHECKPOINT_DIR
+
+
+def check_output(path: str | Path, *, force: bool, sources: Iterable[str | Path] = (),
+                 what: str = "output") -> Path:
+    """Refuse ``path`` as an output when it is a run's checkpoint or one of ``sources`` (always),
+    or an existing file (unless ``force``). Returns ``path`` expanded."""
+    p = Path(path).expanduser()
+    real = p.resolve()
+    for src in sources:
+        if Path(src).expanduser().resolve() == real:
+            raise OutputError(f"{p} is the file being read; write the {what} to another path")
+    if is_run_checkpoint(p):
+        raise OutputError(f"{p} is a training run's checkpoint and is never overwritten; write "
+                          f"the {what} to another path")
+    if p.is_dir():
+        raise OutputError(f"{p} is a folder; name a file for the {what}")
+    if p.exists() and not force:
+        raise OutputError(f"{p} already exists; pass --force to overwrite it, or choose another "
+                          "path")
+    return p
+
+
+def write_output(path: str | Path, write_fn: Callable[[IO[bytes]], object]) -> None:
+    """:func:`~resnetlab.engine.checkpoint.atomic_write` (temp file, fsync, rename: an existing
+    file is untouched on failure), with OS errors raised as :class:`OutputWriteError` naming
+    ``path``."""
+    try:
+        atomic_write(path, write_fn)
+    except OSError as e:
+        if isinstance(e, OutputWriteError):
+            raise
+        code = e.errno or errno.EIO
+        where = Path(path)
+        if e.filename is not None and not Path(str(e.filename)).name.startswith(f".{where.name}."):
+            where = Path(str(e.filename))  # e.g. the file standing where a folder should be
+        raise OutputWriteError(code, e.strerror or os.strerror(code), str(where)) from None
+
+
+__all__ = ["OutputError", "OutputWriteError", "check_output", "describe_os_error",
+           "is_run_checkpoint", "write_output"]
