@@ -14,9 +14,9 @@ Cases (issue 7; targets are for a 2-core CPU):
   f  DDP, 2 processes vs 1, images/s                                  (no target)
   serve  `resnetlab serve` at concurrency 1/8/32 vs in-process predict_images (>= 0.8 at 8),
          micro-batching vs --max-batch 1; zero errors (benchmarks/bench_serve.py -> serve.json)
-  landscape  loss-landscape grid points/s, batched (vmap) vs state-dict loop (no target)
   pipeline  image-folder training pipeline vs torchvision's ImageFolder + transforms.v2,
             images/s (ratio >= 1.3), and start-up on 100,000 files     (bench_pipeline.py)
+  landscape  loss-landscape grid points/s, batched (vmap) vs state-dict loop (no target)
 
 Writes ``benchmarks/results/<case>.json`` and ``benchmarks/results/summary.md`` (the machine it
 ran on heads the table). A case that fails is recorded as an error and the others still run;
@@ -48,7 +48,7 @@ from benchmarks.common import (
     write_json,
 )
 
-ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "landscape", "pipeline")
+ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "pipeline", "landscape", "scale")
 INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
 TITLES = {
     "a": "training images/s vs idiomatic loop",
@@ -58,8 +58,9 @@ TITLES = {
     "e": "grad checkpointing, with / without",
     "f": "DDP images/s, 2 processes / 1",
     "serve": "serve images/s over HTTP / in-process predict_images",
-    "landscape": "landscape grid points/s, batched (vmap) / state-dict loop",
     "pipeline": "image-folder pipeline images/s vs torchvision",
+    "scale": "multi-node scaling efficiency (model)",
+    "landscape": "landscape grid points/s, batched (vmap) / state-dict loop",
 }
 
 
@@ -186,6 +187,8 @@ def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str
              f"{r['without']['seconds_per_step']:.2f} s", f"{fmt_ratio(r['time_ratio'])}x", f"<= {t['time']}",
              _yes(r["time_ratio"] <= t["time"]), time_note],
         ]
+    if case == "scale":
+        return _scale_rows(p, r)
     if case == "serve":
         return _serve_rows(p, r)
     if case == "landscape":
@@ -197,6 +200,19 @@ def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str
              f"{fmt_rate(r['one_process']['images_per_s'])} img/s", f"{fmt_ratio(r['ratio'])}x", "-", "-", ""]]
 
 
+def _scale_rows(p: dict[str, Any], r: dict[str, Any]) -> list[list[str]]:
+    """(scale): efficiency at 8 and 64 nodes of 8 GPUs; the loopback check as a note on the first."""
+    by_nodes = {row["nodes"]: row for row in r["nodes"]}
+    e = [f"{n}x8: {by_nodes[n]['efficiency_no_overlap']:.2f}-{by_nodes[n]['efficiency_overlap']:.2f}"
+         for n in (8, 64) if n in by_nodes]
+    note = ""
+    if r is p["results"][0] and "loopback" in p:
+        lb = p["loopback"]
+        note = (f"loopback 2 x resnet20: measured {lb['measured_step_ms']:.0f} ms/step vs modelled "
+                f"{lb['predicted_step_ms']:.0f} ms ({lb['measured_over_predicted']:.2f}x)")
+    return [["scale", f"{r['model']}, {r['batch_per_worker']}/worker, step {r['step_ms']:.0f} ms "
+             f"({r.get('step_time', 'measured')}), {r['grad_bytes'] / 2**20:.1f} MiB grads, "
+             f"{r['node_gbit']:g} Gb/s per node", "; ".join(e), "ideal 1.00", "-", "-", "-", note]]
 def _serve_rows(p: dict[str, Any], r: dict[str, Any]) -> list[list[str]]:
     """(serve): one row per concurrency, server images/s vs in-process; batching in the note."""
     mb = r["servers"]["micro_batching"]["runs"]
@@ -258,9 +274,10 @@ def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], 
               "step, (d) torchvision eager, (e) without grad checkpointing (resnetlab column: the default "
               "checkpointing, segments of ~sqrt(blocks) over all stages but the last; note: one "
               "checkpoint per block over every stage), (f) one process, (serve) the same images "
-              "through predict_images in-process in batches of 16, (landscape) one load_state_dict + "
-              "forward per grid point, (pipeline) torchvision "
-              "ImageFolder + transforms.v2 with the same workers. "
+              "through predict_images in-process in batches of 16, (pipeline) torchvision "
+              "ImageFolder + transforms.v2 with the same workers, (landscape) one "
+              "load_state_dict + forward per grid point, (scale) the efficiency range for "
+              "no overlap - full backward overlap of the all-reduce (formula in scale_model.py). "
               "Details per case in `<case>.json`."]
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "summary.md"
@@ -327,15 +344,20 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_serve
 
         guarded(["serve"], lambda: {"serve": bench_serve.run(args.quick, str(device))})
-    if "landscape" in cases:
-        from benchmarks import bench_landscape
-
-        guarded(["landscape"], lambda: {"landscape": bench_landscape.run(args.quick, str(device))})
 
     if "pipeline" in cases:
         from benchmarks import bench_pipeline
 
         guarded(["pipeline"], lambda: {"pipeline": bench_pipeline.run(args.quick)})
+    if "landscape" in cases:
+        from benchmarks import bench_landscape
+
+        guarded(["landscape"], lambda: {"landscape": bench_landscape.run(args.quick, str(device))})
+
+    if "scale" in cases:
+        from benchmarks import scale_model
+
+        guarded(["scale"], lambda: {"scale": scale_model.run(args.quick, str(device))})
 
     seconds = time.perf_counter() - t0
     machine["other_work_cpu_share"] = others.share()

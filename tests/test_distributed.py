@@ -84,11 +84,11 @@ def _torchrun(args: list[str], cwd: Path, *, max_restarts: int = 0) -> subproces
     test runs on one machine do not collide)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            f"--max-restarts={max_restarts}", *args]
-    # torchrun keeps one TCPStore across --max-restarts rounds by default, and a restarted gloo
-    # group can read the dead round's peer addresses from it and fail to connect (pytorch#135712;
-    # here 5 of 7 restarts failed without this variable, 0 of 7 with it): with sharing off, each
-    # round gets a fresh store.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    # torchrun keeps one TCPStore across --max-restarts rounds (pytorch#135712); the restart
+    # below works without TORCH_DISABLE_SHARE_RDZV_TCP_STORE because init_from_env gives every
+    # round's process group a key prefix of its own (tests/test_multinode.py has more).
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    env["OMP_NUM_THREADS"] = "1"
     try:
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=LAUNCH_TIMEOUT_S)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +50,81 @@ def init_from_env(device_type: str) -> DistInfo:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+        timeout = datetime.timedelta(minutes=10)
+        store = _round_store(rank, world_size, timeout)
+        if store is None:  # not under an elastic agent's shared store: env:// as usual
+            tdist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            tdist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                     timeout=timeout)
     if rank != 0:
         log.setLevel(logging.WARNING)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+ROUND_PREFIX = "resnetlab/round"  # keys of one restart round live under f"{ROUND_PREFIX}{n}/"
+
+
+def _round_store(rank: int, world_size: int, timeout: datetime.timedelta) -> tdist.Store | None:
+    """A view of torchrun's shared store that only this restart round's workers write to.
+
+    Since torch 2.5 the elastic agent of node 0 hosts one TCPStore for the whole job
+    (``TORCHELASTIC_USE_AGENT_STORE=True``) and every restart round's process group reuses it, so
+    a restarted group can read the dead round's keys (gloo peer addresses, NCCL unique ids) and
+    connect to processes that no longer exist (pytorch#135712). ``TORCHELASTIC_RESTART_COUNT``
+    cannot name the round: each agent counts its own restarts, and a node that restarts because a
+    peer failed or a replacement node joined does not count (one node says 1, another 0). So the
+    round number is agreed in the store itself (:func:`_agree_round`) and the process group gets
+    a ``PrefixStore`` for it. ``None`` when the agent does not share its store (no torchrun, or
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): rank 0 then hosts a fresh store every round.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                           is_master=False, timeout=timeout)
+    n = _agree_round(store, rank, world_size, timeout)
+    return tdist.PrefixStore(f"{ROUND_PREFIX}{n}/", store)
+
+
+def _agree_round(store: tdist.Store, rank: int, world_size: int, timeout: datetime.timedelta,
+                 poll_s: float = 0.02) -> int:
+    """A number no earlier round used, the same on every rank of this round (a handshake).
+
+    Rank 0 draws it from a counter (``store.add`` never hands out a value twice). Every other
+    rank posts a fresh random token under its rank and waits for the answer under that token:
+    keys a dead round may have left (a token nobody answered, an answer nobody read) are never
+    mistaken for this round's, because rank 0 answers every token it sees until each rank has
+    confirmed under the new round's own prefix.
+    """
+    if rank != 0:
+        token = uuid.uuid4().hex
+        store.set(f"resnetlab/hello/{rank}", token)
+        n = int(store.get(f"resnetlab/answer/{token}"))  # waits up to the store's timeout
+        store.set(f"{ROUND_PREFIX}{n}/joined/{rank}", "1")
+        return n
+    n = store.add("resnetlab/rounds", 1)
+    answered: dict[int, str] = {}
+    pending = set(range(1, world_size))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while pending:
+        for r in sorted(pending):
+            if store.check([f"{ROUND_PREFIX}{n}/joined/{r}"]):
+                pending.discard(r)
+            elif store.check([f"resnetlab/hello/{r}"]):
+                token = store.get(f"resnetlab/hello/{r}").decode()
+                if answered.get(r) != token:  # a new token: this round's rank r, or a stale one
+                    store.set(f"resnetlab/answer/{token}", str(n))
+                    answered[r] = token
+        if pending:
+            # A newer round has begun (this process outlived its agent): stop answering, or
+            # this round's number would reach the new round's ranks.
+            if store.add("resnetlab/rounds", 0) != n:
+                raise RuntimeError(f"restart round {n} was superseded before every rank joined")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {sorted(pending)} did not join restart round {n} of the "
+                                   f"process group within {timeout}")
+            time.sleep(poll_s)
+    return n
 
 
 def shutdown() -> None:
