@@ -358,7 +358,8 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def add_reproduce(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="the paper's experiments: degradation (Fig. 6), cifar-table (Table 6), landscape, responses (Fig. 7)",
+    p = sub.add_parser("reproduce", help="experiments: degradation (Fig. 6), cifar-table (Table 6), landscape, "
+                                         "responses (Fig. 7), transfer (fine-tuning)",
                        description="Reproduce an experiment of He et al. 2015.")
     exp = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     d = exp.add_parser("degradation", help="plain vs residual nets: figure + table of final errors",
@@ -397,6 +398,18 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     rs.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     rs.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
     rs.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
+    t = exp.add_parser("transfer", help="pretrain on digits 0-4, then learn 5-9 from N images per class four ways",
+                       description="Pretrain resnet20 on digits 0-4 (one net per seed), then train on digits "
+                                   "5-9 with N labelled images per class: from scratch, linear probe, full "
+                                   "fine-tune, stem frozen. Writes runs/transfer-digits-<time>/ with table.md, "
+                                   "table.csv, transfer.png; prints the table.")
+    t.add_argument("--n", default="5,10,20,50", help="labelled images per class (default 5,10,20,50)")
+    t.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
+    t.add_argument("--ways", default="scratch,probe,finetune,stem-frozen", help="which ways (default all four)")
+    t.add_argument("--steps", type=int, default=100, help="optimiser steps per fine-tuning run (default 100)")
+    t.add_argument("--pretrain-epochs", type=int, default=30, help="epochs of pretraining (default 30)")
+    t.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. run.root=out")
     c = exp.add_parser("cifar-table", help="Table 6: resnet20..110 on local CIFAR-10, ours vs the paper's",
                        description="Train the packaged recipes cifar10_resnet{20,32,44,56,110} on local CIFAR-10 "
                                    "files and print our test error next to the paper's. For GPUs: prints "
@@ -437,6 +450,14 @@ def run_reproduce(args: argparse.Namespace) -> int:
         print(res.markdown)
         print(f"{res.figure} | {res.out_dir / 'depth.png'} | {res.out_dir / 'table.md'} | "
               f"{res.out_dir / 'table.csv'} | {res.seconds:.0f} s")
+        return res.exit_code
+    if args.experiment == "transfer":
+        from resnetlab.analysis.transfer import run_transfer
+
+        res = run_transfer(args.n, args.seeds, args.ways, steps=args.steps, pretrain_epochs=args.pretrain_epochs,
+                           overrides=args.overrides, jobs=args.jobs)
+        print(res.markdown)
+        print(f"{res.figure} | {res.out_dir / 'table.md'} | {res.out_dir / 'table.csv'} | {res.seconds:.0f} s")
         return res.exit_code
     from resnetlab.analysis import run_cifar_table
 

@@ -39,6 +39,11 @@ class ModelConfig:
     checkpoint_every: int = 0  # blocks per checkpointed segment; 0 = about sqrt(stage blocks)
     checkpoint_stages: int | None = -1  # checkpoint stages[:n]; -1 = all but the last; None = all
     drop_rate: float = 0.0  # dropout before the classifier, probability
+    # Fine-tuning: start from these weights (run folder, .pt/.safetensors checkpoint, torchvision
+    # .pth state dict, timm / Hugging Face model.safetensors). Weights only: a new run.
+    init_from: str | None = None
+    init_sha256: str | None = None  # SHA-256 of the init_from file; filled in at the start, or set to pin it
+    init_preprocess: Literal["weights", "data"] = "weights"  # normalise as the weights were trained, or by the data
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class DataConfig:
     on_bad_image: Literal["error", "skip"] = "error"  # unreadable image files: stop, or count and skip
     check_images: bool = False  # folder data: decode every file before training (default: as read)
     balance: bool = False  # draw classes equally often in training (seeded weighted sampler)
+    classes: tuple[str, ...] = ()  # keep only these class names, relabelled 0..k-1 in this order; () = all
+    train_per_class: int = 0  # keep this many training images per class (seeded draw); 0 = all
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -84,6 +91,8 @@ class OptimConfig:
     clip_grad_norm: float | None = None  # max global L2 norm of the gradients, None = off
     ema_decay: float | None = None  # exponential moving average of weights per step, e.g. 0.999
     fused: bool = True  # torch's fused update kernel (CPU, CUDA) where the parameters allow it
+    backbone_lr_scale: float = 1.0  # lr of everything but the classifier = optim.lr * this
+    layer_decay: float = 1.0  # lr *= this per stage below the head (stem lowest); 1 = off
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,8 @@ class TrainConfig:
     quiet: bool = False  # no progress bar
     tensorboard: bool = True  # write event files when tensorboard is installed
     threads: int = 0  # torch CPU threads, 0 = torch's default
+    freeze: tuple[str, ...] = ()  # module prefixes kept fixed: stem, layer1.., backbone (all but fc)
+    unfreeze_at_epoch: int | None = None  # two-phase: train.freeze holds for epochs [0, this), then all train
 
 
 @dataclass(frozen=True)
@@ -536,6 +547,19 @@ def validate(cfg: Config) -> Config:
     if cfg.data.name in ("cifar10", "cifar100", "folder"):
         need(cfg.data.root is not None or (cfg.data.download and cfg.data.name != "folder"),
              f"data.root is required for data.name={cfg.data.name}")
+    need(cfg.optim.backbone_lr_scale >= 0, "optim.backbone_lr_scale must be >= 0")
+    need(0 < cfg.optim.layer_decay <= 1, f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
+    need(cfg.data.train_per_class >= 0, "data.train_per_class must be >= 0 (0 = all)")
+    need(len(set(cfg.data.classes)) == len(cfg.data.classes), f"data.classes repeats a name: {list(cfg.data.classes)}")
+    if cfg.train.unfreeze_at_epoch is not None:
+        need(bool(cfg.train.freeze), "train.unfreeze_at_epoch needs train.freeze (what to unfreeze)")
+        need(1 <= cfg.train.unfreeze_at_epoch <= cfg.train.epochs,
+             f"train.unfreeze_at_epoch must be in [1, train.epochs={cfg.train.epochs}], "
+             f"got {cfg.train.unfreeze_at_epoch}")
+    if cfg.model.init_sha256 is not None:
+        need(len(cfg.model.init_sha256) == 64 and all(c in "0123456789abcdef" for c in cfg.model.init_sha256),
+             f"model.init_sha256 must be 64 lowercase hex digits, got {cfg.model.init_sha256!r}")
+        need(cfg.model.init_from is not None, "model.init_sha256 is set but model.init_from is not")
     if cfg.model.num_classes is not None:
         need(cfg.model.num_classes >= 1, "model.num_classes must be >= 1")
     need(0 <= cfg.model.drop_rate < 1, "model.drop_rate must be in [0, 1)")

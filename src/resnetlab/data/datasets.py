@@ -157,12 +157,16 @@ def build_datasets(cfg: DataConfig, seed: int, needs: Collection[str] = SPLITS) 
     if unknown:
         raise ValueError(f"needs: unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
     if cfg.name == "digits":
-        return _build_digits(cfg, seed)
-    if cfg.name in ("cifar10", "cifar100"):
-        return _build_cifar(cfg, seed)
-    if cfg.name == "folder":
-        return _build_folder(cfg, seed, set(needs))
-    raise DataError(f"data.name: unknown data source {cfg.name!r}")
+        data = _build_digits(cfg, seed)
+    elif cfg.name in ("cifar10", "cifar100"):
+        data = _build_cifar(cfg, seed)
+    elif cfg.name == "folder":
+        data = _build_folder(cfg, seed, set(needs))
+    else:
+        raise DataError(f"data.name: unknown data source {cfg.name!r}")
+    from resnetlab.data.subset import select_subset  # data.classes / data.train_per_class
+
+    return select_subset(data, cfg, seed)
 
 
 # ----------------------------------------------------------------------------------------------

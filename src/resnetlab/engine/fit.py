@@ -24,7 +24,10 @@ import torch
 import yaml
 from torch import nn
 
-from resnetlab import __version__
+from resnetlab import (
+    __version__,
+    weights,  # module import: weights imports engine.checkpoint, a cycle otherwise
+)
 from resnetlab.config import Config, ConfigError, to_dict
 from resnetlab.data import DataMeta, build_datasets, build_loader
 from resnetlab.engine import checkpoint as ckpt
@@ -37,9 +40,10 @@ from resnetlab.engine.dist import (
     unwrap,
     wrap_ddp,
 )
+from resnetlab.engine.freeze import freeze_for_epoch
 from resnetlab.engine.loop import evaluate, train_one_epoch
 from resnetlab.engine.metrics import SumMeter, append_jsonl, read_jsonl, write_csv
-from resnetlab.engine.optim import ModelEMA, build_optimizer, lr_at
+from resnetlab.engine.optim import ModelEMA, build_optimizer, build_param_groups, lr_at
 from resnetlab.models import create_model
 
 log = logging.getLogger("resnetlab")
@@ -162,11 +166,13 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
+    cfg = weights.resolve_init_from(cfg)  # model.init_from as a file path + its SHA-256, for config.yaml
     run_dir = _prepare_run_dir(cfg, dist)
     resume_from = ckpt.latest(run_dir) if cfg.train.resume == "auto" else None
 
     data = build_datasets(cfg.data, seed=cfg.seed)
-    meta = data.meta
+    init_source = weights.read_init_from(cfg)
+    meta = weights.preprocessing_meta(data.meta, init_source, cfg)  # normalise as the init weights expect
     loader_kw = {"device": device, "seed": cfg.seed, "rank": dist.rank, "world_size": dist.world_size,
                  "channels_last": cfg.train.channels_last}
     train_loader = build_loader(data.train, meta, cfg.data, train=True, batch_size=cfg.train.batch_size, **loader_kw)
@@ -178,10 +184,13 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
 
     seed_everything(cfg.seed)  # same init on every rank, and for every resume
-    model = build_model(cfg, meta).to(device)
+    model = build_model(cfg, meta)
+    if resume_from is None:
+        model = weights.apply_init_from(model, init_source, meta)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, build_param_groups(model, cfg.optim, cfg.train))
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -196,7 +205,9 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
         log.info("resumed from %s at epoch %d, batch %d (step %d)",
                  resume_from, state["epoch"] + 1, state["batch"], state["step"])
 
+    freeze_for_epoch(model, cfg.train, state["epoch"])  # before DDP: it reduces what requires grad
     net = wrap_ddp(model, dist, device, cfg.train.sync_bn)
+    freeze_for_epoch(unwrap(net), cfg.train, state["epoch"])  # again on SyncBN's new BN layers
     if cfg.train.compile:
         net = torch.compile(net)
     # Evaluate the plain module: ranks hold shards of unequal length, and a DDP forward could
@@ -270,6 +281,10 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
     with stop:
         while state["epoch"] < cfg.train.epochs:
             epoch = state["epoch"]
+            if freeze_for_epoch(unwrap(net), cfg.train, epoch) and dist.enabled:  # two-phase unfreeze
+                net = wrap_ddp(unwrap(net), dist, device, sync_bn=False)  # BN already converted
+                if cfg.train.compile:
+                    net = torch.compile(net)
             if state["batch"] == 0:
                 meter.sums.zero_()
             progress = _Progress(cfg, dist, epoch, steps_per_epoch, state["batch"])

@@ -96,7 +96,7 @@ def _still_bn_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
         m
         for module in modules
         for m in module.modules()
-        if isinstance(m, _BatchNorm) and m.track_running_stats
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.training  # frozen BN: no update to undo
     ]
     momenta = [m.momentum for m in bns]
     for m in bns:

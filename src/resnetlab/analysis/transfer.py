@@ -1,0 +1,273 @@
+"""The transfer experiment (``resnetlab reproduce transfer``): does pretraining help when only a
+few labelled images are available, and how should the pretrained network be trained?
+
+resnet20 is pretrained on digits 0-4 (one network per seed); then a new task, digits 5-9 with
+N labelled training images per class, is learnt four ways:
+
+- ``scratch``: random initialisation;
+- ``probe``: linear probe, the pretrained backbone frozen (``train.freeze=backbone``);
+- ``finetune``: every layer trains from the pretrained weights;
+- ``stem-frozen``: the pretrained stem stays fixed (``train.freeze=stem``), the rest trains.
+
+Every fine-tuning run has the same number of optimiser steps whatever N is, no validation split
+(nothing to choose with: the last weights are tested) and the whole digits 5-9 test split.
+Everything lands in ``<run.root>/transfer-digits-<time>/``::
+
+    pretrain-seed0/ ...                    the pretrained run folders (digits 0-4)
+    probe-n5-seed0/ ...                    one run folder per (way, N, seed)
+    table.md, table.csv                    test accuracy (%), mean ± std over seeds, per way and N
+    runs.csv                               the same per run
+    transfer.png, transfer.svg             accuracy against N, one line per way
+    experiment.json                        settings and wall time
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.degradation import default_jobs, run_trainings, write_rows_csv
+from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
+from resnetlab.config import Config, load
+
+SOURCE_CLASSES = ("0", "1", "2", "3", "4")
+TARGET_CLASSES = ("5", "6", "7", "8", "9")
+WAYS = ("scratch", "probe", "finetune", "stem-frozen")
+DEFAULT_NS = (5, 10, 20, 50)
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_STEPS = 100  # optimiser steps of every fine-tuning run
+DEFAULT_PRETRAIN_EPOCHS = 30
+MAX_BATCH = 32  # images per step of the fine-tuning runs (fewer when 5 * N is smaller)
+
+# The digits recipe (configs/digits_resnet20.yaml) with the degradation experiment's lr 0.05.
+COMMON = ("data.name=digits", "model.name=resnet20", "data.augment.crop_padding=1",
+          "data.augment.flip=false", "optim.name=sgd", "optim.momentum=0.9",
+          "optim.weight_decay=5e-4", "optim.schedule=cosine", "train.quiet=true",
+          "train.tensorboard=false")
+PRETRAIN = ("data.classes=[0,1,2,3,4]", "optim.lr=0.05", "optim.warmup=linear",
+            "optim.warmup_epochs=2", "train.batch_size=128")
+# Per way: what it changes. Pretrained starts take a 5x lower lr than scratch (they start near a
+# good solution); the probe's lone linear layer takes scratch's lr.
+WAY_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "scratch": ("optim.lr=0.05",),
+    "probe": ("optim.lr=0.05", "train.freeze=backbone"),
+    "finetune": ("optim.lr=0.01",),
+    "stem-frozen": ("optim.lr=0.01", "train.freeze=stem"),
+}
+
+
+@dataclass
+class TransferResult:
+    """What :func:`run_transfer` returns."""
+
+    out_dir: Path
+    rows: list[dict[str, Any]]  # one per (way, N): mean and std test accuracy
+    runs: list[dict[str, Any]]  # one per fine-tuning run
+    markdown: str
+    figure: Path
+    seconds: float
+    interrupted: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0, or the shell's code for the signal that stopped a run."""
+        from resnetlab.engine.fit import EXIT_CODES
+
+        return EXIT_CODES.get(self.interrupted or "", 1 if self.interrupted else 0)
+
+
+def parse_ns(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"5,10,20,50"`` -> ``(5, 10, 20, 50)``; each N >= 1, no repeats."""
+    try:
+        ns = tuple(int(p) for p in text.replace(",", " ").split()) if isinstance(text, str) else tuple(map(int, text))
+    except ValueError:
+        raise AnalysisError(f"--n: expected integers like 5,10,20,50, got {text!r}") from None
+    if not ns or any(n < 1 for n in ns) or len(set(ns)) != len(ns):
+        raise AnalysisError(f"--n: give distinct labelled-images-per-class counts >= 1, got {text!r}")
+    return tuple(sorted(ns))
+
+
+def parse_ways(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"scratch,probe"`` -> the ways in :data:`WAYS` order; unknown names refused."""
+    ways = [w for w in text.replace(",", " ").split()] if isinstance(text, str) else list(text)
+    bad = [w for w in ways if w not in WAYS]
+    if not ways or bad:
+        raise AnalysisError(f"--ways: {bad[0] if bad else 'none given'!r} is not one of {', '.join(WAYS)}")
+    return tuple(w for w in WAYS if w in ways)
+
+
+def finetune_schedule(n: int, steps: int, classes: int = len(TARGET_CLASSES)) -> tuple[int, int]:
+    """``(batch_size, epochs)`` giving at least ``steps`` optimiser steps on ``n * classes`` images."""
+    images = n * classes
+    batch = min(MAX_BATCH, images)
+    per_epoch = images // batch
+    return batch, math.ceil(steps / per_epoch)
+
+
+def plan(ns: Sequence[int], seeds: Sequence[int], ways: Sequence[str], out_dir: Path, *,
+         steps: int, pretrain_epochs: int, overrides: Sequence[str], jobs: int) -> tuple[list[Config], list[Config]]:
+    """``(pretraining configs, fine-tuning configs)``: one pretraining per seed, then one run
+    per (way, N, seed), the largest N first (better packing on the workers)."""
+    threads = ["train.threads=1"] if jobs > 1 else []
+    pre, fine = [], []
+    for s in seeds:
+        pre.append(load(None, [*COMMON, *PRETRAIN, f"train.epochs={pretrain_epochs}", *overrides, *threads,
+                               f"seed={s}", f"run.root={out_dir}", f"run.name=pretrain-seed{s}"]))
+    for n in sorted(ns, reverse=True):
+        batch, epochs = finetune_schedule(n, steps)
+        for way in ways:
+            for s in seeds:
+                init = [] if way == "scratch" else [f"model.init_from={out_dir / f'pretrain-seed{s}'}"]
+                fine.append(load(None, [
+                    *COMMON, "data.classes=[5,6,7,8,9]", f"data.train_per_class={n}",
+                    "data.val_fraction=0", f"train.batch_size={batch}", f"train.epochs={epochs}",
+                    *WAY_OVERRIDES[way], *init, *overrides, *threads, f"seed={s}",
+                    f"run.root={out_dir}", f"run.name={way}-n{n}-seed{s}"]))
+    return pre, fine
+
+
+def _check_overrides(overrides: Sequence[str]) -> None:
+    fixed = ("model.init_from", "train.freeze", "data.classes", "data.train_per_class", "seed",
+             "run.name", "data.name")
+    for o in overrides:
+        if o.split("=", 1)[0].strip() in fixed:
+            raise AnalysisError(f"{o!r}: set by the experiment itself (--n, --seeds, the four ways)")
+
+
+def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int] = DEFAULT_SEEDS,
+                 ways: str | Sequence[str] = WAYS, *, steps: int = DEFAULT_STEPS,
+                 pretrain_epochs: int = DEFAULT_PRETRAIN_EPOCHS, overrides: Sequence[str] = (),
+                 jobs: int | None = None) -> TransferResult:
+    """Pretrain on digits 0-4, fine-tune on digits 5-9 with N images per class four ways; write
+    the table and the figure. ``overrides`` (``key=value``) apply to every run; ``run.root``
+    places the experiment folder."""
+    t0 = time.perf_counter()
+    ns, seeds, ways = parse_ns(ns), parse_seeds(seeds), parse_ways(ways)
+    if steps < 1 or pretrain_epochs < 1:
+        raise AnalysisError("--steps and --pretrain-epochs must be >= 1")
+    _check_overrides(overrides)
+    base = load(None, [*COMMON, *overrides])
+    jobs = default_jobs(base.train.device) if jobs is None else int(jobs)
+    if jobs < 1:
+        raise AnalysisError(f"--jobs must be >= 1, got {jobs}")
+    out_dir = (Path(base.run.root).expanduser() / f"transfer-digits-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pre, fine = plan(ns, seeds, ways, out_dir, steps=steps, pretrain_epochs=pretrain_epochs,
+                     overrides=overrides, jobs=jobs)
+    interrupted = None
+    need_pretrain = any(w != "scratch" for w in ways)
+    if need_pretrain:
+        done = run_trainings(pre, jobs)
+        interrupted = next((r["interrupted"] for r in done if r["interrupted"]), None)
+        failed = [r for r in done if r["error"]]
+        if failed:
+            raise AnalysisError(f"pretraining failed: {failed[0]['error']}")
+    results = [] if interrupted else run_trainings(fine, jobs)
+    interrupted = interrupted or next((r["interrupted"] for r in results if r["interrupted"]), None)
+    finished = {r["run_dir"] for r in results if not r["interrupted"] and not r["error"]}
+
+    runs = []
+    for cfg in fine:
+        run_dir = out_dir / str(cfg.run.name)
+        if str(run_dir) not in finished:
+            continue
+        doc = json.loads((run_dir / "result.json").read_text())
+        way = str(cfg.run.name).rsplit("-n", 1)[0]
+        runs.append({"way": way, "n": cfg.data.train_per_class, "seed": cfg.seed,
+                     "test_acc": doc["test"]["top1_acc"], "steps": doc["steps"],
+                     "epochs": doc["epochs"], "run_dir": str(run_dir)})
+    if not runs:
+        raise AnalysisError(f"{out_dir}: no fine-tuning run finished ({interrupted or 'nothing trained'})")
+    pre_acc = []
+    for cfg in pre if need_pretrain else []:
+        p = out_dir / str(cfg.run.name) / "result.json"
+        if p.is_file():
+            pre_acc.append(json.loads(p.read_text())["test"]["top1_acc"])
+    rows = table_rows(runs)
+    title = (f"Transfer: resnet20 pretrained on digits 0-4, trained on digits 5-9 with N labelled "
+             f"images per class; test accuracy (%), mean ± std over seeds {','.join(map(str, seeds))}")
+    markdown = table_markdown(rows, ns, ways, title=title, steps=steps,
+                              pretrain=mean_std(pre_acc) if pre_acc else None)
+    (out_dir / "table.md").write_text(markdown)
+    write_rows_csv(out_dir / "table.csv", rows, ("way", "n", "seeds", "test_acc_mean", "test_acc_std"))
+    write_rows_csv(out_dir / "runs.csv", runs)
+    figure = plot_transfer(rows, out_dir / "transfer.png", seeds=len(seeds))
+    seconds = time.perf_counter() - t0
+    (out_dir / "experiment.json").write_text(json.dumps({
+        "ns": list(ns), "seeds": list(seeds), "ways": list(ways), "steps": steps,
+        "pretrain_epochs": pretrain_epochs, "jobs": jobs, "common": list(COMMON),
+        "pretrain": list(PRETRAIN), "way_overrides": {w: list(WAY_OVERRIDES[w]) for w in ways},
+        "overrides": list(overrides), "pretrain_test_acc": pre_acc, "wall_seconds": seconds,
+        "interrupted": interrupted}, indent=2) + "\n")
+    return TransferResult(out_dir, rows, runs, markdown, figure, seconds, interrupted)
+
+
+def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (way, N): seeds, mean and sample std (ddof=1) of the test accuracy."""
+    groups: dict[tuple[str, int], list[float]] = {}
+    for r in runs:
+        groups.setdefault((r["way"], r["n"]), []).append(r["test_acc"])
+    rows = []
+    for (way, n), accs in groups.items():
+        m, s = mean_std(accs)
+        rows.append({"way": way, "n": n, "seeds": len(accs), "test_acc_mean": m, "test_acc_std": s})
+    return sorted(rows, key=lambda r: (WAYS.index(r["way"]), r["n"]))
+
+
+def table_markdown(rows: Sequence[dict[str, Any]], ns: Sequence[int], ways: Sequence[str], *,
+                   title: str = "", steps: int = DEFAULT_STEPS,
+                   pretrain: tuple[float, float | None] | None = None) -> str:
+    """Ways down, N across: ``mean ± std`` test accuracy (%)."""
+    cell = {(r["way"], r["n"]): format_pm(r["test_acc_mean"], r["test_acc_std"], digits=1) for r in rows}
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| way | " + " | ".join(f"N = {n}" for n in ns) + " |",
+              "|---|" + "---:|" * len(ns)]
+    for way in ways:
+        lines.append(f"| {way} | " + " | ".join(cell.get((way, n), "n/a") for n in ns) + " |")
+    note = (f"Every run: {steps} optimiser steps (batch min(32, 5N)), cosine lr, no validation "
+            "split (the last weights are tested on the whole digits 5-9 test split). scratch and "
+            "probe: lr 0.05; finetune and stem-frozen: lr 0.01. ± is the sample std over seeds.")
+    if pretrain is not None:
+        note += f" Pretrained nets on their own test split (digits 0-4): {format_pm(*pretrain, digits=1)}%."
+    return "\n".join([*lines, "", note]) + "\n"
+
+
+def plot_transfer(rows: Sequence[dict[str, Any]], path: str | Path, *, seeds: int) -> Path:
+    """Accuracy against N (log axis), one line per way, error bars one std; PNG and SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from resnetlab.analysis.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for way in WAYS:
+        pts = [r for r in rows if r["way"] == way]
+        if not pts:
+            continue
+        ax.errorbar([r["n"] for r in pts], [r["test_acc_mean"] for r in pts],
+                    yerr=[r["test_acc_std"] or 0.0 for r in pts], marker="o", capsize=3, label=way)
+    ax.set_xscale("log")
+    ns = sorted({r["n"] for r in rows})
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()  # the log axis's minor labels (6x10^0 ...) would crowd the N ticks
+    ax.set_xlabel("labelled training images per class (digits 5-9)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"resnet20 pretrained on digits 0-4; mean ± std of {seeds} seed(s)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    files = save_figure(fig, path, ("png", "svg"))
+    plt.close(fig)
+    return files[0]
+
+
+__all__ = ["TransferResult", "WAYS", "finetune_schedule", "parse_ns", "parse_ways", "plot_transfer",
+           "run_transfer", "table_markdown", "table_rows"]
