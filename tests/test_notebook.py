@@ -52,12 +52,13 @@ def test_notebook_runs_in_fast_mode(tmp_path, monkeypatch):
     work = tmp_path / "cwd"  # the notebook's working directory: it must not need the checkout's paths
     work.mkdir()
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=300,
+    km = _kernel_manager(tmp_path)
+    client = NotebookClient(nb, km=km, timeout=300,
                             resources={"metadata": {"path": str(work)}})
     # raises CellExecutionError, naming the cell, on any error; cleanup_kc: our km's kernel is shut
     # down here too (nbclient leaves a kernel it did not start running otherwise)
     client.execute(cleanup_kc=True)
-    assert not client.km.has_kernel
+    assert not km.has_kernel
 
     (run,) = (tmp_path / "out").iterdir()  # one timestamped folder per execution
     summary = json.loads((run / "lesson.json").read_text())
