@@ -24,6 +24,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # docs/lesson.ipynb executed (full settings, a few minutes on 2 CPU cores) and rendered to
 # docs/_build/lesson.html for reading offline; its runs go to docs/_build/runs/. RESNETLAB_FAST=1 shortens it.

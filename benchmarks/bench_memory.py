@@ -4,15 +4,16 @@
 segment keeps only its input for the backward pass and recomputes the rest. Three settings:
 
 - ``without``: no checkpointing;
-- ``with``: the defaults, segments of about sqrt(blocks per stage) (``model.checkpoint_every=0``)
-  over all stages but the last (``model.checkpoint_stages=-1``); this row carries the targets;
+- ``with``: the defaults, segments of about sqrt(blocks per stage) (``model.recompute_every=0``)
+  over all stages but the last (``model.recompute_stages=-1``); this row carries the targets;
 - ``per_block``: one checkpoint per block over every stage (``checkpoint_every=1``,
   ``checkpoint_stages=null``), the classic layout (timm's), for comparison.
 
 Each configuration trains in a fresh process (a process's peak memory never goes down, so one
 process cannot measure two peaks):
 
-- CUDA: ``torch.cuda.max_memory_allocated`` over the whole run (weights included).
+- CUDA: ``torch.cuda.max_memory_allocated`` over one step after two warm-up steps (weights,
+  gradients and optimiser state included; the first step has no momentum buffers yet).
 - CPU: the peak of the bytes held by live tensors during one training step (a dispatch mode
   sees every tensor an operator creates and a finaliser sees it freed; recomputation in the
   backward pass included), plus the weights, gradients, momentum and batch alive throughout:
@@ -58,8 +59,8 @@ TARGETS = {"memory": 0.5, "time": 1.35}  # with / without checkpointing, at most
 _DEFAULTS = ModelConfig()  # "with" is whatever `model.grad_checkpointing=true` trains with
 SETTINGS: dict[str, dict[str, Any] | None] = {  # name -> ResNet checkpoint attributes, None = off
     "without": None,
-    "with": {"checkpoint_every": _DEFAULTS.checkpoint_every,
-             "checkpoint_stages": _DEFAULTS.checkpoint_stages},
+    "with": {"checkpoint_every": _DEFAULTS.recompute_every,
+             "checkpoint_stages": _DEFAULTS.recompute_stages},
     "per_block": {"checkpoint_every": 1, "checkpoint_stages": None},
 }
 
@@ -140,7 +141,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.common import autocast, peak_rss_bytes, reset_peak_rss, rss_bytes, sync
+    from benchmarks.common import (
+        autocast,
+        peak_memory_after_warmup,
+        peak_rss_bytes,
+        reset_peak_rss,
+        rss_bytes,
+        sync,
+    )
     from resnetlab.config import OptimConfig
     from resnetlab.engine.optim import build_optimizer
     from resnetlab.models import create_model
@@ -190,11 +198,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return times
 
     use(spec["setting"])
-    step()  # warm-up: allocator and kernel caches settle; the RSS peak is the training's
     out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
-        out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        # a later step's peak, optimiser state included (the first step has none yet)
+        out["peak_bytes"] = peak_memory_after_warmup(step, device, warmup=2)
         return out
+    step()  # warm-up: allocator and kernel caches settle; the RSS peak is the training's
     peak_rss = peak_rss_bytes()  # before the tracked step, whose bookkeeping costs memory too
     tensors = [*model.parameters(), *model.buffers(), x, y,
                *(p.grad for p in model.parameters() if p.grad is not None),

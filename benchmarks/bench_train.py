@@ -45,6 +45,7 @@ from torchvision.transforms import v2
 
 from benchmarks.common import (
     Rounds,
+    Window,
     alternate,
     amp_for,
     autocast,
@@ -431,16 +432,48 @@ def write_fake_cifar(root: Path, train_images: int, seed: int = 0) -> Path:
     return root
 
 
+class FitWindows:
+    """``on_step`` for fit(): times windows of ``window`` consecutive steps inside an epoch, with
+    the device waited on at each window's edges only (:class:`~benchmarks.common.Window`), and
+    runs ``pure()`` (a window of pure steps) between fit windows, so both rates are sampled
+    alternately through the run. Epoch 1 is warm-up; a window never spans an epoch boundary
+    (validation, checkpoint)."""
+
+    def __init__(self, device: torch.device, window: int, steps_per_epoch: int, batch: int,
+                 pure: Callable[[], tuple[int, float]]) -> None:
+        self.clock, self.window, self.steps_per_epoch, self.batch = Window(device), window, steps_per_epoch, batch
+        self.pure = pure
+        self.seconds, self.steps, self.left = 0.0, 0, 0
+        self.pure_rates: list[float] = []
+
+    def __call__(self, info: dict[str, Any]) -> bool:
+        if self.left:  # inside a window
+            self.left -= 1
+            if self.left == 0:
+                self.seconds += self.clock.stop()
+                self.steps += self.window
+                images, seconds = self.pure()
+                self.pure_rates.append(images / seconds)
+            return False
+        batch = info["batch"] + 1  # batches done in this epoch
+        if info["epoch"] >= 1 and batch + self.window <= self.steps_per_epoch:
+            self.clock.start()  # the next `window` steps are timed
+            self.left = self.window
+        return False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.steps * self.batch / self.seconds if self.seconds else float("nan")
+
+
 def measure_fit(name: str, plan: Plan, steps_per_epoch: int, epochs: int, device: torch.device,
                 amp: str, compile_: bool, workdir: Path) -> dict[str, Any]:
     """fit()'s loop images/s against the pure step's, interleaved inside one fit() run.
 
-    ``on_step`` marks the end of every optimiser step; the time between two marks in one epoch
-    is one whole iteration of fit's loop (next batch from its loader, the step, its meters and
-    per-step checks). Every few steps, ``on_step`` also times a window of ``plan.steps`` pure steps
-    (a second model, so fit's state is untouched) and leaves that time out of fit's intervals.
-    So both rates are sampled alternately through the run and share its machine load. Epoch 1
-    is warm-up; intervals across an epoch boundary (validation, checkpoint) are not counted.
+    A timed fit window is whole iterations of fit's loop (next batch from its loader, the step,
+    its meters and per-step checks), timed by :class:`FitWindows` with a sync at its edges only;
+    after each, a window of ``plan.steps`` pure steps runs on a second model (fit's state is
+    untouched). Both rates share the run's machine load.
     """
     import resnetlab
 
@@ -448,23 +481,8 @@ def measure_fit(name: str, plan: Plan, steps_per_epoch: int, epochs: int, device
     train_images = int(steps_per_epoch * plan.batch / (1 - val_fraction)) + plan.batch // 2
     root = write_fake_cifar(workdir / "cifar", train_images)
     pure = pure_contender(resnetlab_parts(name, device, compile_), plan, device, amp)
-    fit = {"seconds": 0.0, "steps": 0, "last": None}
-    pure_rates: list[float] = []
-    every = max(3, steps_per_epoch // 3)  # fit steps between pure windows: ~3 windows an epoch
-
-    def on_step(info: dict[str, Any]) -> bool:
-        sync(device)
-        now = time.perf_counter()
-        counted = info["epoch"] >= 1 and info["batch"] > 0 and fit["last"] is not None
-        if counted:
-            fit["seconds"] += now - fit["last"]
-            fit["steps"] += 1
-        if counted and fit["steps"] % every == 0:
-            images, seconds = pure()
-            pure_rates.append(images / seconds)
-        fit["last"] = time.perf_counter()
-        return False
-
+    window = max(2, steps_per_epoch // 4)  # ~3 fit windows an epoch after the first
+    windows = FitWindows(device, window, steps_per_epoch, plan.batch, pure)
     overrides = [
         f"model.name={name}", "data.name=cifar10", f"data.root={root}", f"data.val_fraction={val_fraction}",
         f"train.batch_size={plan.batch}", f"train.epochs={epochs}", f"train.eval_every={epochs}",
@@ -473,13 +491,12 @@ def measure_fit(name: str, plan: Plan, steps_per_epoch: int, epochs: int, device
         f"optim.lr={LR}", "optim.schedule=constant", "optim.warmup=none",
         f"run.root={workdir / 'runs'}", f"run.name=fit-{name}",
     ]
-    result = resnetlab.train(None, overrides, on_step=on_step)
-    fit_rate = fit["steps"] * plan.batch / fit["seconds"]
-    pure_rounds = Rounds(pure_rates)
+    result = resnetlab.train(None, overrides, on_step=windows)
+    pure_rounds = Rounds(windows.pure_rates)
     return {
         "model": name, "batch": plan.batch, "steps_per_epoch": result.steps // epochs, "epochs": epochs,
-        "fit_steps_timed": fit["steps"], "fit_images_per_s": fit_rate,
-        "pure_step": pure_rounds.to_dict(), "ratio": fit_rate / pure_rounds.median,
+        "fit_steps_timed": windows.steps, "fit_images_per_s": windows.images_per_s,
+        "pure_step": pure_rounds.to_dict(), "ratio": windows.images_per_s / pure_rounds.median,
     }
 
 

@@ -157,6 +157,49 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Window:
+    """Seconds of a window of steps, with the device waited on at its two edges only.
+
+    Synchronising inside the window (every step) would stall the CPU's run-ahead and penalise
+    whichever contender queues work asynchronously; CUDA events would time the device alone and
+    miss host-bound stalls. So: sync, start the clock, run the window, sync, stop the clock, for
+    every contender alike.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.t0: float | None = None
+
+    def start(self) -> None:
+        sync(self.device)
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.t0 is None:
+            raise RuntimeError("Window.stop() before start()")
+        sync(self.device)
+        seconds, self.t0 = time.perf_counter() - self.t0, None
+        return seconds
+
+
+def peak_memory_after_warmup(step: Callable[[], Any], device: torch.device, warmup: int = 1) -> int | None:
+    """Peak bytes allocated on ``device`` during one training step *after* ``warmup`` steps.
+
+    The first step has no optimiser state yet (momentum buffers appear in its ``opt.step``) and
+    warms the allocator, so a peak taken over it reads low; the peak statistics are reset after
+    the warm-up and read over a later step. None on devices without allocator statistics.
+    """
+    for _ in range(warmup):
+        step()
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
 @dataclass
 class Rounds:
     """Throughput of one contender over several timed rounds (images per second each)."""

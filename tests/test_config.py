@@ -45,8 +45,8 @@ def test_defaults_yaml_then_overrides(tmp_path: Path) -> None:
         ("optim.lr=-1", "optim.lr"),
         ("data.name=cifar10", "data.root"),  # cifar without a folder
         ("nokey", "key=value"),
-        ("model.checkpoint_every=-1", "model.checkpoint_every"),
-        ("model.checkpoint_stages=4", "model.checkpoint_stages"),  # resnet20 has 3 stages
+        ("model.recompute_every=-1", "model.recompute_every"),
+        ("model.recompute_stages=4", "model.recompute_stages"),  # resnet20 has 3 stages
     ],
 )
 def test_bad_override_names_the_key(override: str, needle: str) -> None:

@@ -38,6 +38,8 @@ import resnetlab
 from resnetlab.engine import checkpoint as ckpt
 from resnetlab.engine import resume_config
 
+pytestmark = pytest.mark.slow  # torchrun launches
+
 BATCH = 512  # global batch: 256 per rank with 2 ranks
 STEPS_PER_EPOCH = 1258 // BATCH  # digits train split, drop_last: 2 steps
 CHECKPOINT_EVERY = 1  # mid-epoch last.pt every step, so an elastic restart has one to use

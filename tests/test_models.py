@@ -316,14 +316,20 @@ def test_features_head_and_classifier_reset():
     torch.manual_seed(0)
     model = create_model("resnet20", drop_rate=0.2).eval()
     x = torch.randn(2, 3, 32, 32)
-    feats = model.forward_features(x)
-    assert feats.shape == (2, 64) == (2, model.num_features)
-    torch.testing.assert_close(model.forward_head(feats), model(x))
+    fmap = model.forward_features(x)  # timm: unpooled
+    assert fmap.shape == (2, 64, 8, 8) and model.num_features == 64
+    torch.testing.assert_close(model.forward_head(fmap), model(x))
+    feats = model.forward_head(fmap, pre_logits=True)
+    torch.testing.assert_close(feats, fmap.mean(dim=(2, 3)))
     assert model.get_classifier() is model.fc
     model.reset_classifier(5)
     assert model(x).shape == (2, 5) and model.num_classes == 5
     model.reset_classifier(0)
     torch.testing.assert_close(model(x), feats)
+    model.reset_classifier(0, global_pool="max")
+    torch.testing.assert_close(model(x), fmap.amax(dim=(2, 3)))
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(3, global_pool="token")
 
 
 @pytest.mark.parametrize("name", ["resnet20", "preact_resnet18"])

@@ -69,6 +69,7 @@ def test_interrupted_and_resumed_equals_straight_run_bitwise(quick: list[str], s
         _assert_bitwise_equal(a[key], b[key])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_143_and_resumes(quick: list[str], tmp_path: Path) -> None:
     run = tmp_path / "runs" / "sig"
     cmd = [sys.executable, "-m", "resnetlab", "train", *quick, "run.name=sig", "train.epochs=200"]

@@ -63,7 +63,7 @@ def load(source: str | Path | None = None, overrides: Iterable[str] | Mapping[st
     with ``overrides``, returns the resolved :class:`~resnetlab.config.Config` as
     :func:`resnetlab.load_config` does.
     """
-    if overrides is not None or _is_config_source(source):
+    if source is None or overrides is not None or _is_config_source(source):
         from resnetlab.config import load as load_config
 
         return load_config(source, overrides if overrides is not None else ())

@@ -18,7 +18,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from resnetlab.config import ConfigError
     from resnetlab.data import DataError
     from resnetlab.engine.checkpoint import CheckpointError
-    from resnetlab.engine.fit import TrainingError
+    from resnetlab.engine.errors import TrainingError
 
     return (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError)
 
@@ -70,14 +70,18 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def resolve_train_config(args: argparse.Namespace) -> Any:
     """The Config ``resnetlab train`` would run with these arguments (nothing is created)."""
-    from resnetlab.config import load
+    from dataclasses import replace
 
-    overrides = [*args.overrides, *(["train.quiet=true"] if args.quiet else [])]
+    from resnetlab.config import load, validate
+
     if args.resume:
         from resnetlab.engine import resume_config
 
-        return resume_config(args.resume, overrides)
-    return load(args.config, overrides)
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = load(args.config, args.overrides)
+    # --quiet is a typed value, not a "train.quiet=true" string to re-parse
+    return validate(replace(cfg, train=replace(cfg.train, quiet=True))) if args.quiet else cfg
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -93,7 +97,6 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(to_dict(resolve_train_config(args)), sort_keys=False), end="")
         return 0
-    overrides = [*args.overrides, *(["train.quiet=true"] if args.quiet else [])]
     if args.seeds is not None:
         from resnetlab.analysis import train_seeds
 
@@ -101,13 +104,12 @@ def run_train(args: argparse.Namespace) -> int:
             print("resnetlab train: error: --seeds and --resume do not combine; resume one seed's "
                   "run folder at a time", file=sys.stderr)
             return 2
-        seeds = train_seeds(args.config, overrides, args.seeds)
+        seeds = train_seeds(resolve_train_config(args), (), args.seeds)
         print(seeds.markdown + f"\n{seeds.group_dir}/summary.md, summary.json")
         return seeds.exit_code
     from resnetlab.launch import fit_cleanly
 
-    cfg = resolve_train_config(args)
-    result = fit_cleanly(cfg)
+    result = fit_cleanly(resolve_train_config(args))
     if result.interrupted is None and result.test is not None and os.environ.get("RANK", "0") == "0":
         t = result.test
         print(f"test: top-1 acc {t['top1_acc']:.2f}% (err {t['top1_err']:.2f}%), "
@@ -461,14 +463,14 @@ def run_reproduce(args: argparse.Namespace) -> int:
         return res.exit_code
     from resnetlab.analysis import run_cifar_table
 
-    res = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs,
-                          estimate_steps=args.estimate_steps, on_estimate=print)
-    if not res.ran:
+    table = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs,
+                            estimate_steps=args.estimate_steps, on_estimate=print)
+    if not table.ran:
         print("resnetlab reproduce cifar-table: this is meant for a GPU; on this CPU it would take the "
               "time above. Add --yes to train anyway.", file=sys.stderr)
         return 1
-    print(res.markdown)
-    print(f"{res.out_dir / 'table.md'} | {res.out_dir / 'table.csv'}")
+    print(table.markdown)
+    print(f"{table.out_dir / 'table.md'} | {table.out_dir / 'table.csv'}")
     return 0
 
 

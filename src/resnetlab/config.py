@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -36,8 +37,9 @@ class ModelConfig:
     shortcut: Literal["A", "B", "C"] | None = None  # None: the registry's (A for CIFAR nets)
     zero_init_residual: bool = False  # last BN of each residual branch starts at 0
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory
-    checkpoint_every: int = 0  # blocks per checkpointed segment; 0 = about sqrt(stage blocks)
-    checkpoint_stages: int | None = -1  # checkpoint stages[:n]; -1 = all but the last; None = all
+    # Activation recomputation (grad_checkpointing), not checkpoint files: hence "recompute_*".
+    recompute_every: int = 0  # blocks per recomputed segment; 0 = about sqrt(stage blocks)
+    recompute_stages: int | None = -1  # recompute stages[:n]; -1 = all but the last; None = all
     drop_rate: float = 0.0  # dropout before the classifier, probability
     # Fine-tuning: start from these weights (run folder, .pt/.safetensors checkpoint, torchvision
     # .pth state dict, timm / Hugging Face model.safetensors). Weights only: a new run.
@@ -113,6 +115,9 @@ class TrainConfig:
     quiet: bool = False  # no progress bar
     tensorboard: bool = True  # write event files when tensorboard is installed
     threads: int = 0  # torch CPU threads, 0 = torch's default
+    sync_every: int = 0  # steps between host reads of the NaN/stop flags; 0 = auto: 1 on CPU, 20 on GPUs
+    cudnn_benchmark: bool = True  # cuDNN picks the fastest conv kernels for the (fixed) input shapes
+    tf32: bool = True  # CUDA: float32 matmuls/convs on TF32 tensor cores (Ampere+), ~10 bits of mantissa
     freeze: tuple[str, ...] = ()  # module prefixes kept fixed: stem, layer1.., backbone (all but fc)
     unfreeze_at_epoch: int | None = None  # two-phase: train.freeze holds for epochs [0, this), then all train
 
@@ -208,8 +213,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
-        return _build(tp, value, prefix=f"{key}.")
+            raise ConfigError(f"{key}: expected a mapping of {getattr(tp, '__name__', tp)} keys, got {value!r}")
+        return _build(typing.cast(type, tp), value, prefix=f"{key}.")
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module
 
 
@@ -250,18 +255,36 @@ def _unknown_key(key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
+# Old key -> new key. Old names keep working (checkpoints and recipes written before the
+# rename) with a one-line deprecation warning.
+RENAMED = {"model.checkpoint_every": "model.recompute_every",
+           "model.checkpoint_stages": "model.recompute_stages"}
+
+
+def _renamed(dotted: str) -> str:
+    new = RENAMED.get(dotted)
+    if new is None:
+        return dotted
+    import logging
+
+    logging.getLogger("resnetlab").warning("config key %s is now %s (activation recomputation, not "
+                                           "checkpoint files); the old name still works", dotted, new)
+    return new
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "", base: Any = None) -> Any:
     """Build dataclass ``cls`` from ``data`` over ``base`` (or the defaults)."""
     hints = _type_hints(cls)
     names = {f.name for f in fields(cls)}
     kwargs: dict[str, Any] = {}
-    for key, value in data.items():
+    for old_key, value in data.items():
+        key = _renamed(f"{prefix}{old_key}").rsplit(".", 1)[-1] if isinstance(old_key, str) else old_key
         if key not in names:
             raise _unknown_key(f"{prefix}{key}")
         tp = hints[key]
         if is_dataclass(tp) and isinstance(value, Mapping):
             sub_base = getattr(base, key) if base is not None else None
-            kwargs[key] = _build(tp, value, prefix=f"{prefix}{key}.", base=sub_base)
+            kwargs[key] = _build(typing.cast(type, tp), value, prefix=f"{prefix}{key}.", base=sub_base)
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     if base is not None:
@@ -282,9 +305,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
-    """Inverse of :func:`to_dict`; also merges a partial dict over ``base``."""
-    return validate(_build(Config, data, base=base or Config()))
+def from_dict(data: Mapping[str, Any], base: Config | None = None, *, check: bool = True) -> Config:
+    """Inverse of :func:`to_dict`; also merges a partial dict over ``base``. Values are
+    type-checked; ``check=False`` skips :func:`validate` (for a partial recipe that overrides
+    complete later, e.g. a CIFAR recipe before its ``data.root``)."""
+    cfg = _build(Config, data, base=base or Config())
+    return validate(cfg) if check else cfg
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
@@ -429,6 +455,7 @@ def override_pairs(overrides: Overrides | None) -> list[tuple[str, Any]]:
             if not isinstance(item, str):
                 raise ConfigError(f"override {item!r} is not a 'key=value' string")
             pairs.append(parse_override(item))
+    pairs = [(_renamed(key), value) for key, value in pairs]
     for key, _ in pairs:
         _check_key(key)
     return pairs
@@ -506,13 +533,29 @@ def describe_keys(cls: type = Config, prefix: str = "", base: Any = None) -> lis
     for f in fields(cls):
         tp, value = hints[f.name], getattr(base, f.name)
         if is_dataclass(tp):
-            rows.extend(describe_keys(tp, f"{prefix}{f.name}.", value))
+            rows.extend(describe_keys(typing.cast(type, tp), f"{prefix}{f.name}.", value))
         else:
             rows.append({"key": f"{prefix}{f.name}", "type": _describe(tp),
                          "default": to_dict(value) if is_dataclass(value) else
                          (list(value) if isinstance(value, tuple) else value),
                          "comment": comments.get(f.name, "")})
     return rows
+
+
+MAX_CLASSES = 1_000_000  # far above any real label set (ImageNet-21k: 21,841); a typo guard
+MAX_CHANNELS = 64  # input channels: images have 1-4; a guard against typos
+
+
+def _leaves(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """``(dotted key, value)`` for every leaf of a config (tuples item by item)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        elif isinstance(value, tuple):
+            yield from ((f"{prefix}{f.name}[{i}]", v) for i, v in enumerate(value))
+        else:
+            yield f"{prefix}{f.name}", value
 
 
 def validate(cfg: Config) -> Config:
@@ -522,11 +565,22 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(msg)
 
+    for key, value in _leaves(cfg):  # NaN passes every comparison below: refuse it first
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
     need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    need(0 <= cfg.seed < 2**64, f"seed must be in [0, 2**64), got {cfg.seed}")
+    need(cfg.train.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {cfg.train.threads}")
+    need(0 <= cfg.optim.momentum < 1,
+         f"optim.momentum must be in [0, 1) (SGD momentum, adamw's beta1), got {cfg.optim.momentum}")
+    need(cfg.optim.gamma > 0, f"optim.gamma must be > 0 (the lr is multiplied by it), got {cfg.optim.gamma}")
+    need(cfg.optim.min_lr >= 0, f"optim.min_lr must be >= 0, got {cfg.optim.min_lr}")
+    need(cfg.optim.warmup_lr >= 0, f"optim.warmup_lr must be >= 0, got {cfg.optim.warmup_lr}")
     need(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     need(cfg.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
     need(cfg.train.eval_every >= 1, "train.eval_every must be >= 1")
     need(cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
+    need(cfg.train.sync_every >= 0, f"train.sync_every must be >= 0 (0 = auto), got {cfg.train.sync_every}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0")
     need(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)")
@@ -561,10 +615,14 @@ def validate(cfg: Config) -> Config:
              f"model.init_sha256 must be 64 lowercase hex digits, got {cfg.model.init_sha256!r}")
         need(cfg.model.init_from is not None, "model.init_sha256 is set but model.init_from is not")
     if cfg.model.num_classes is not None:
-        need(cfg.model.num_classes >= 1, "model.num_classes must be >= 1")
+        need(1 <= cfg.model.num_classes <= MAX_CLASSES,
+             f"model.num_classes must be in [1, {MAX_CLASSES}], got {cfg.model.num_classes}")
+    if cfg.model.in_chans is not None:
+        need(1 <= cfg.model.in_chans <= MAX_CHANNELS,
+             f"model.in_chans must be in [1, {MAX_CHANNELS}], got {cfg.model.in_chans}")
     need(0 <= cfg.model.drop_rate < 1, "model.drop_rate must be in [0, 1)")
-    need(cfg.model.checkpoint_every >= 0,
-         f"model.checkpoint_every must be >= 0 (0 = auto), got {cfg.model.checkpoint_every}")
+    need(cfg.model.recompute_every >= 0,
+         f"model.recompute_every must be >= 0 (0 = auto), got {cfg.model.recompute_every}")
     # late import: loading a config file needs no torch
     from resnetlab.models import list_models, model_defaults
 
@@ -575,9 +633,9 @@ def validate(cfg: Config) -> Config:
     need(not (cfg.model.zero_init_residual and model_defaults(cfg.model.name).get("plain")),
          f"model.zero_init_residual=true would make every block of the plain net "
          f"{cfg.model.name} output zeros; it is for residual nets only")
-    stages, n = cfg.model.checkpoint_stages, len(model_defaults(cfg.model.name)["layers"])
+    stages, n = cfg.model.recompute_stages, len(model_defaults(cfg.model.name)["layers"])
     need(stages is None or -n <= stages <= n,
-         f"model.checkpoint_stages must be null (all) or in [{-n}, {n}] for the {n}-stage "
+         f"model.recompute_stages must be null (all) or in [{-n}, {n}] for the {n}-stage "
          f"{cfg.model.name}, got {stages}")
     return cfg
 

@@ -179,7 +179,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
     needed), by default the run (or checkpoint) folder: pass one for a read-only run.
     OS errors name the path (:class:`~resnetlab.outputs.OutputWriteError`).
     """
-    from resnetlab.engine.fit import select_device
+    from resnetlab.runtime import select_device
 
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")

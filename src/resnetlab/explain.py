@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
 from resnetlab.data import DataError, DataMeta, load_image, normalize, preprocess
+from resnetlab.predict import apply_polarity
 
 #: Shorter side of a written overlay, pixels: an 8x8 digit is upscaled (nearest) to be seen.
 OVERLAY_MIN_SIDE = 224
@@ -37,21 +38,9 @@ OVERLAY_ALPHA = 0.5
 
 
 def match_ink_polarity(img: Image.Image, meta: DataMeta) -> Image.Image:
-    """Digits are light ink on a dark background (0 = paper); invert dark-on-light drawings/scans.
-
-    The one polarity hook of serve and explain: a digits image whose border (the outer ring
-    of pixels, where paper is) is mostly light is inverted; anything else is returned as is.
-    Point this at ``predict``'s own polarity rule once it has one.
-    """
-    if meta.name != "digits":
-        return img
-    grey = np.asarray(img.convert("L"), dtype=np.uint8)  # [h, w]
-    if grey.size == 0:
-        return img
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if np.median(border) > 127:  # paper is light: dark ink, the opposite of the training data
-        return ImageOps.invert(img.convert("L"))
-    return img
+    """``img`` in the ink polarity the run learned, by ``predict``'s own rule (:func:`apply_polarity`
+    with ``invert="auto"``): a grey run (digits: light ink on dark) inverts a light-ground image."""
+    return apply_polarity(img, meta, "auto")[0]
 
 
 def prepare_pixels(images: Sequence[Image.Image], meta: DataMeta) -> torch.Tensor:
@@ -230,18 +219,18 @@ def explain(path: str | Path, inputs: Sequence[str | Path], out: str | Path | No
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     rows = []
-    for e in result.explanations:
-        stem = Path(e.file).stem
+    for ex in result.explanations:
+        stem = Path(ex.file).stem
         name, k = f"{stem}.cam.png", 1
         while name in used:  # same stem in two folders: keep both
             k += 1
             name = f"{stem}-{k}.cam.png"
         used.add(name)
-        e.overlay.save(out_dir / name)
+        ex.overlay.save(out_dir / name)
         result.written.append(out_dir / name)
-        rows.append({"file": e.file, "classes": e.classes, "indices": e.indices, "probs": e.probs,
-                     "target": e.target, "target_class": e.target_class,
-                     "target_prob": e.target_prob, "overlay": name})
+        rows.append({"file": ex.file, "classes": ex.classes, "indices": ex.indices, "probs": ex.probs,
+                     "target": ex.target, "target_class": ex.target_class,
+                     "target_prob": ex.target_prob, "overlay": name})
     result.summary = out_dir / "explain.json"
     result.summary.write_text(json.dumps({"explanations": rows, "errors": [
         {"file": f, "error": r} for f, r in result.errors]}, indent=2) + "\n")

@@ -89,7 +89,7 @@ def _onnx(fused: nn.Module, example: torch.Tensor, meta: DataMeta) -> tuple[byte
     except Exception as e:  # noqa: BLE001  the exporter raises many types; name the first line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first}") from None
-    proto = program.model_proto
+    proto = program.model_proto  # type: ignore[union-attr]  # dynamo export returns a program
     # Consumers of the .onnx alone still find the classes and the preprocessing.
     entry = proto.metadata_props.add()
     entry.key, entry.value = "resnetlab.meta", json.dumps(meta.to_dict())

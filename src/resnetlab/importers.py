@@ -12,7 +12,6 @@ holding the same weights.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from resnetlab import __version__
-from resnetlab.config import ConfigError, from_dict, to_dict
+from resnetlab.config import ConfigError, from_dict
 from resnetlab.data import DataError, DataMeta
 from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from resnetlab.engine import checkpoint as ckpt
+from resnetlab.engine.checkpointer import save_weights_checkpoint
 from resnetlab.models import list_models, model_defaults
 
 DEFAULT_DATA_ROOT = "data/imagenet"  # where `eval` looks for train/ and val/ unless data.root=...
@@ -186,15 +185,8 @@ def import_torchvision(file: str | Path, arch: str, classes: str | Path | None =
         raise ckpt.CheckpointError(f"{src}: imported {arch} differs from torchvision's by {diff:.3g} "
                                    f"(> {PARITY_TOLERANCE:g}); not written")
 
-    ckpt.save_checkpoint({
-        "model": model.state_dict(),
-        "ema": None, "optimizer": None, "scaler": None, "meter": None, "rng": None,
-        "state": {"epoch": 0, "batch": 0, "step": 0, "best_val_err": math.inf, "best_epoch": 0},
-        "config": to_dict(cfg),
-        "meta": meta.to_dict(),
-        "version": __version__,
-        "source": {"kind": "torchvision", "file": str(src), "arch": arch},
-    }, out)
+    save_weights_checkpoint(out, model, cfg, meta.to_dict(),
+                            source={"kind": "torchvision", "file": str(src), "arch": arch})
     return ImportResult(out, arch, num_classes, diff)
 
 

@@ -24,7 +24,8 @@ from torch import nn
 from resnetlab.config import Config, ConfigError, from_dict
 from resnetlab.data import DataError, DataMeta
 from resnetlab.engine import checkpoint as ckpt
-from resnetlab.models import fuse_for_inference
+from resnetlab.models import build_model, fuse_for_inference
+from resnetlab.runtime import select_device
 
 # Keys of the safetensors header (string -> string) that carry what a .pt checkpoint holds.
 SAFETENSORS_CONFIG_KEY = "resnetlab.config"
@@ -61,7 +62,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], Co
             f"{file}: not a resnetlab checkpoint (missing {', '.join(missing)}); expected a run "
             f"folder, checkpoints/best.pt or last.pt, or a file from `resnetlab import`")
     cfg, meta = _parse_config_meta(obj["config"], obj["meta"], file)
-    return file, ckpt.model_state(obj), cfg, meta
+    return file, ckpt.model_state(obj, file), cfg, meta
 
 
 def _parse_config_meta(config: Any, meta: Any, source: Path) -> tuple[Config, DataMeta]:
@@ -91,8 +92,9 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], Config, Data
             "only files written by `resnetlab export --format safetensors` can be loaded by name")
     try:
         config, meta = json.loads(header[SAFETENSORS_CONFIG_KEY]), json.loads(header[SAFETENSORS_META_KEY])
-    except json.JSONDecodeError as e:
-        raise ckpt.CheckpointError(f"{file}: corrupt resnetlab header ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        raise ckpt.CheckpointError(f"{file}: corrupt resnetlab header ({type(e).__name__}: "
+                                   f"{str(e)[:200]})") from None
     cfg, dmeta = _parse_config_meta(config, meta, file)
     return ckpt.load_safetensors(file), cfg, dmeta
 
@@ -100,8 +102,6 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], Config, Data
 def build_inference_model(state: Mapping[str, torch.Tensor], cfg: Config, meta: DataMeta, *,
                           source: str = "checkpoint") -> nn.Module:
     """The network ``cfg`` names, sized by ``meta``, with ``state`` loaded strictly, in eval mode."""
-    from resnetlab.engine.fit import build_model  # late: fit pulls in the whole engine
-
     model = build_model(cfg, meta)
     ckpt.load_weights(model, state, source=source)
     return model.eval()
@@ -115,8 +115,6 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     cuda, mps, cpu) with gradients off; with ``fuse`` (default) every BatchNorm is folded into
     its convolution and the weights are channels_last (:func:`resnetlab.models.fuse_for_inference`).
     """
-    from resnetlab.engine.fit import select_device
-
     file, state, cfg, meta = read_checkpoint(path)
     model = build_inference_model(state, cfg, meta, source=str(file))
     if fuse:

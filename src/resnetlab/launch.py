@@ -88,7 +88,8 @@ class _StepLoss:
 
     def __init__(self, cfg: Config, run_dir: Path, every: int = 10) -> None:
         self.on = cfg.train.tensorboard and os.environ.get("RANK", "0") == "0"
-        self.run_dir, self.every, self.writer = run_dir, every, None
+        self.run_dir, self.every = run_dir, every
+        self.writer: Any = None  # a SummaryWriter, made on the first logged step
 
     def log(self, info: dict[str, Any]) -> None:
         if not self.on or info["step"] % self.every:

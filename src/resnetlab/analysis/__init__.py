@@ -13,20 +13,12 @@ Plots and tables only read run folders (``metrics.jsonl``, ``result.json``), nev
 
 from __future__ import annotations
 
-from resnetlab.config import ConfigError
-
-
-class AnalysisError(ConfigError):
-    """Bad input to an analysis command (a folder without metrics, a bad --depths or --seeds
-    value); the message names it. A ConfigError, so the CLI prints it as one line."""
-
-
-# Defined before the submodules are imported: they import AnalysisError from here.
-from resnetlab.analysis.cifar_table import PAPER_TABLE6, run_cifar_table  # noqa: E402
-from resnetlab.analysis.degradation import run_degradation  # noqa: E402
-from resnetlab.analysis.gradients import gradient_flow  # noqa: E402
-from resnetlab.analysis.plots import plot_degradation, plot_gradients, plot_runs  # noqa: E402
-from resnetlab.analysis.seeds import (  # noqa: E402
+from resnetlab.analysis.cifar_table import PAPER_TABLE6, run_cifar_table
+from resnetlab.analysis.degradation import run_degradation
+from resnetlab.analysis.errors import AnalysisError
+from resnetlab.analysis.gradients import gradient_flow
+from resnetlab.analysis.plots import plot_degradation, plot_gradients, plot_runs
+from resnetlab.analysis.seeds import (
     final_metrics,
     mean_std,
     parse_seeds,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
-from resnetlab.config import RECIPE_DIR, Config, load
+from resnetlab.config import RECIPE_DIR, Config, load, validate
 from resnetlab.launch import removed_on_failure
 
 log = logging.getLogger("resnetlab")
@@ -75,8 +75,9 @@ def estimate_time(cfgs: Sequence[Config], steps: int = 5) -> list[dict[str, Any]
     split once, counted as a third of a training step per batch: forward only).
     """
     from resnetlab.data import build_datasets, build_loader
-    from resnetlab.engine.fit import build_model, select_device
     from resnetlab.engine.optim import build_optimizer
+    from resnetlab.models import build_model
+    from resnetlab.runtime import select_device
 
     out = []
     cache: dict[tuple[Any, ...], Any] = {}
@@ -165,8 +166,8 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
 
     existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [replace(cfg, seed=s, train=replace(cfg.train, quiet=True),
-                    run=replace(cfg.run, root=str(out_dir), name=f"{cfg.model.name}-seed{s}"))
+    runs = [validate(replace(cfg, seed=s, train=replace(cfg.train, quiet=True),
+                             run=replace(cfg.run, root=str(out_dir), name=f"{cfg.model.name}-seed{s}")))
             for cfg in cfgs for s in seeds_t]
     with removed_on_failure(out_dir, existed):  # a failed start leaves nothing
         results = run_trainings(runs, jobs=1)
@@ -196,7 +197,7 @@ def _parse_depths(depths: str | Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-def table_rows(test_errs: dict[str, Sequence[float]]) -> list[dict[str, Any]]:
+def table_rows(test_errs: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:
     """Per model: our test error (mean, sample std over seeds) and the paper's, in %."""
     rows = []
     for model, errs in test_errs.items():

@@ -33,31 +33,32 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
-from resnetlab.config import Config, load
+from resnetlab.config import Config, apply_overrides, from_dict, validate
 from resnetlab.launch import discard_untrained, removed_on_failure
 from resnetlab.models import list_models, model_defaults
 
 log = logging.getLogger("resnetlab")
 
-# One recipe per data source, as overrides on the defaults, so the package needs no YAML file.
-RECIPES: dict[str, tuple[str, ...]] = {
+# One recipe per data source, as typed values over the defaults (no YAML file, no key=value
+# strings to re-parse).
+RECIPES: dict[str, dict[str, Any]] = {
     # The project's digits recipe (recipes/digits.yaml, `-c digits_resnet20`) at half its lr: at lr 0.1,
     # 20 epochs, resnet56 seed 1 jumped from 60% back to 82% training error when the warm-up
     # reached 0.1 and ended at 50%; at 0.05 it ends at ~1% while plain56 still sits at ~72%.
-    "digits": ("data.name=digits", "data.augment.crop_padding=1", "data.augment.flip=false",
-               "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.weight_decay=5e-4",
-               "optim.schedule=cosine", "optim.warmup=linear", "optim.warmup_epochs=2",
-               "train.batch_size=128", "train.test_every_epoch=true"),
+    "digits": {"data": {"name": "digits", "augment": {"crop_padding": 1, "flip": False}},
+               "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+                         "schedule": "cosine", "warmup": "linear", "warmup_epochs": 2.0},
+               "train": {"batch_size": 128, "test_every_epoch": True}},
     # The paper's CIFAR recipe (Sec. 4.2): lr 0.1, /10 at 50% and 75%, wd 1e-4, batch 128,
     # pad-4 crop + flip. Needs data.root=... pointing at the local CIFAR files.
-    "cifar10": ("data.name=cifar10", "data.augment.crop_padding=4", "data.augment.flip=true",
-                "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.weight_decay=1e-4",
-                "optim.schedule=step", "optim.milestones=[0.5, 0.75]", "optim.warmup=none",
-                "train.batch_size=128", "train.test_every_epoch=true"),
+    "cifar10": {"data": {"name": "cifar10", "augment": {"crop_padding": 4, "flip": True}},
+                "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+                          "schedule": "step", "milestones": [0.5, 0.75], "warmup": "none"},
+                "train": {"batch_size": 128, "test_every_epoch": True}},
 }
-RECIPES["cifar100"] = tuple(o.replace("cifar10", "cifar100") for o in RECIPES["cifar10"])
+RECIPES["cifar100"] = {**RECIPES["cifar10"], "data": {**RECIPES["cifar10"]["data"], "name": "cifar100"}}
 DEFAULT_EPOCHS = {"digits": 20, "cifar10": 164, "cifar100": 164}
 DEFAULT_DEPTHS = (20, 56)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -79,7 +80,7 @@ class DegradationResult:
     @property
     def exit_code(self) -> int:
         """0, or the shell's code for the signal that stopped a run (130 Ctrl-C, 143 SIGTERM)."""
-        from resnetlab.engine.fit import EXIT_CODES
+        from resnetlab.runtime import EXIT_CODES
 
         return EXIT_CODES.get(self.interrupted or "", 1 if self.interrupted else 0)
 
@@ -124,9 +125,11 @@ def base_config(data: str, overrides: Sequence[str] = (), epochs: int | None = N
     for o in overrides:
         if o.split("=", 1)[0].strip() in ("model.name", "seed"):
             raise AnalysisError(f"{o!r}: the model and seed are set by --depths and --seeds")
+    recipe = {**RECIPES[data], "train": {**RECIPES[data]["train"], "epochs": DEFAULT_EPOCHS[data]}}
+    # validated after the overrides: data.root may only come with them
+    cfg = apply_overrides(from_dict(recipe, check=False), overrides)
     # --epochs wins over a train.epochs=... override: it is the experiment's own flag
-    return load(None, [*RECIPES[data], f"train.epochs={DEFAULT_EPOCHS[data]}", *overrides,
-                       *([f"train.epochs={epochs}"] if epochs else [])])
+    return validate(replace(cfg, train=replace(cfg.train, epochs=epochs))) if epochs else cfg
 
 
 def parse_extra_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -175,8 +178,8 @@ def plan(base: Config, depths: Sequence[int], seeds: Sequence[int], out_dir: Pat
         for s in seeds:
             train = replace(base.train, quiet=True, tensorboard=False,
                             threads=1 if jobs > 1 else base.train.threads)
-            cfgs.append(replace(base, seed=s, train=train, model=replace(base.model, name=model_name),
-                                run=replace(base.run, root=str(out_dir), name=f"{model_name}-seed{s}")))
+            cfgs.append(validate(replace(base, seed=s, train=train, model=replace(base.model, name=model_name),
+                                         run=replace(base.run, root=str(out_dir), name=f"{model_name}-seed{s}"))))
     return cfgs
 
 
@@ -190,7 +193,7 @@ def split_name(model: str) -> tuple[str, int]:
 
 def default_jobs(device: str = "auto") -> int:
     """Worker processes: 1 on a GPU (one device), else up to 2 single-thread CPU processes."""
-    from resnetlab.engine.fit import select_device
+    from resnetlab.runtime import select_device
 
     if select_device(device).type != "cpu":
         return 1
@@ -324,7 +327,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     from resnetlab.analysis.plots import plot_degradation, read_run_metrics
 
     for cfg in cfgs:
-        run_dir = out_dir / cfg.run.name
+        run_dir = out_dir / str(cfg.run.name)
         if str(run_dir) not in finished:
             continue
         family, depth = family_depth(cfg.model.name, cfg.model.name in extras)
@@ -359,7 +362,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     (out_dir / "experiment.json").write_text(json.dumps({
         "data": data, "depths": list(depths), "seeds": list(seeds), "epochs": base.train.epochs,
         "extra_models": list(extras),
-        "jobs": jobs, "recipe": list(RECIPES[data]), "overrides": list(overrides),
+        "jobs": jobs, "recipe": RECIPES[data], "overrides": list(overrides),
         "wall_seconds": seconds, "interrupted": interrupted, "failed": failed,
         "curves": {"training": "train_err per epoch (running mean over the epoch, augmented)",
                    "held_out": f"{held_out} top-1 error after each epoch"},

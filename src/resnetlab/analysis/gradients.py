@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.errors import AnalysisError
 from resnetlab.config import Config
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
@@ -49,7 +49,7 @@ class GradientResult:
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The residual (or plain) blocks in forward order."""
     if hasattr(model, "blocks"):
-        return list(model.blocks())
+        return list(model.blocks())  # type: ignore[operator]
     from resnetlab.models import Block
 
     return [m for m in model.modules() if isinstance(m, Block)]
@@ -97,8 +97,8 @@ def gradient_flow(models: str | Sequence[str] = DEFAULT_MODELS, data: str = "dig
     output folder (default ``runs/gradients-<data>-<time>/``).
     """
     from resnetlab.analysis.degradation import base_config
-    from resnetlab.engine.fit import select_device
     from resnetlab.models import list_models
+    from resnetlab.runtime import select_device
 
     names = [m for m in (models.replace(",", " ").split() if isinstance(models, str) else models) if m]
     unknown = [m for m in names if m not in list_models()]
@@ -133,7 +133,8 @@ def _gradient_flow(names: list[str], data: str, steps: int, base: Config, device
     from resnetlab.analysis.degradation import write_rows_csv
     from resnetlab.analysis.plots import plot_gradients
     from resnetlab.data import build_datasets, build_loader
-    from resnetlab.engine.fit import build_model, seed_everything
+    from resnetlab.models import build_model
+    from resnetlab.runtime import seed_everything
 
     name = base.run.name or f"gradients-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(base.run.root).expanduser() / name
@@ -183,26 +184,28 @@ def _gradient_flow(names: list[str], data: str, steps: int, base: Config, device
 
 def _train_steps(model: nn.Module, loader: Any, optim_cfg: Any, steps: int, name: str) -> None:
     """``steps`` SGD steps of the recipe (its warm-up and schedule squeezed into ``steps``)."""
+    from resnetlab.engine.loop import train_one_epoch
+    from resnetlab.engine.metrics import SumMeter
     from resnetlab.engine.optim import build_optimizer, lr_at
 
     opt = build_optimizer(model, optim_cfg)
-    model.train()
+    meter = SumMeter(next(model.parameters()).device)
+    bad: list[tuple[int, float]] = []
+
+    def after_step(info: dict[str, Any]) -> bool:
+        if not torch.isfinite(info["loss"]):  # a host read per step: fine for a few analysis steps
+            bad.append((info["step"], float(info["loss"])))
+            return True
+        return info["step"] >= steps
+
     step, epoch = 0, 0
-    while step < steps:
-        for x, y in loader.iterate(epoch):  # x: [b, c, h, w] normalised, y: [b]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, len(loader), optim_cfg)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if not torch.isfinite(loss):
-                raise AnalysisError(f"{name}: loss became {float(loss)} at step {step}; "
-                                    "try a lower optim.lr=...")
-            if step == steps:
-                return
-        epoch += 1
+    while step < steps and not bad:
+        out = train_one_epoch(model, loader, opt, nn.CrossEntropyLoss(), epoch=epoch, start_batch=0,
+                              step=step, lr_fn=lambda s: lr_at(s, steps, len(loader), optim_cfg),
+                              meter=meter, after_step=after_step)
+        step, epoch = out["step"], epoch + 1
+    if bad:
+        raise AnalysisError(f"{name}: loss became {bad[0][1]} at step {bad[0][0]}; try a lower optim.lr=...")
 
 
 def format_ratios(result: GradientResult) -> str:

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.errors import AnalysisError
 from resnetlab.engine.metrics import read_jsonl
 
 METRICS = ("err", "loss")

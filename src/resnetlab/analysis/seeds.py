@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.errors import AnalysisError
 from resnetlab.config import Config, apply_overrides, load
 
 # metrics.jsonl keys that are counters or schedule values, not results to average
@@ -145,7 +145,7 @@ class SeedsResult:
     @property
     def exit_code(self) -> int:
         """0, or the shell's code for the signal that stopped a run (130 Ctrl-C, 143 SIGTERM)."""
-        from resnetlab.engine.fit import EXIT_CODES
+        from resnetlab.runtime import EXIT_CODES
 
         return EXIT_CODES.get(self.interrupted or "", 1 if self.interrupted else 0)
 
@@ -162,7 +162,7 @@ def summarize_runs(group_dir: str | Path, runs: Sequence[str | Path], seeds: Seq
            "std": "sample standard deviation (ddof=1); null with one seed", "metrics": summary}
     (group_dir / "summary.md").write_text(md)
     (group_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
-    return SeedsResult(group_dir, runs, tuple(seeds), summary, md)
+    return SeedsResult(group_dir, [Path(r) for r in runs], tuple(seeds), summary, md)
 
 
 def train_seeds(config: Config | str | Path | None, overrides: Sequence[str] = (),
@@ -174,7 +174,8 @@ def train_seeds(config: Config | str | Path | None, overrides: Sequence[str] = (
     defaults to :func:`resnetlab.engine.fit`. If a run is interrupted (Ctrl-C, SIGTERM) the
     remaining seeds are not started and the summary covers the finished runs only.
     """
-    from resnetlab.engine.fit import default_run_name, fit
+    from resnetlab.engine.fit import fit
+    from resnetlab.runtime import default_run_name
 
     seeds = parse_seeds(seeds)
     cfg = apply_overrides(config, overrides) if isinstance(config, Config) else load(config, overrides)

@@ -45,7 +45,7 @@ DEFAULT_STEPS = 100  # optimiser steps of every fine-tuning run
 DEFAULT_PRETRAIN_EPOCHS = 30
 MAX_BATCH = 32  # images per step of the fine-tuning runs (fewer when 5 * N is smaller)
 
-# The digits recipe (configs/digits_resnet20.yaml) with the degradation experiment's lr 0.05.
+# The digits recipe (recipe digits_resnet20) with the degradation experiment's lr 0.05.
 COMMON = ("data.name=digits", "model.name=resnet20", "data.augment.crop_padding=1",
           "data.augment.flip=false", "optim.name=sgd", "optim.momentum=0.9",
           "optim.weight_decay=5e-4", "optim.schedule=cosine", "train.quiet=true",

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from resnetlab.data.datasets import DataMeta
+
+class NormStats(Protocol):
+    """Per-channel mean and std on the 0..1 scale (:class:`~resnetlab.data.DataMeta` has them).
+    A protocol, so this module needs nothing from ``datasets`` (which imports it)."""
+
+    @property
+    def mean(self) -> Sequence[float]: ...
+
+    @property
+    def std(self) -> Sequence[float]: ...
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -93,7 +102,7 @@ def random_crop_flip(
     return apply_crop_flip(x, params, padding)
 
 
-def normalize(x_uint8: torch.Tensor, meta: DataMeta) -> torch.Tensor:
+def normalize(x_uint8: torch.Tensor, meta: NormStats) -> torch.Tensor:
     """uint8 ``[..., c, h, w]`` (0..255) -> float32 ``(x / 255 - mean) / std`` per channel.
 
     The one normalisation used by training, evaluation, prediction and export.
@@ -101,11 +110,33 @@ def normalize(x_uint8: torch.Tensor, meta: DataMeta) -> torch.Tensor:
     c = x_uint8.shape[-3]
     if c != len(meta.mean):
         raise ValueError(f"images have {c} channels but the data meta has {len(meta.mean)}")
-    mean = torch.tensor(meta.mean, dtype=torch.float32, device=x_uint8.device)  # [c]
-    std = torch.tensor(meta.std, dtype=torch.float32, device=x_uint8.device)  # [c]
-    scale = (1.0 / (255.0 * std)).view(c, 1, 1)  # per 0..255 step, in std units
-    shift = (-mean / std).view(c, 1, 1)
+    scale, shift = _norm_constants(tuple(meta.mean), tuple(meta.std), x_uint8.device)
     return x_uint8.float() * scale + shift
+
+
+_NORM_CACHE: dict[tuple[tuple[float, ...], tuple[float, ...], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)``, each ``[c, 1, 1]`` float32 on ``device``, built once per device.
+
+    Building them per batch with ``torch.tensor(..., device=cuda)`` is a blocking host-to-device
+    copy in every step; cached, the step issues no transfer for them at all.
+    """
+    key = (mean, std, device)
+    hit = _NORM_CACHE.get(key)
+    if hit is None:
+        # float32 on the CPU, as before the cache: the same constants bit for bit on every device
+        m = torch.tensor(mean, dtype=torch.float32)  # [c]
+        s = torch.tensor(std, dtype=torch.float32)  # [c]
+        scale = (1.0 / (255.0 * s)).view(-1, 1, 1)  # per 0..255 step, in std units
+        shift = (-m / s).view(-1, 1, 1)
+        hit = (scale.to(device), shift.to(device))
+        if len(_NORM_CACHE) > 64:  # a process sees a handful of datasets and devices
+            _NORM_CACHE.clear()
+        _NORM_CACHE[key] = hit
+    return hit
 
 
 def sample_resized_crop(
@@ -144,6 +175,6 @@ def sample_resized_crop(
 
 
 __all__ = [
-    "CropFlip", "apply_crop_flip", "derive_seed", "draw_crop_flip", "make_generator",
+    "CropFlip", "NormStats", "apply_crop_flip", "derive_seed", "draw_crop_flip", "make_generator",
     "normalize", "random_crop_flip", "sample_resized_crop",
 ]

@@ -770,7 +770,7 @@ def _build_folder(cfg: DataConfig, seed: int, needs: set[str]) -> Datasets:
             y, n_val, np.random.default_rng(derive_seed(seed, "folder", "val"))
         )
         train = as_split([train_paths[i] for i in keep], y[keep].tolist())
-        val = as_split([train_paths[i] for i in held], y[held].tolist()) if n_val else None
+        val = as_split([train_paths[i] for i in held], y[held].tolist()) if n_val else None  # type: ignore[assignment]
     test = as_split(*scanned["test"]) if "test" in scanned else None
     meta = DataMeta(
         name="folder",

@@ -116,41 +116,115 @@ def resolve(path: str | Path, prefer: str = BEST) -> Path:
 # random states (as tensors and plain data, so weights_only loading accepts them)
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU and (if present) every CUDA device's random state."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's Python, numpy and torch CPU random states, and its own device's.
+
+    Only ``device``'s generator is saved (not every visible GPU's): each rank saves its own, so
+    a checkpoint restores on any number of GPUs, with any ``CUDA_VISIBLE_DEVICES``.
+    """
     np_state = np.random.get_state(legacy=False)
-    state = {
+    state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
                   "pos": int(np_state["state"]["pos"]),
                   "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        state["device"] = {"type": "cuda", "state": torch.cuda.get_rng_state(device)}
     return state
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`rng_state`."""
+def set_rng_state(state: Mapping[str, Any], device: torch.device | None = None) -> None:
+    """Inverse of :func:`rng_state`: the device state goes to ``device`` when its type matches.
+
+    Also accepts the older format, whose ``"cuda"`` entry lists every visible GPU's state:
+    ``device`` takes its own index's entry when there is one.
+    """
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         # .cpu(): a resume loads checkpoints with map_location=the training device
+                         "state": {"key": n["key"].cpu().numpy().astype(np.uint32), "pos": int(n["pos"])},
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if device is None or device.type != "cuda":
+        return
+    own = state.get("device")
+    if own is not None and own.get("type") == "cuda":
+        torch.cuda.set_rng_state(own["state"].cpu(), device)
+    elif "cuda" in state:  # older checkpoints: one entry per GPU visible to rank 0
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][index].cpu(), device)
+
+
+def pack_rng(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The checkpoint's ``rng`` entry: every rank's :func:`rng_state`, in rank order."""
+    return {"world_size": len(states), "ranks": list(states)}
+
+
+def unpack_rng(saved: Mapping[str, Any], rank: int, world_size: int) -> tuple[dict[str, Any] | None, str | None]:
+    """``(this rank's saved state or None, a note on what changed)`` from a checkpoint's ``rng``.
+
+    Same world size: each rank gets its own state back. Another world size: ranks that existed
+    get their own state; new ranks get None (the caller re-seeds them), and the note says so.
+    Older checkpoints hold rank 0's state only: every rank gets it, as they always did.
+    """
+    if "ranks" not in saved:  # older format: one state, rank 0's
+        return dict(saved), None
+    ranks = list(saved["ranks"])
+    note = None
+    if len(ranks) != world_size:
+        note = (f"checkpoint saved by {len(ranks)} process(es), resumed by {world_size}: "
+                + (f"ranks {len(ranks)}..{world_size - 1} get fresh random states seeded from "
+                   f"(seed, rank, step); " if world_size > len(ranks) else "")
+                + "dropout and other global-RNG draws will differ from an uninterrupted run "
+                  "(batches and augmentation do not: they are seeded per batch)")
+    return (ranks[rank] if rank < len(ranks) else None), note
 
 
 # ----------------------------------------------------------------------------------------------
 # weights
 
 
-def model_state(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights to use for inference: the EMA copy when training kept one."""
-    return ckpt.get("ema") or ckpt["model"]
+def model_state(ckpt: Mapping[str, Any], source: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """The weights to use for inference: the EMA copy when training kept one; checked to be a
+    mapping of names to tensors (errors name ``source``)."""
+    state = ckpt.get("ema") or ckpt.get("model")
+    return check_state_dict(state, source, entry="ema" if ckpt.get("ema") else "model")
+
+
+def check_state_dict(state: Any, source: str | Path, entry: str = "model") -> dict[str, torch.Tensor]:
+    """``state`` as a dict if it maps strings to tensors; else a CheckpointError naming the file."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source}: its {entry!r} entry should map parameter names to tensors, "
+                              f"found {type(state).__name__}")
+    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: its {entry!r} entry holds non-tensor values or non-string "
+                              f"names: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    return dict(state)
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors (weights and buffers such as BN statistics) holding
+    NaN or infinity. One host read for all of them."""
+    names = [k for k, v in tensors.items() if v.is_floating_point() and v.numel()]
+    if not names:
+        return []
+    ok = torch.stack([tensors[k].detach().isfinite().all() for k in names]).tolist()
+    return [k for k, good in zip(names, ok, strict=True) if not good]
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights with NaN/inf (a diverged run): CheckpointError naming the file and keys."""
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{source}: holds non-finite values (NaN or inf) in {len(bad)} tensor(s): "
+                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the run diverged "
+                              f"before this was saved; use an earlier checkpoint or retrain")
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "weights",
@@ -161,7 +235,7 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
     fit, keeping the model's freshly initialised head (fine-tuning to another class count).
     """
     own = model.state_dict()
-    state = dict(state)
+    state = check_state_dict(state, source)
     if reinit_head:
         for k in [k for k in state if k.startswith("fc.")]:
             if k in own and own[k].shape != state[k].shape:
@@ -182,6 +256,15 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
         hint = " (to fine-tune on another number of classes, re-initialise the head)" if any(
             k.startswith("fc.") for k in shape) else ""
         raise CheckpointError(f"{source} does not fit the model: " + " | ".join(parts) + hint)
+    # A float tensor read as integers (or the reverse) has the right shape and wrong values:
+    # a dtype edited in a file header, say. Precision changes (fp16 -> fp32) are fine.
+    kinds = sorted(f"{k}: {state[k].dtype} in {source} vs {own[k].dtype} in model" for k in own
+                   if state[k].is_floating_point() != own[k].is_floating_point()
+                   or state[k].is_complex() != own[k].is_complex())
+    if kinds:
+        raise CheckpointError(f"{source}: wrong tensor dtype: " + "; ".join(kinds[:5])
+                              + (" ..." if len(kinds) > 5 else ""))
+    check_finite(state, source)
     model.load_state_dict(state, strict=True)
 
 
@@ -203,5 +286,5 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None

@@ -149,6 +149,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` alone). A collective: all ranks call it."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
@@ -176,6 +185,9 @@ class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
         mean = stats[:c] / n  # [c]
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # [c], biased: used to normalise
         if self.track_running_stats:
+            # torch types BN buffers as Optional; with track_running_stats they exist
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 # BatchNorm2d's rule: momentum None is the cumulative average over the steps.
@@ -225,7 +237,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
+            model = model._orig_mod  # type: ignore[assignment]
         else:
             return model

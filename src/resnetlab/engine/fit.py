@@ -1,7 +1,11 @@
 """``fit(config)``: the one place that wires data, model, optimiser, loop and checkpoints.
 
-It reads like the recipe in DESIGN.md: run folder -> data -> model -> optimiser -> resume ->
-epochs of (train, validate, log, checkpoint) -> test once -> result.json.
+It reads like the recipe in DESIGN.md (pycls's ``train_model``): set up the runtime, lock the
+run folder, build loaders, build model/optimiser/EMA, resume, then epochs of (train, validate,
+log, checkpoint), then the test split once and ``result.json``. Each step is a named function
+below; the checkpoint schema and the run folder belong to
+:class:`~resnetlab.engine.checkpointer.Checkpointer`, the per-step checks to
+:class:`~resnetlab.engine.guard.StepGuard`.
 """
 
 from __future__ import annotations
@@ -9,54 +13,45 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from resnetlab import (
-    __version__,
-    weights,  # module import: weights imports engine.checkpoint, a cycle otherwise
-)
-from resnetlab.config import Config, ConfigError, to_dict
+from resnetlab import weights  # module import: weights imports engine.checkpoint, a cycle otherwise
+from resnetlab.config import Config, ConfigError, to_dict, validate
 from resnetlab.data import DataMeta, build_datasets, build_loader
 from resnetlab.engine import checkpoint as ckpt
-from resnetlab.engine.dist import (
-    DistInfo,
-    all_reduce_sum,
-    barrier,
-    broadcast_object,
-    init_from_env,
-    unwrap,
-    wrap_ddp,
-)
+from resnetlab.engine.checkpointer import Checkpointer, TrainParts
+from resnetlab.engine.dist import DistInfo, all_reduce_sum, barrier, init_from_env, unwrap, wrap_ddp
+from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
 from resnetlab.engine.freeze import freeze_for_epoch
+from resnetlab.engine.guard import STOP, SYNCED, StepGuard
 from resnetlab.engine.loop import evaluate, train_one_epoch
 from resnetlab.engine.metrics import SumMeter, append_jsonl, read_jsonl, write_csv
 from resnetlab.engine.optim import ModelEMA, build_optimizer, build_param_groups, lr_at
-from resnetlab.models import create_model
+from resnetlab.engine.state import TrainState
+from resnetlab.models import build_model
+from resnetlab.runtime import (
+    EXIT_CODES,
+    apply_speed_flags,
+    checkpoint_interval,
+    default_run_name,
+    seed_everything,
+    select_device,
+    sync_interval,
+)
 
 log = logging.getLogger("resnetlab")
 
-EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as shells report
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says where and what to do."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+# Re-exported: older code imports these helpers from here; they live in runtime/models now.
+__all__ = ["EXIT_CODES", "NonFiniteLossError", "Result", "RunFolderBusyError", "TrainingError",
+           "build_model", "default_run_name", "fit", "resume_config", "seed_everything", "select_device"]
 
 
 @dataclass
@@ -68,7 +63,7 @@ class Result:
     steps: int  # optimiser steps completed
     val: dict[str, float] = field(default_factory=dict)  # last validation
     best: dict[str, Any] = field(default_factory=dict)  # best validation and its epoch
-    test: dict[str, float] | None = None  # test split, evaluated once with the chosen weights
+    test: dict[str, Any] | None = None  # test split, evaluated once with the chosen weights
     interrupted: str | None = None  # "SIGTERM" / "SIGINT" / "stop" when stopped early
 
     @property
@@ -76,76 +71,48 @@ class Result:
         return EXIT_CODES.get(self.interrupted or "", 0)
 
 
-# ----------------------------------------------------------------------------------------------
-# small pieces
+@dataclass
+class Loaders:
+    """The data of a run: its datasets (with meta) and one loader per split used."""
+
+    data: Any  # resnetlab.data.Datasets: train/val/test splits, meta, skipped files
+    train: Any
+    val: Any | None
+    test_every_epoch: Any | None  # test split evaluated after every epoch (figures), or None
+    kwargs: dict[str, Any]  # device/seed/rank...: to build the final test loader the same way
+    meta: DataMeta  # the data's meta, normalised as model.init_from's weights expect
+    init_source: Any = None  # weights.read_init_from(cfg): the init weights, or None
 
 
-def select_device(name: str) -> torch.device:
-    """``auto``: cuda, then mps, then cpu; otherwise the named device, checked."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device: {name!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name}: CUDA is not available on this machine")
-    return device
+@dataclass
+class Run:
+    """Everything one training run holds while it runs (what the named steps share)."""
 
+    cfg: Config
+    dist: DistInfo
+    device: torch.device
+    ckpts: Checkpointer
+    loaders: Loaders
+    parts: TrainParts
+    net: nn.Module  # the module to step: DDP and/or torch.compile around parts.model
+    criterion: nn.Module
+    state: TrainState
+    guard: StepGuard
+    lr_fn: Callable[[int], float]
+    steps_per_epoch: int
+    checkpoint_every: int  # mid-epoch save interval in steps (a multiple of the sync interval), 0 = off
+    writer: Any = None
+    val: dict[str, float] = field(default_factory=dict)
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    @property
+    def eval_net(self) -> nn.Module:
+        # Evaluate the plain module: ranks hold shards of unequal length, and a DDP forward could
+        # wait on a collective that a rank with one batch fewer never joins.
+        return self.parts.ema.module if self.parts.ema is not None else unwrap(self.net)
 
-
-def default_run_name(cfg: Config) -> str:
-    return f"{cfg.model.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def build_model(cfg: Config, meta: DataMeta) -> nn.Module:
-    """The network the config names, sized for the dataset (classes, channels)."""
-    kw: dict[str, Any] = {
-        "num_classes": cfg.model.num_classes or len(meta.classes),
-        "in_chans": cfg.model.in_chans or meta.in_chans,
-        "zero_init_residual": cfg.model.zero_init_residual,
-        "grad_checkpointing": cfg.model.grad_checkpointing,
-        "checkpoint_every": cfg.model.checkpoint_every,
-        "checkpoint_stages": cfg.model.checkpoint_stages,
-        "drop_rate": cfg.model.drop_rate,
-    }
-    if cfg.model.shortcut is not None:
-        kw["shortcut"] = cfg.model.shortcut
-    return create_model(cfg.model.name, **kw)
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves, and returns."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def request(self, reason: str) -> None:
-        self.reason = self.reason or reason
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, lambda s, _f: self.request(signal.Signals(s).name))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _params_finite(model: nn.Module) -> bool:
-    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+    @property
+    def meta(self) -> DataMeta:
+        return self.loaders.meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,36 +124,75 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
 
     ``on_step(info)`` is called after every optimiser step with ``epoch``, ``batch``, ``step``,
     ``lr``, ``loss`` (a tensor) and ``model``; returning True stops training as a signal
-    would (checkpoint saved, ``Result.interrupted == "stop"``).
+    would (checkpoint saved, ``Result.interrupted == "stop"``). Under DDP a stop, like a signal,
+    takes effect at the next sync step (``train.sync_every``), on every rank at once.
     """
+    device, dist = setup_runtime(cfg)
+    cfg = weights.resolve_init_from(cfg)  # model.init_from as a file path + its SHA-256, for config.yaml
+    with Checkpointer.open(cfg, dist, device) as ckpts:
+        loaders = build_loaders(cfg, dist, device)
+        parts, criterion = build_training(cfg, loaders, device, init=ckpts.resume_path() is None)
+        state = TrainState()
+        resume(ckpts, parts, state, cfg)
+        if state.epoch >= cfg.train.epochs and (done := ckpts.finished_result()) is not None:
+            log.info("%s already finished %d epoch(s); nothing to do", ckpts.run_dir, state.epoch)
+            return _result_of_finished_run(ckpts.run_dir, state, done)
+        run = start_run(cfg, dist, device, ckpts, loaders, parts, criterion, state, on_step)
+        with run.guard:
+            while state.epoch < cfg.train.epochs:
+                stopped = run_epoch(run)
+                if stopped is not None:
+                    return stopped
+        return finish(run)
+
+
+def setup_runtime(cfg: Config) -> tuple[torch.device, DistInfo]:
+    """Device, process group (under torchrun), threads and speed switches."""
     device = select_device(cfg.train.device)
     dist = init_from_env(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    apply_speed_flags(cfg.train, device)
+    return device, dist
 
-    cfg = weights.resolve_init_from(cfg)  # model.init_from as a file path + its SHA-256, for config.yaml
-    run_dir = _prepare_run_dir(cfg, dist)
-    resume_from = ckpt.latest(run_dir) if cfg.train.resume == "auto" else None
 
+def build_loaders(cfg: Config, dist: DistInfo, device: torch.device) -> Loaders:
+    """Datasets, then a loader per split (each rank reads its shard of every batch)."""
     data = build_datasets(cfg.data, seed=cfg.seed)
+    _check_model_fits_data(cfg, data.meta)
     init_source = weights.read_init_from(cfg)
     meta = weights.preprocessing_meta(data.meta, init_source, cfg)  # normalise as the init weights expect
-    loader_kw = {"device": device, "seed": cfg.seed, "rank": dist.rank, "world_size": dist.world_size,
-                 "channels_last": cfg.train.channels_last}
-    train_loader = build_loader(data.train, meta, cfg.data, train=True, batch_size=cfg.train.batch_size, **loader_kw)
-    val_loader = (build_loader(data.val, meta, cfg.data, train=False, batch_size=cfg.train.eval_batch_size, **loader_kw)
-                  if data.val is not None else None)
-    test_loader = (build_loader(data.test, meta, cfg.data, train=False, batch_size=cfg.train.eval_batch_size, **loader_kw)
-                   if cfg.train.test_every_epoch and data.test is not None else None)
-    if len(train_loader) == 0:
+    kw: dict[str, Any] = {"device": device, "seed": cfg.seed, "rank": dist.rank,
+                          "world_size": dist.world_size, "channels_last": cfg.train.channels_last}
+    evaluation = {"train": False, "batch_size": cfg.train.eval_batch_size, **kw}
+    train = build_loader(data.train, meta, cfg.data, train=True, batch_size=cfg.train.batch_size, **kw)
+    if len(train) == 0:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
+    val = build_loader(data.val, meta, cfg.data, **evaluation) if data.val is not None else None
+    test = (build_loader(data.test, meta, cfg.data, **evaluation)
+            if cfg.train.test_every_epoch and data.test is not None else None)
+    return Loaders(data, train, val, test, kw, meta, init_source)
 
-    seed_everything(cfg.seed)  # same init on every rank, and for every resume
-    model = build_model(cfg, meta)
-    if resume_from is None:
-        model = weights.apply_init_from(model, init_source, meta)
+
+def _check_model_fits_data(cfg: Config, meta: DataMeta) -> None:
+    """``model.num_classes``/``in_chans``, when set, must be the dataset's."""
+    n, c = len(meta.classes), meta.in_chans
+    if cfg.model.num_classes is not None and cfg.model.num_classes != n:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} does not match the data: "
+                          f"{cfg.data.name} has {n} classes (leave it unset to follow the data)")
+    if cfg.model.in_chans is not None and cfg.model.in_chans != c:
+        raise ConfigError(f"model.in_chans={cfg.model.in_chans} does not match the data: {cfg.data.name} "
+                          f"images have {c} channel(s) (leave it unset to follow the data)")
+
+
+def build_training(cfg: Config, loaders: Loaders, device: torch.device, *,
+                   init: bool = True) -> tuple[TrainParts, nn.Module]:
+    """Model (seeded: the same init on every rank and for every resume; ``model.init_from``
+    weights when ``init``, i.e. not resuming), optimiser over its param groups, EMA, scaler."""
+    seed_everything(cfg.seed)
+    model = build_model(cfg, loaders.meta)
+    if init:
+        model = weights.apply_init_from(model, loaders.init_source, loaders.meta)
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -194,136 +200,142 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    return TrainParts(model, optimizer, ema, scaler, SumMeter(device)), criterion
 
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    state = {"epoch": 0, "batch": 0, "step": 0, "best_val_err": math.inf, "best_epoch": 0}
-    meter = SumMeter(device)
-    if resume_from is not None:
-        loaded = ckpt.load_checkpoint(resume_from, map_location=device)
-        _restore(loaded, model, optimizer, ema, scaler, meter, state)
-        log.info("resumed from %s at epoch %d, batch %d (step %d)",
-                 resume_from, state["epoch"] + 1, state["batch"], state["step"])
 
-    freeze_for_epoch(model, cfg.train, state["epoch"])  # before DDP: it reduces what requires grad
-    net = wrap_ddp(model, dist, device, cfg.train.sync_bn)
-    freeze_for_epoch(unwrap(net), cfg.train, state["epoch"])  # again on SyncBN's new BN layers
+def resume(ckpts: Checkpointer, parts: TrainParts, state: TrainState, cfg: Config) -> None:
+    """Restore the run folder's last checkpoint, if resuming and there is one."""
+    path = ckpts.resume_path()
+    if path is None:
+        return
+    ckpts.restore(path, parts, state, cfg)
+    log.info("resumed from %s at epoch %d, batch %d (step %d)", path, state.epoch + 1, state.batch, state.step)
+
+
+def start_run(cfg: Config, dist: DistInfo, device: torch.device, ckpts: Checkpointer, loaders: Loaders,
+              parts: TrainParts, criterion: nn.Module, state: TrainState,
+              on_step: Callable[[dict[str, Any]], bool | None] | None) -> Run:
+    """Wrap the model (DDP, compile), fix the intervals, write config.yaml: the run has started."""
+    steps_per_epoch = len(loaders.train)
+    if state.batch == 0 and state.step != state.epoch * steps_per_epoch:
+        # another batch size at an epoch boundary: the schedule continues at the same epoch
+        log.warning("steps per epoch changed to %d (train.batch_size); step %d becomes %d so the "
+                    "learning-rate schedule continues at epoch %d", steps_per_epoch, state.step,
+                    state.epoch * steps_per_epoch, state.epoch + 1)
+        state.step = state.epoch * steps_per_epoch
+    freeze_for_epoch(parts.model, cfg.train, state.epoch)  # before DDP: it reduces what requires grad
+    net = wrap_ddp(parts.model, dist, device, cfg.train.sync_bn)
+    freeze_for_epoch(unwrap(net), cfg.train, state.epoch)  # again on SyncBN's new BN layers
     if cfg.train.compile:
-        net = torch.compile(net)
-    # Evaluate the plain module: ranks hold shards of unequal length, and a DDP forward could
-    # wait on a collective that a rank with one batch fewer never joins.
-    eval_net = ema.module if ema is not None else unwrap(net)
-
-    def checkpoint_state() -> dict[str, Any]:
-        return {
-            "model": unwrap(net).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "meter": meter.state_dict(),
-            "rng": ckpt.rng_state(),
-            "state": dict(state),
-            "config": to_dict(cfg),
-            "meta": meta.to_dict(),
-            "version": __version__,
-        }
-
-    def save(name: str) -> None:
-        """Rank 0 writes ``checkpoints/<name>`` atomically, never with non-finite weights."""
-        if not dist.is_main:
-            return
-        if not _params_finite(unwrap(net)):
-            raise NonFiniteLossError(
-                f"weights are not finite at epoch {state['epoch'] + 1}, step {state['step']}; "
-                f"not saving over {run_dir / ckpt.CHECKPOINT_DIR / name}")
-        ckpt.save_checkpoint(checkpoint_state(), run_dir / ckpt.CHECKPOINT_DIR / name)
-
-    # Per-step checks that must not make the GPU wait: a non-finite loss is recorded on the
-    # device and read by the host every `sync_every` steps (every step on CPU, where it is free).
-    sync_every = 1 if device.type == "cpu" else 20
-    flags = torch.zeros(2, device=device)  # [first non-finite step + 1 (0 = none), stop requested]
-    stop = _StopFlag()
-    last_good = [ckpt.latest(run_dir)]
-
-    def after_step(info: dict[str, Any]) -> bool:
-        state["step"], state["batch"] = info["step"], info["batch"] + 1
-        bad = ~torch.isfinite(info["loss"])
-        flags[0] = torch.where(bad & (flags[0] == 0), float(info["step"]), flags[0])
-        user_stop = bool(on_step(info)) if on_step is not None else False
-        if user_stop:
-            stop.request("stop")
-        if info["step"] % sync_every and not stop.reason:
-            return False
-        flags[1] = float(stop.reason is not None)
-        all_reduce_sum(flags)  # any rank's NaN or signal stops every rank at the same step
-        if flags[0] > 0:
-            bad_step = int(flags[0].item()) if not dist.enabled else info["step"]
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {info['epoch'] + 1}, step {bad_step} "
-                f"(batch {info['batch'] + 1} of {steps_per_epoch}); training stopped. "
-                f"Last good checkpoint: {last_good[0] or 'none saved yet'}. "
-                f"Try a lower optim.lr or set optim.clip_grad_norm.")
-        if flags[1] > 0:
-            stop.request(stop.reason or "SIGTERM")
-            return True
-        every = cfg.train.checkpoint_every_steps
-        if every and info["step"] % every == 0 and state["batch"] < steps_per_epoch:
-            save(ckpt.LAST)
-            last_good[0] = run_dir / ckpt.CHECKPOINT_DIR / ckpt.LAST
-        return False
-
-    writer = _tensorboard(cfg, run_dir, dist)
+        net = cast(nn.Module, torch.compile(net))  # an OptimizedModule, an nn.Module subclass
+    sync_every = sync_interval(cfg.train, device)
+    every = checkpoint_interval(cfg.train.checkpoint_every_steps, sync_every)
+    if every != cfg.train.checkpoint_every_steps:
+        log.info("train.checkpoint_every_steps=%d rounded up to %d, a multiple of the sync interval "
+                 "(train.sync_every=%d): saves need every rank's agreement that all is finite",
+                 cfg.train.checkpoint_every_steps, every, sync_every)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    ckpts.write_config(cfg)
+    run = Run(cfg, dist, device, ckpts, loaders, parts, net, criterion, state,
+              StepGuard(device, dist, sync_every, on_step),
+              lambda s: lr_at(s, total_steps, steps_per_epoch, cfg.optim), steps_per_epoch, every,
+              _tensorboard(cfg, ckpts.run_dir, dist))
     log.info("run folder %s | %s on %s | %d train / %s val images | %d steps/epoch",
-             run_dir, cfg.model.name, device, _count(data.train),
-             _count(data.val) if data.val is not None else "no", steps_per_epoch)
-    lr_fn = lambda s: lr_at(s, total_steps, steps_per_epoch, cfg.optim)  # noqa: E731
-    val: dict[str, float] = {}
-    with stop:
-        while state["epoch"] < cfg.train.epochs:
-            epoch = state["epoch"]
-            if freeze_for_epoch(unwrap(net), cfg.train, epoch) and dist.enabled:  # two-phase unfreeze
-                net = wrap_ddp(unwrap(net), dist, device, sync_bn=False)  # BN already converted
-                if cfg.train.compile:
-                    net = torch.compile(net)
-            if state["batch"] == 0:
-                meter.sums.zero_()
-            progress = _Progress(cfg, dist, epoch, steps_per_epoch, state["batch"])
-            out = train_one_epoch(
-                net, train_loader, optimizer, criterion, epoch=epoch, start_batch=state["batch"],
-                step=state["step"], lr_fn=lr_fn, meter=meter, amp=cfg.train.amp, scaler=scaler,
-                clip_grad_norm=cfg.optim.clip_grad_norm, ema=ema,
-                after_step=lambda info, bar=progress: bar.update(info) or after_step(info))
-            progress.close()
-            if out["stopped"] and state["batch"] < steps_per_epoch:
-                save(ckpt.LAST)
-                _say_interrupted(stop.reason, run_dir, state, dist)
-                return Result(run_dir, epoch, state["step"], val, _best(state), None, stop.reason)
-            state.update(epoch=epoch + 1, batch=0)
-            train_stats = all_reduce_sum(meter.sums.clone())
-            row = _epoch_row(epoch, state, lr_fn, train_stats, out, dist)
-            if val_loader is not None and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
-                val = evaluate(eval_net, val_loader, device=device, amp=cfg.train.amp)
-                row.update({f"val_{k}": v for k, v in val.items() if k != "count"})
-                if val["top1_err"] < state["best_val_err"]:
-                    state.update(best_val_err=val["top1_err"], best_epoch=epoch + 1)
-                    save(ckpt.BEST)
-            if test_loader is not None:  # curves for figures only: never used to choose weights
-                test = evaluate(eval_net, test_loader, device=device, amp=cfg.train.amp)
-                row.update({f"test_{k}": v for k, v in test.items() if k != "count"})
-            save(ckpt.LAST)
-            last_good[0] = run_dir / ckpt.CHECKPOINT_DIR / ckpt.LAST
-            _log_epoch(row, run_dir, dist, writer)
-            if stop.reason:  # a signal that arrived on the epoch's last step
-                _say_interrupted(stop.reason, run_dir, state, dist)
-                return Result(run_dir, epoch + 1, state["step"], val, _best(state), None, stop.reason)
+             ckpts.run_dir, cfg.model.name, device, _count(loaders.data.train),
+             _count(loaders.data.val) if loaders.data.val is not None else "no", steps_per_epoch)
+    return run
 
-    test = _final_test(cfg, data, meta, eval_net, run_dir, device, loader_kw, val_loader is not None,
-                       test_loader)
-    result = Result(run_dir, state["epoch"], state["step"], val, _best(state), test)
-    if dist.is_main:
-        _write_result(run_dir, result, data.bad_files())
-    if writer is not None:
-        writer.close()
+
+def run_epoch(run: Run) -> Result | None:
+    """Train one epoch (or its rest), validate, log, checkpoint; a Result when stopped early."""
+    cfg, state, parts = run.cfg, run.state, run.parts
+    epoch = state.epoch
+    if freeze_for_epoch(unwrap(run.net), cfg.train, epoch) and run.dist.enabled:  # two-phase unfreeze
+        run.net = wrap_ddp(unwrap(run.net), run.dist, run.device, sync_bn=False)  # BN already converted
+        if cfg.train.compile:
+            run.net = cast(nn.Module, torch.compile(run.net))
+    if state.batch == 0:
+        parts.meter.sums.zero_()
+    progress = _Progress(cfg, run.dist, epoch, run.steps_per_epoch, state.batch)
+    out = train_one_epoch(
+        run.net, run.loaders.train, parts.optimizer, run.criterion, epoch=epoch, start_batch=state.batch,
+        step=state.step, lr_fn=run.lr_fn, meter=parts.meter, amp=cfg.train.amp, scaler=parts.scaler,
+        clip_grad_norm=cfg.optim.clip_grad_norm, ema=parts.ema,
+        after_step=lambda info: _after_step(run, info, progress))
+    progress.close()
+    run.guard.sync(state.step)  # every rank agrees on NaN and stop before anything is saved
+    if run.guard.bad_step is not None:
+        raise _non_finite(run, f"non-finite loss at step {run.guard.bad_step}")
+    if out["stopped"] and state.batch < run.steps_per_epoch:
+        return _stop(run)
+    state.epoch, state.batch = epoch + 1, 0
+    row = _epoch_row(epoch, state, run.lr_fn, all_reduce_sum(parts.meter.sums.clone()), out, run.dist)
+    row.update(_validate(run, epoch))
+    run.ckpts.save(ckpt.LAST, parts, state, cfg, run.meta.to_dict())
+    _log_epoch(row, run.ckpts.run_dir, run.dist, run.writer)
+    if run.guard.reason:  # a stop that arrived on the epoch's last steps
+        _say_interrupted(run.guard.reason, run.ckpts.run_dir, state, run.dist)
+        return Result(run.ckpts.run_dir, state.epoch, state.step, run.val, state.best(), None, run.guard.reason)
+    return None
+
+
+def _after_step(run: Run, info: dict[str, Any], progress: _Progress) -> bool:
+    """Per-step bookkeeping; True stops the epoch (a stop request or a non-finite loss)."""
+    progress.update(info)
+    run.state.step, run.state.batch = info["step"], info["batch"] + 1
+    verdict = run.guard.after_step(info)
+    if verdict == STOP:
+        return True
+    if (verdict == SYNCED and run.checkpoint_every and info["step"] % run.checkpoint_every == 0
+            and run.state.batch < run.steps_per_epoch):
+        run.ckpts.save(ckpt.LAST, run.parts, run.state, run.cfg, run.meta.to_dict())
+    return False
+
+
+def _stop(run: Run) -> Result:
+    """Save mid-epoch and report the interruption (every rank reaches this at the same step)."""
+    run.ckpts.save(ckpt.LAST, run.parts, run.state, run.cfg, run.meta.to_dict())
+    _say_interrupted(run.guard.reason, run.ckpts.run_dir, run.state, run.dist)
+    return Result(run.ckpts.run_dir, run.state.epoch, run.state.step, run.val, run.state.best(), None,
+                  run.guard.reason)
+
+
+def _non_finite(run: Run, what: str) -> NonFiniteLossError:
+    s = run.state
+    return NonFiniteLossError(
+        f"{what} (epoch {s.epoch + 1}, batch {s.batch} of {run.steps_per_epoch}); training stopped. "
+        f"Last good checkpoint: {run.ckpts.last_good or 'none saved yet'}. "
+        f"Try a lower optim.lr or set optim.clip_grad_norm.")
+
+
+def _validate(run: Run, epoch: int) -> dict[str, float]:
+    """Validation (every ``eval_every`` epochs and the last; best.pt on a new best) and the
+    per-epoch test curve; a non-finite loss stops the run before anything is saved."""
+    cfg, row = run.cfg, {}
+    if run.loaders.val is not None and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
+        run.val = evaluate(run.eval_net, run.loaders.val, device=run.device, amp=cfg.train.amp)
+        if not math.isfinite(run.val["loss"]):
+            raise _non_finite(run, "non-finite validation loss")
+        row.update({f"val_{k}": v for k, v in run.val.items() if k != "count"})
+        if run.val["top1_err"] < run.state.best_val_err:
+            run.state.best_val_err, run.state.best_epoch = run.val["top1_err"], epoch + 1
+            run.ckpts.save(ckpt.BEST, run.parts, run.state, cfg, run.meta.to_dict())
+    if run.loaders.test_every_epoch is not None:  # curves for figures only: never used to choose weights
+        test = evaluate(run.eval_net, run.loaders.test_every_epoch, device=run.device, amp=cfg.train.amp)
+        if not math.isfinite(test["loss"]):
+            raise _non_finite(run, "non-finite test loss")
+        row.update({f"test_{k}": v for k, v in test.items() if k != "count"})
+    return row
+
+
+def finish(run: Run) -> Result:
+    """The test split once (with the weights validation chose), result.json, close the writer."""
+    test = _final_test(run)
+    result = Result(run.ckpts.run_dir, run.state.epoch, run.state.step, run.val, run.state.best(), test)
+    if run.dist.is_main:
+        _write_result(run.ckpts.run_dir, result, run.loaders.data.bad_files())
+    if run.writer is not None:
+        run.writer.close()
     barrier()
     return result
 
@@ -332,46 +344,9 @@ def _count(split: Any) -> int:
     return int(split.labels.shape[0])
 
 
-def _best(state: dict[str, Any]) -> dict[str, Any]:
-    if math.isinf(state["best_val_err"]):
-        return {}
-    return {"val_top1_err": state["best_val_err"], "epoch": state["best_epoch"]}
-
-
-def _prepare_run_dir(cfg: Config, dist: DistInfo) -> Path:
-    """Create ``run.root/run.name`` (name agreed across ranks) and write ``config.yaml``.
-
-    An existing run with checkpoints is never overwritten: continue it with
-    ``train.resume=auto`` (or ``--resume``), or choose another ``run.name``.
-    """
-    name = broadcast_object(cfg.run.name or default_run_name(cfg))
-    run_dir = Path(cfg.run.root).expanduser() / name
-    has_ckpt = ckpt.latest(run_dir) is not None
-    if has_ckpt and cfg.train.resume != "auto":
-        raise TrainingError(
-            f"{run_dir} already holds a training run; resume it with "
-            f"`resnetlab train --resume {run_dir}` (train.resume=auto) or pick another run.name")
-    if dist.is_main:
-        (run_dir / ckpt.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        resolved = replace(cfg, run=replace(cfg.run, name=name))
-        text = yaml.safe_dump(to_dict(resolved), sort_keys=False)
-        ckpt.atomic_write(run_dir / "config.yaml", lambda f: f.write(text.encode()))
-    barrier()
-    return run_dir
-
-
-def _restore(loaded: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any,
-             scaler: Any, meter: SumMeter, state: dict[str, Any]) -> None:
-    """Put every piece of a checkpoint back so the run continues bitwise as if never stopped."""
-    ckpt.load_weights(model, loaded["model"], source="checkpoint")
-    optimizer.load_state_dict(loaded["optimizer"])
-    if ema is not None and loaded.get("ema") is not None:
-        ema.load_state_dict(loaded["ema"])
-    if scaler is not None and loaded.get("scaler") is not None:
-        scaler.load_state_dict(loaded["scaler"])
-    meter.load_state_dict(loaded["meter"])
-    state.update(loaded["state"])
-    ckpt.set_rng_state(loaded["rng"])
+def _result_of_finished_run(run_dir: Path, state: TrainState, doc: dict[str, Any]) -> Result:
+    return Result(run_dir, state.epoch, state.step, doc.get("val") or {}, doc.get("best") or {},
+                  doc.get("test"))
 
 
 class _Progress:
@@ -401,11 +376,11 @@ class _Progress:
             self.bar.close()
 
 
-def _epoch_row(epoch: int, state: dict[str, Any], lr_fn: Callable[[int], float], sums: torch.Tensor,
+def _epoch_row(epoch: int, state: TrainState, lr_fn: Callable[[int], float], sums: torch.Tensor,
                out: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
     loss_sum, c1, _c5, n = sums.tolist()
     images_per_s = out["images"] * dist.world_size / max(out["seconds"], 1e-9)
-    return {"epoch": epoch + 1, "step": state["step"], "lr": lr_fn(max(state["step"] - 1, 0)),
+    return {"epoch": epoch + 1, "step": state.step, "lr": lr_fn(max(state.step - 1, 0)),
             "train_loss": loss_sum / max(n, 1), "train_err": 100.0 * (1 - c1 / max(n, 1)),
             "images_per_s": images_per_s, "seconds": out["seconds"]}
 
@@ -471,36 +446,39 @@ def _tensorboard(cfg: Config, run_dir: Path, dist: DistInfo) -> Any:
         return None
     writer = SummaryWriter(log_dir=str(run_dir / "tb"))
     metrics = {tag: 0.0 for tag in ("val/top1_err", "val/top5_err", "val/loss", "train/err", "train/loss")}
-    for summary in hparams(_hparams(cfg), metrics):  # the metrics' values are the scalars of this run
-        writer.file_writer.add_summary(summary)
+    file_writer = writer.file_writer  # created by SummaryWriter's constructor
+    if file_writer is not None:
+        for summary in hparams(_hparams(cfg), metrics):  # the metrics' values are the scalars of this run
+            file_writer.add_summary(summary)
     return writer
 
 
-def _say_interrupted(reason: str | None, run_dir: Path, state: dict[str, Any], dist: DistInfo) -> None:
+def _say_interrupted(reason: str | None, run_dir: Path, state: TrainState, dist: DistInfo) -> None:
     if dist.is_main:
-        print(f"{reason}: saved {run_dir / ckpt.CHECKPOINT_DIR / ckpt.LAST} at epoch {state['epoch'] + 1}, "
-              f"step {state['step']}; resume with: resnetlab train --resume {run_dir}", file=sys.stderr, flush=True)
+        print(f"{reason}: saved {run_dir / ckpt.CHECKPOINT_DIR / ckpt.LAST} at epoch {state.epoch + 1}, "
+              f"step {state.step}; resume with: resnetlab train --resume {run_dir}", file=sys.stderr, flush=True)
 
 
-def _final_test(cfg: Config, data: Any, meta: DataMeta, eval_net: nn.Module, run_dir: Path,
-                device: torch.device, loader_kw: dict[str, Any], have_val: bool,
-                loader: Any = None) -> dict[str, float] | None:
+def _final_test(run: Run) -> dict[str, Any] | None:
     """Evaluate the test split once, with the weights validation chose (best.pt) if any."""
+    cfg, data = run.cfg, run.loaders.data
     if not cfg.train.test_at_end or data.test is None:
         return None
     barrier()  # rank 0 has finished writing best.pt before any rank reads it
-    best = run_dir / ckpt.CHECKPOINT_DIR / ckpt.BEST
-    use_best = have_val and best.is_file()  # decided once: the file may appear meanwhile
-    model = unwrap(eval_net)
+    best = run.ckpts.path(ckpt.BEST)
+    use_best = run.loaders.val is not None and best.is_file()  # decided once: the file may appear meanwhile
+    model = unwrap(run.eval_net)
     current = {k: v.clone() for k, v in model.state_dict().items()} if use_best else None
     if use_best:
-        state = ckpt.model_state(ckpt.load_checkpoint(best, map_location=device))
+        state = ckpt.model_state(ckpt.load_checkpoint(best, map_location=run.device), best)
         ckpt.load_weights(model, state, source=str(best))
-    loader = loader or build_loader(data.test, meta, cfg.data, train=False,
-                                    batch_size=cfg.train.eval_batch_size, **loader_kw)
-    test = evaluate(model, loader, device=device, amp=cfg.train.amp)
+    loader = run.loaders.test_every_epoch or build_loader(
+        data.test, run.meta, cfg.data, train=False, batch_size=cfg.train.eval_batch_size, **run.loaders.kwargs)
+    test: dict[str, Any] = dict(evaluate(model, loader, device=run.device, amp=cfg.train.amp))
     if current is not None:
         model.load_state_dict(current)
+    if not math.isfinite(test["loss"]):
+        raise _non_finite(run, "non-finite test loss")
     test["weights"] = "best" if use_best else "last"
     return test
 
@@ -515,12 +493,17 @@ def _write_result(run_dir: Path, result: Result, skipped: list[tuple[str, str]])
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The config to continue ``run_dir`` with: its config.yaml, then ``overrides``, resume=auto."""
+    """The config to continue ``run_dir`` with: its config.yaml, then ``overrides``, resume=auto.
+
+    The run folder's own name and parent are set as typed values (never re-parsed as YAML: a
+    folder named ``0x10`` or ``null`` stays that string).
+    """
     from resnetlab.config import load
 
     run_dir = Path(run_dir).expanduser()
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
-    base = [f"run.root={run_dir.parent}", f"run.name={run_dir.name}", "train.resume=auto"]
-    return load(path, [*overrides, *base])
+    cfg = load(path, list(overrides))
+    return validate(replace(cfg, run=replace(cfg.run, root=str(run_dir.parent), name=run_dir.name),
+                            train=replace(cfg.train, resume="auto")))

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnetlab.data.loaders import Loader
 from resnetlab.engine.dist import all_reduce_sum
 from resnetlab.engine.metrics import SumMeter
-from resnetlab.engine.optim import set_lr
+from resnetlab.engine.optim import ModelEMA, set_lr
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,7 +32,7 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 
 def train_one_epoch(
     model: nn.Module,
-    loader: Any,
+    loader: Loader,
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
     *,
@@ -43,7 +44,7 @@ def train_one_epoch(
     amp: str = "none",
     scaler: torch.amp.GradScaler | None = None,
     clip_grad_norm: float | None = None,
-    ema: Any = None,
+    ema: ModelEMA | None = None,
     after_step: Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[str, Any]:
     """Train over ``loader``'s epoch ``epoch`` from batch ``start_batch``.
@@ -88,12 +89,14 @@ def train_one_epoch(
             break
     else:
         batch = len(loader) - 1
+    if device.type == "cuda":  # queued kernels belong to this epoch's time (images/s)
+        torch.cuda.synchronize(device)
     return {"step": step, "batches_done": batch + 1, "stopped": stopped,
             "seconds": time.perf_counter() - t0, "images": images}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, *, device: torch.device, amp: str = "none",
+def evaluate(model: nn.Module, loader: Loader, *, device: torch.device, amp: str = "none",
              criterion: nn.Module | None = None) -> dict[str, float]:
     """Loss and top-1/top-5 error and accuracy (percent) over every sample of ``loader``.
 

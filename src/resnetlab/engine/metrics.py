@@ -37,8 +37,10 @@ class SumMeter:
     def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
         n = target.shape[0]
         c1, c5 = topk_correct(logits.detach(), target)
-        self.sums += torch.stack([loss.detach().double() * n, c1.double(), c5.double(),
-                                  torch.tensor(float(n), dtype=torch.float64, device=self.sums.device)])
+        self.sums[:3] += torch.stack([loss.detach().double() * n, c1.double(), c5.double()])
+        # The count is a Python int: an in-place add of a scalar is a kernel argument, whereas
+        # torch.tensor(n, device=cuda) would be a blocking host-to-device copy every step.
+        self.sums[3] += n
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"sums": self.sums.cpu()}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from resnetlab.config import OptimConfig, TrainConfig
+from resnetlab.engine.dist import unwrap
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -79,25 +80,34 @@ class ModelEMA:
     """Exponential moving average of a model's weights (buffers are copied, not averaged).
 
     ``ema = decay * ema + (1 - decay) * weights`` after every optimiser step; the averaged
-    copy is what evaluation and export use when ``optim.ema_decay`` is set.
+    copy is what evaluation and export use when ``optim.ema_decay`` is set. ``update`` accepts
+    the model as trained, wrapped or not (DDP's ``module.``, torch.compile's ``_orig_mod.``),
+    and updates every tensor with two fused multi-tensor kernels instead of a Python loop over
+    each of them (~320 tensors for resnet50).
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.module = copy.deepcopy(model).eval()
+        self.module = copy.deepcopy(unwrap(model)).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
-        self._param_names = {name for name, _ in self.module.named_parameters()}
+        self._params = [p.detach() for p in self.module.parameters()]  # model.parameters() order
+        self._buffers = list(self.module.buffers())
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_state = self.module.state_dict()
-        for name, value in model.state_dict().items():
-            target = ema_state[name]
-            if name in self._param_names:
-                target.lerp_(value, 1.0 - self.decay)
-            else:
-                target.copy_(value)
+        """One EMA step towards ``model``'s current weights (floating parameters lerp; buffers,
+        such as BN statistics and counters, are copied)."""
+        src = unwrap(model)
+        params = [p.detach() for p in src.parameters()]
+        buffers = list(src.buffers())
+        if len(params) != len(self._params) or len(buffers) != len(self._buffers):
+            raise RuntimeError("ModelEMA.update: the model's tensors no longer match the EMA copy's")
+        floating = [i for i, p in enumerate(params) if p.is_floating_point()]
+        torch._foreach_lerp_([self._params[i] for i in floating], [params[i] for i in floating],
+                             1.0 - self.decay)
+        if buffers:
+            torch._foreach_copy_(self._buffers, buffers)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -9,6 +9,7 @@ from .blocks import (
     ShortcutA,
     make_shortcut,
 )
+from .factory import build_model
 from .fuse import fuse_for_inference
 from .registry import create_model, list_models, model_defaults, register_model
 from .resnet import ResNet, make_stages
@@ -25,6 +26,7 @@ __all__ = [
     "BasicBlock",
     "Block",
     "Bottleneck",
+    "build_model",
     "PreActBasicBlock",
     "PreActBottleneck",
     "ResNet",

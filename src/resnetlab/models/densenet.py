@@ -230,12 +230,15 @@ class DenseNet(nn.Module):
         self.classifier = self._make_fc(num_classes).to(device=ref.device, dtype=ref.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``[b, c, h, w]`` -> pooled features ``[b, num_features]``."""
-        x = F.relu(self.features(x))  # [b, num_features, h', w']
-        return torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)
+        """Images ``[b, c, h, w]`` -> the unpooled feature map ``[b, num_features, h', w']``
+        (timm's convention; :meth:`forward_head` pools it)."""
+        return F.relu(self.features(x))  # [b, num_features, h', w']
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features -> logits ``[b, num_classes]``."""
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map -> logits ``[b, num_classes]`` (with ``pre_logits``: pooled features)."""
+        x = torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)  # [b, num_features]
+        if pre_logits:
+            return x
         if self.drop_rate > 0.0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return self.classifier(x)

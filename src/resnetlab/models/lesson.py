@@ -175,18 +175,23 @@ class LessonResNet(nn.Module):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``[b, c, h, w]`` -> pooled features ``[b, 512]``."""
+        """Images ``[b, c, h, w]`` -> the unpooled feature map ``[b, 512, h', w']`` (timm's
+        convention; :meth:`forward_head` pools it)."""
         x = F.relu(self.conv1(self._resize(x)))  # [b, 64, 10, 10] at 32x32
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks():
             # 5x5, 3x3, 2x2, then 2x2 again: block 4 broadcasts (see the module doc). Checkpointed,
             # BN running statistics are still updated once per step, as in ResNet.
             x = _checkpoint_segment([blk], x) if use_ckpt else blk(x)
-        x = F.adaptive_avg_pool2d(x, [1, 1])  # [b, 512, 1, 1]
-        return x.view(x.size(0), -1)  # [b, 512]
+        return x  # [b, 512, h', w']
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features ``[b, 512]`` -> logits ``[b, num_classes]``."""
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map ``[b, 512, h', w']`` -> logits ``[b, num_classes]`` (with ``pre_logits``:
+        the pooled features ``[b, 512]``)."""
+        x = F.adaptive_avg_pool2d(x, (1, 1))  # [b, 512, 1, 1]
+        x = x.view(x.size(0), -1)  # [b, 512]
+        if pre_logits:
+            return x
         if self.drop_rate > 0.0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return self.outlayer(x)

@@ -107,7 +107,7 @@ def _still_bn_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
         with torch.no_grad():
             for m, momentum in zip(bns, momenta, strict=True):
                 m.momentum = momentum
-                m.num_batches_tracked.sub_(1)
+                m.num_batches_tracked.sub_(1)  # type: ignore[union-attr]  # BN buffers typed Optional
 
 
 def _checkpoint_contexts(
@@ -273,7 +273,8 @@ class ResNet(nn.Module):
         # Pre-activation nets end on an addition; normalise and rectify before pooling.
         self.final_bn: nn.Module = nn.BatchNorm2d(self.num_features) if preact else nn.Identity()
         self.final_act: nn.Module = nn.ReLU(inplace=True) if preact else nn.Identity()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.global_pool = "avg"  # timm's name: "avg" or "max" over h and w
+        self.avgpool: nn.Module = nn.AdaptiveAvgPool2d(1)  # torchvision's name; holds no weights
         self.fc: nn.Module = self._make_fc(num_classes)
 
         self._init_weights(zero_init_residual)
@@ -342,8 +343,15 @@ class ResNet(nn.Module):
         """The final linear layer (``fc``)."""
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace ``fc`` with a freshly initialised one of ``num_classes`` outputs (0: none)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace ``fc`` with a freshly initialised one of ``num_classes`` outputs (0: none, the
+        head then returns pooled features); ``global_pool`` ("avg" or "max") changes the pooling,
+        None keeps it (timm's signature)."""
+        if global_pool is not None:
+            pools = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
+            if global_pool not in pools:
+                raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
+            self.global_pool, self.avgpool = global_pool, pools[global_pool](1)
         ref = next(self.parameters())
         self.num_classes = num_classes
         self.fc = self._make_fc(num_classes).to(device=ref.device, dtype=ref.dtype)
@@ -364,16 +372,20 @@ class ResNet(nn.Module):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``[b, in_chans, h, w]`` -> pooled features ``[b, num_features]``."""
+        """Images ``[b, in_chans, h, w]`` -> the unpooled feature map ``[b, num_features, h', w']``
+        (timm's convention; :meth:`forward_head` pools it)."""
         # cifar: [b, 16, h, w]; imagenet: [b, 64, h/4, w/4]
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for name in self.stage_names:
             x = self._run_stage(name, x)  # channels x2, h and w /2 per stage
-        x = self.final_act(self.final_bn(x))  # [b, num_features, h', w']
-        return torch.flatten(self.avgpool(x), 1)  # [b, num_features]
+        return self.final_act(self.final_bn(x))  # [b, num_features, h', w']
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features ``[b, num_features]`` -> logits ``[b, num_classes]``."""
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Feature map ``[b, num_features, h', w']`` -> logits ``[b, num_classes]``, or with
+        ``pre_logits`` the pooled features ``[b, num_features]`` (before dropout and ``fc``)."""
+        x = torch.flatten(self.avgpool(x), 1)  # [b, num_features]
+        if pre_logits:
+            return x
         if self.drop_rate > 0.0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return self.fc(x)

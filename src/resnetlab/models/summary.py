@@ -111,7 +111,7 @@ def model_info(
                 {
                     "model": name,
                     "stage": stage,
-                    "blocks": len(module) if stage.startswith("layer") else 0,
+                    "blocks": len(module) if stage.startswith("layer") else 0,  # type: ignore[arg-type]
                     "output_shape": tuple(x.shape[1:]),
                     "params": count_params(module),
                     "macs": counter.get_total_flops() // 2,

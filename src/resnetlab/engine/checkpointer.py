@@ -1,0 +1,288 @@
+"""``Checkpointer``: the one owner of a run folder's checkpoints.
+
+It holds the run folder's lock for the run's lifetime, decides whether a run starts fresh or
+resumes, writes ``config.yaml`` once the run has really started, defines what a training
+checkpoint contains (the schema below), saves it atomically from rank 0 with every rank's random
+state, restores it, and remembers the last good checkpoint. The low-level pieces (atomic writes,
+safe loads, weight checks) are the small functions of :mod:`resnetlab.engine.checkpoint`.
+
+Schema of a training checkpoint (``checkpoints/last.pt``, ``best.pt``)::
+
+    model      state dict of the plain module (no ``module.``/``_orig_mod.`` prefixes)
+    optimizer  optimizer.state_dict()
+    ema        EMA weights (state dict) or None
+    scaler     GradScaler state or None (fp16 AMP)
+    meter      the epoch's running sums so far (mid-epoch resume)
+    rng        {"world_size": W, "ranks": [per-rank Python/numpy/torch/device states]}
+    state      TrainState.state_dict(): epoch, batch, step, best_val_err, best_epoch
+    config     the resolved config (to_dict)
+    meta       the data meta (classes, channels, preprocessing)
+    version    resnetlab version that wrote it
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from resnetlab import __version__
+from resnetlab.config import Config, to_dict
+from resnetlab.data.augment import derive_seed
+from resnetlab.engine import checkpoint as ckpt
+from resnetlab.engine.dist import DistInfo, all_gather_object, barrier, broadcast_object
+from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
+from resnetlab.engine.metrics import SumMeter
+from resnetlab.engine.optim import ModelEMA
+from resnetlab.engine.state import TrainState
+from resnetlab.runtime import default_run_name
+
+log = logging.getLogger("resnetlab")
+
+LOCK_FILE = ".lock"  # in the run folder; holds "pid host" of the process that trains in it
+# Files that only a training run writes: their presence means the folder holds a run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.csv", "result.json",
+             f"{ckpt.CHECKPOINT_DIR}/{ckpt.LAST}", f"{ckpt.CHECKPOINT_DIR}/{ckpt.BEST}", "tb")
+REQUIRED_KEYS = ("model", "optimizer", "meter", "rng", "state")
+
+
+@dataclass
+class TrainParts:
+    """What a training checkpoint saves besides the counters: model, optimiser, EMA, scaler,
+    and the epoch's running sums. ``model`` is the plain module (not the DDP/compile wrapper)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: ModelEMA | None
+    scaler: torch.amp.GradScaler | None
+    meter: SumMeter
+
+
+class Checkpointer:
+    """A locked run folder and its checkpoints; every rank holds one (rank 0 does the writing).
+
+    Use :meth:`open` (a collective: every rank calls it) and :meth:`close` (or ``with``).
+    """
+
+    def __init__(self, run_dir: Path, dist: DistInfo, device: torch.device, *, resume: bool) -> None:
+        self.run_dir, self.dist, self.device, self.resume = run_dir, dist, device, resume
+        self.last_good: Path | None = ckpt.latest(run_dir)
+        self._lock: int | None = None
+
+    # -- the run folder --------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, cfg: Config, dist: DistInfo, device: torch.device) -> Checkpointer:
+        """Name the run folder (agreed across ranks), lock it, check it, clear stale temp files.
+
+        A fresh run (``train.resume=never``) refuses a folder holding any earlier run's files;
+        a second process on a locked folder fails at once, naming the holder.
+        """
+        name = broadcast_object(cfg.run.name or default_run_name(cfg))
+        run_dir = Path(cfg.run.root).expanduser() / name
+        self = cls(run_dir, dist, device, resume=cfg.train.resume == "auto")
+        error = None
+        if dist.is_main:
+            try:
+                self._claim()
+            except TrainingError as e:
+                error = str(e)
+        error = broadcast_object(error)
+        if error is not None:
+            self.close()
+            raise (RunFolderBusyError if "in use by" in error else TrainingError)(error)
+        self.last_good = ckpt.latest(run_dir)
+        return self
+
+    def _claim(self) -> None:
+        (self.run_dir / ckpt.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.run_dir / LOCK_FILE)
+        if not self.resume:
+            found = [f for f in RUN_FILES if (self.run_dir / f).exists()]
+            if found:
+                raise TrainingError(
+                    f"{self.run_dir} already holds a training run ({', '.join(found)}); resume it with "
+                    f"`resnetlab train --resume {self.run_dir}` (train.resume=auto) or pick another run.name")
+        stale = [p for d in (self.run_dir, self.run_dir / ckpt.CHECKPOINT_DIR) for p in d.glob(".*.tmp")]
+        for p in stale:  # left by a save that was killed; we hold the lock, so nobody writes them now
+            p.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d stale temporary file(s) of an interrupted save in %s", len(stale), self.run_dir)
+
+    def close(self) -> None:
+        """Release the run folder's lock (the OS also releases it if the process dies)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint to continue from (``last.pt`` with ``train.resume=auto``), else None."""
+        return ckpt.latest(self.run_dir) if self.resume else None
+
+    def write_config(self, cfg: Config) -> None:
+        """Write ``config.yaml`` (the resolved config, with the run name). Called once the run has
+        really started, so a resume that fails to load leaves the old config as it was."""
+        if self.dist.is_main:
+            resolved = replace(cfg, run=replace(cfg.run, name=self.run_dir.name))
+            text = yaml.safe_dump(to_dict(resolved), sort_keys=False)
+            ckpt.atomic_write(self.run_dir / "config.yaml", lambda f: f.write(text.encode()))
+        barrier()
+
+    def finished_result(self) -> dict[str, Any] | None:
+        """``result.json`` of a finished run, or None."""
+        path = self.run_dir / "result.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / ckpt.CHECKPOINT_DIR / name
+
+    def save(self, name: str, parts: TrainParts, state: TrainState, cfg: Config,
+             meta: Mapping[str, Any]) -> Path:
+        """Save ``checkpoints/<name>`` (a collective: every rank calls it; rank 0 writes).
+
+        Refuses, on every rank alike, weights or buffers (BN statistics) that are not finite:
+        the previous file stays as it was.
+        """
+        weights = parts.model.state_dict()
+        bad = ckpt.non_finite(weights) + [f"ema.{k}" for k in
+                                          (ckpt.non_finite(parts.ema.state_dict()) if parts.ema else [])]
+        gathered = all_gather_object((ckpt.rng_state(self.device), bad))
+        bad_anywhere = sorted({k for _, b in gathered for k in b})
+        if bad_anywhere:
+            raise NonFiniteLossError(
+                f"weights or statistics are not finite at epoch {state.epoch + 1}, step {state.step} "
+                f"({', '.join(bad_anywhere[:3])}{' ...' if len(bad_anywhere) > 3 else ''}); not saving "
+                f"over {self.path(name)}. Last good checkpoint: {self.last_good or 'none saved yet'}. "
+                f"Try a lower optim.lr or set optim.clip_grad_norm.")
+        target = self.path(name)
+        if self.dist.is_main:
+            payload = {
+                "model": weights,
+                "optimizer": parts.optimizer.state_dict(),
+                "ema": parts.ema.state_dict() if parts.ema is not None else None,
+                "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+                "meter": parts.meter.state_dict(),
+                "rng": ckpt.pack_rng([r for r, _ in gathered]),
+                "state": state.state_dict(),
+                "config": to_dict(cfg),
+                "meta": dict(meta),
+                "version": __version__,
+            }
+            ckpt.save_checkpoint(payload, target)
+        if name == ckpt.LAST:
+            self.last_good = target
+        return target
+
+    # -- restoring -------------------------------------------------------------------------------
+
+    def restore(self, path: Path, parts: TrainParts, state: TrainState, cfg: Config) -> None:
+        """Put every piece of ``path`` back so the run continues as if it had never stopped.
+
+        Refuses (naming the file) a checkpoint that is malformed, holds non-finite weights, or
+        was saved mid-epoch with another ``train.batch_size``.
+        """
+        loaded = ckpt.load_checkpoint(path, map_location=self.device)
+        missing = [k for k in REQUIRED_KEYS if loaded.get(k) is None]
+        if missing:
+            raise ckpt.CheckpointError(f"{path}: not a training checkpoint (missing {', '.join(missing)}); "
+                                       f"cannot resume from it")
+        if not isinstance(loaded["state"], Mapping):
+            raise ckpt.CheckpointError(f"{path}: its 'state' entry should be a mapping")
+        saved = TrainState()
+        saved.load_state_dict(dict(loaded["state"]))
+        saved_train = loaded["config"].get("train") if isinstance(loaded.get("config"), Mapping) else None
+        saved_bs = saved_train.get("batch_size") if isinstance(saved_train, Mapping) else None
+        if saved.batch > 0 and saved_bs is not None and saved_bs != cfg.train.batch_size:
+            raise TrainingError(
+                f"{path} was saved mid-epoch (epoch {saved.epoch + 1}, after batch {saved.batch}) with "
+                f"train.batch_size={saved_bs}; resuming with train.batch_size={cfg.train.batch_size} "
+                f"would replay or skip samples of that epoch. Resume with train.batch_size={saved_bs} "
+                f"(it can change at the next epoch boundary)")
+        ckpt.load_weights(parts.model, loaded["model"], source=str(path))
+        try:
+            parts.optimizer.load_state_dict(loaded["optimizer"])
+            if parts.ema is not None and loaded.get("ema") is not None:
+                ckpt.check_finite(ckpt.check_state_dict(loaded["ema"], path, "ema"), path)
+                parts.ema.load_state_dict(loaded["ema"])
+            if parts.scaler is not None and loaded.get("scaler") is not None:
+                parts.scaler.load_state_dict(loaded["scaler"])
+            parts.meter.load_state_dict(loaded["meter"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"{path}: cannot restore the training state "
+                                       f"({type(e).__name__}: {str(e)[:200]})") from None
+        state.load_state_dict(dict(loaded["state"]))
+        self._restore_rng(loaded["rng"], cfg.seed, state.step, path)
+
+    def _restore_rng(self, saved: Any, seed: int, step: int, path: Path) -> None:
+        if not isinstance(saved, Mapping):
+            raise ckpt.CheckpointError(f"{path}: its 'rng' entry should be a mapping")
+        own, note = ckpt.unpack_rng(saved, self.dist.rank, self.dist.world_size)
+        if own is None:  # a rank the saving run did not have
+            torch.manual_seed(derive_seed(seed, "rank", self.dist.rank, step))
+        else:
+            ckpt.set_rng_state(own, self.device)
+        if note and self.dist.is_main:
+            log.warning("%s", note)
+
+
+def save_weights_checkpoint(path: str | Path, model: nn.Module, cfg: Config, meta: Mapping[str, Any],
+                            source: Mapping[str, Any] | None = None) -> Path:
+    """A checkpoint of weights, config and meta without training state (what ``resnetlab import``
+    writes): eval, predict and export accept it; resuming from it is refused (no optimizer)."""
+    weights = model.state_dict()
+    ckpt.check_finite(weights, path)
+    payload: dict[str, Any] = {
+        "model": weights, "ema": None, "optimizer": None, "scaler": None, "meter": None, "rng": None,
+        "state": TrainState().state_dict(), "config": to_dict(cfg), "meta": dict(meta),
+        "version": __version__,
+    }
+    if source is not None:
+        payload["source"] = dict(source)
+    ckpt.save_checkpoint(payload, path)
+    return Path(path)
+
+
+def _lock(path: Path) -> int:
+    """An exclusive lock on ``path`` (created if absent) that the OS drops when we die.
+
+    Raises RunFolderBusyError naming the process that holds it.
+    """
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+        finally:
+            os.close(fd)
+        raise RunFolderBusyError(
+            f"{path.parent} is in use by another training process ({holder}); wait for it to finish, "
+            f"stop it, or pick another run.name") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+__all__ = ["LOCK_FILE", "Checkpointer", "TrainParts", "save_weights_checkpoint"]

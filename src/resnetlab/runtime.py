@@ -1,0 +1,96 @@
+"""Runtime helpers shared by training and the use/analysis commands: device, threads, speed
+switches, seeding, exit codes and run names. No training here, and nothing here imports the
+engine, so ``evaluate``/``predict``/``analysis`` can use these without pulling in ``fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from resnetlab.config import ConfigError
+
+if TYPE_CHECKING:
+    from resnetlab.config import Config, TrainConfig
+
+log = logging.getLogger("resnetlab")
+
+EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as shells report
+SYNC_EVERY_AUTO = {"cpu": 1, "cuda": 20}  # steps between host reads of the step flags
+
+
+def select_device(name: str) -> torch.device:
+    """``auto``: cuda, then mps, then cpu; otherwise the named device, checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: {name!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}: CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (all devices) from ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_run_name(cfg: Config) -> str:
+    """``<model>-<data>-<YYYYmmdd-HHMMSS>``: the run folder name when ``run.name`` is unset."""
+    return f"{cfg.model.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def apply_speed_flags(train: TrainConfig, device: torch.device) -> None:
+    """Threads, cuDNN autotuning and TF32 as the config says (process-wide torch switches).
+
+    ``cudnn_benchmark``: the loaders give every training step the same shape (drop_last), so
+    cuDNN's one-off search per shape pays back in the first epoch. ``tf32``: float32 matmuls and
+    convolutions run on TF32 tensor cores (Ampere and newer), 10-bit mantissa products with
+    float32 accumulation; off gives IEEE float32 throughout.
+    """
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = train.tf32
+    torch.backends.cuda.matmul.allow_tf32 = train.tf32
+
+
+def sync_interval(train: TrainConfig, device: torch.device) -> int:
+    """Steps between the host's reads of the per-step flags (``train.sync_every``, 0 = auto).
+
+    Each read waits for the device to finish its queued work, so GPUs read every 20 steps; on
+    the CPU the work is done when the Python call returns, so every step costs nothing.
+    """
+    if train.sync_every:
+        return train.sync_every
+    return SYNC_EVERY_AUTO.get(device.type, SYNC_EVERY_AUTO["cuda"])
+
+
+def checkpoint_interval(every: int, sync_every: int) -> int:
+    """``train.checkpoint_every_steps`` rounded up to a multiple of the sync interval (0 = off).
+
+    A mid-epoch save needs every rank to agree that no step was non-finite, which the ranks
+    learn only at a sync step. So a save happens every ``ceil(every / sync_every) * sync_every``
+    steps: 5 with a sync interval of 4 saves every 8 steps, 7 with 20 every 20.
+    """
+    if every <= 0:
+        return 0
+    return math.ceil(every / sync_every) * sync_every
+
+
+__all__ = ["EXIT_CODES", "apply_speed_flags", "checkpoint_interval", "default_run_name",
+           "seed_everything", "select_device", "sync_interval"]

@@ -1,0 +1,134 @@
+"""The training step: no host synchronisation after the first step, fused EMA, EMA through
+DDP/compile wrappers, and the speed switches (cuDNN autotuning, TF32)."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import resnetlab
+from resnetlab.config import TrainConfig
+from resnetlab.engine.optim import ModelEMA
+from resnetlab.runtime import apply_speed_flags
+
+ARMED_STEPS = range(2, 8)  # steps 2..7 of the first epoch (9 steps): the first step may build caches
+
+
+def test_steps_after_the_first_make_no_host_sync(quick: list[str], monkeypatch) -> None:
+    # On a GPU each of these waits for the device (or copies host memory to it): the step loop
+    # must not call them. On the CPU they are free, so the test traps the entry points instead.
+    armed, calls = [False], []
+
+    def trap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if armed[0]:
+                calls.append(f"{name} at\n" + "".join(traceback.format_stack(limit=6)[:-1]))
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, trap(f"Tensor.{name}", getattr(torch.Tensor, name)))
+    for name in ("tensor", "as_tensor"):  # a tensor made from Python values: a host-to-device copy
+        monkeypatch.setattr(torch, name, trap(f"torch.{name}", getattr(torch, name)))
+    cuda = torch.cuda.is_available()
+
+    def on_step(info: dict[str, Any]) -> bool:
+        armed[0] = info["step"] + 1 in ARMED_STEPS  # arm after step 1, disarm during the last
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error" if armed[0] else "default")
+        return False
+
+    # sync_every beyond the armed steps: the flag reads are the only syncs a step may have
+    cfg = resnetlab.load(None, [*quick, "run.name=nosync", "train.epochs=1", "train.sync_every=100",
+                                "optim.ema_decay=0.9"])
+    try:
+        result = resnetlab.train(cfg, on_step=on_step)
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+    assert result.steps == 9
+    assert not calls, "host syncs inside steps 2..7:\n" + "\n".join(calls[:3])
+
+
+def test_ema_updates_with_one_fused_kernel_and_equals_the_formula(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = resnetlab.create_model("resnet20")
+    ema = ModelEMA(model, 0.9)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.add_(1.0)
+    lerps = []
+    original = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a, **k: lerps.append(1) or original(*a, **k))
+    ema.update(model)
+    assert len(lerps) == 1  # one multi-tensor call, not one per tensor
+    params = dict(model.named_parameters())
+    for k, v in ema.state_dict().items():
+        if k in params:  # ema + (w - ema) * 0.1, exactly as torch.lerp computes it per tensor
+            assert torch.equal(v, torch.lerp(before[k], params[k].detach(), 0.1)), k
+        else:  # buffers are copied
+            assert torch.equal(v, model.state_dict()[k]), k
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands for DDP (``module.``) and torch.compile (``_orig_mod``): both prefix the keys."""
+
+    def __init__(self, inner: torch.nn.Module, attr: str) -> None:
+        super().__init__()
+        setattr(self, attr, inner)
+
+
+@pytest.mark.parametrize("attr", ["_orig_mod"])
+def test_ema_accepts_a_wrapped_model(attr: str) -> None:
+    model = resnetlab.create_model("resnet20")
+    wrapped = _Wrapper(model, attr)
+    assert next(iter(wrapped.state_dict())).startswith(f"{attr}.")  # what broke the old update
+    ema = ModelEMA(wrapped, 0.5)
+    assert list(ema.state_dict()) == list(model.state_dict())  # clean keys, for checkpoints
+    with torch.no_grad():
+        next(model.parameters()).add_(2.0)
+    ema.update(wrapped)
+    first = next(iter(ema.state_dict()))
+    torch.testing.assert_close(ema.state_dict()[first], model.state_dict()[first] - 1.0)
+
+
+def test_ema_through_ddp_trains(quick: list[str]) -> None:
+    # A one-process gloo group: the model is wrapped in DistributedDataParallel, keys `module.*`.
+    import torch.distributed as tdist
+
+    from resnetlab.engine.dist import DistInfo, wrap_ddp
+
+    tdist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        model = resnetlab.create_model("resnet20", num_classes=3, in_chans=1)
+        net = wrap_ddp(model, DistInfo(0, 2, 0), torch.device("cpu"), sync_bn=False)
+        assert isinstance(net, torch.nn.parallel.DistributedDataParallel)
+        ema = ModelEMA(net, 0.9)
+        net(torch.randn(4, 1, 8, 8)).sum().backward()
+        ema.update(net)  # KeyError 'module.conv1.weight' before
+        assert list(ema.state_dict()) == list(model.state_dict())
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_speed_switches_follow_the_config(on: bool) -> None:
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    try:
+        apply_speed_flags(TrainConfig(cudnn_benchmark=on, tf32=on), torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is on
+        assert torch.backends.cudnn.allow_tf32 is on
+        assert torch.backends.cuda.matmul.allow_tf32 is on
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved
+    assert TrainConfig().cudnn_benchmark and TrainConfig().tf32  # the documented defaults
