@@ -17,7 +17,7 @@ train: $(STAMP)
 	$(BIN)/resnetlab train -c digits_resnet20
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n auto tests
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
