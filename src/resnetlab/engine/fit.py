@@ -349,14 +349,25 @@ def _result_of_finished_run(run_dir: Path, state: TrainState, doc: dict[str, Any
                   doc.get("test"))
 
 
+def _someone_watches(stream: Any) -> bool:
+    """True in a terminal or a Jupyter/Colab kernel (whose stderr is no tty); False when piped or logged."""
+    isatty = getattr(stream, "isatty", None)
+    if callable(isatty) and isatty():
+        return True
+    ipython = sys.modules.get("IPython")  # only look if the user's process already imported it
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return getattr(shell, "kernel", None) is not None  # terminal IPython has no kernel attribute
+
+
 class _Progress:
-    """tqdm bar for one epoch: loss, images/s, ETA. Off when quiet, not a tty, or not rank 0."""
+    """tqdm.auto bar for one epoch (a widget in notebooks): loss, images/s, ETA. Off when quiet,
+    when nobody watches (output piped or to a file), or not rank 0."""
 
     def __init__(self, cfg: Config, dist: DistInfo, epoch: int, total: int, start: int) -> None:
         self.bar = None
-        if cfg.train.quiet or not dist.is_main or not sys.stderr.isatty():
+        if cfg.train.quiet or not dist.is_main or not _someone_watches(sys.stderr):
             return
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                         unit="batch", leave=False, dynamic_ncols=True)
