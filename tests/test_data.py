@@ -98,6 +98,38 @@ def test_digits_split_depends_only_on_seed(digits) -> None:
     assert no_val.val is None and len(no_val.train) == 1797 - 359
 
 
+def test_digits_split_is_scikit_learns_stratified_split_seeded_by_the_config_seed(digits) -> None:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from resnetlab.data.augment import derive_seed
+
+    y = load_digits().target
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=359, stratify=y,
+                                  random_state=derive_seed(0, "digits", "test") % 2**32)
+    rest = np.sort(rest)
+    _, val = train_test_split(rest, test_size=180, stratify=y[rest],
+                              random_state=derive_seed(0, "digits", "val") % 2**32)
+    pixels = torch.from_numpy(np.round(load_digits().images * 255 / 16).astype(np.uint8))[:, None]
+    assert torch.equal(digits.test.images, pixels[np.sort(test)])
+    assert torch.equal(digits.val.images, pixels[np.sort(val)])
+
+
+def test_stratified_split_of_sets_too_small_for_scikit_learn() -> None:
+    from resnetlab.data.datasets import stratified_split
+
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])  # class 2 has one sample: sklearn refuses
+    for seed in range(20):
+        kept, held = stratified_split(labels, 2, seed)
+        assert len(held) == 2 and sorted(np.concatenate([kept, held]).tolist()) == list(range(10))
+        assert 9 in kept  # quotas 1.2 / 0.6 / 0.2: the single sample of class 2 stays for training
+        assert sorted(labels[held].tolist()) == [0, 1]
+    assert np.array_equal(stratified_split(labels, 2, 7)[1], stratified_split(labels, 2, 7)[1])
+    kept, held = stratified_split(labels, 0, 0)
+    assert len(held) == 0 and kept.tolist() == list(range(10))
+
+
 def test_digits_meta_stats_and_round_trip(digits) -> None:
     x = digits.train.images.double() / 255
     meta = digits.meta

@@ -195,6 +195,28 @@ def test_resnetlab_source_sets_normalisation(pretrained: Path) -> None:
     assert fitted.mean == source.meta.mean and fitted.mean != (0.3,)
 
 
+def test_a_resumed_fine_tune_needs_no_init_from_file(pretrained: Path, tmp_path: Path) -> None:
+    weights_file = tmp_path / "moved" / "pre.pt"
+    weights_file.parent.mkdir()
+    weights_file.write_bytes((pretrained / "checkpoints" / "last.pt").read_bytes())
+    source_mean = _last(pretrained)["meta"]["mean"]
+    common = ["data.classes=[5,6,7,8,9]", "data.train_per_class=20", "data.val_fraction=0",
+              "train.batch_size=50", f"model.init_from={weights_file}", "run.name=ft"]
+    first = resnetlab.train(_cfg(tmp_path, *common, "train.epochs=1"))
+    assert _last(first.run_dir)["meta"]["mean"] == source_mean  # normalised as the weights expect
+    digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    weights_file.unlink()
+    with pytest.raises(ConfigError, match="neither a file nor a run folder"):  # a new run needs it
+        resnetlab.train(_cfg(tmp_path, *common, "run.name=fresh"))
+    second = resnetlab.train(resume_config(first.run_dir, ["train.epochs=2"]))
+    assert second.epochs == 2 and second.interrupted is None
+    last = _last(second.run_dir)
+    assert last["state"]["epoch"] == 2 and last["meta"]["mean"] == source_mean  # same preprocessing
+    saved = yaml.safe_load((first.run_dir / "config.yaml").read_text())["model"]
+    assert saved["init_from"] == str(weights_file.resolve())  # provenance kept, though the file is gone
+    assert saved["init_sha256"] == digest
+
+
 # ---------------------------------------------------------------------------------------------- freeze
 
 

@@ -200,3 +200,13 @@ def test_gradient_ratios_at_init_recomputed(tmp_path: Path) -> None:
                         overrides=[f"run.root={tmp_path}", "run.name=g"])
     for m in doc["models"]:
         assert res.ratios[m]["init"] == pytest.approx(doc["ratio_first_to_last_block"][m]["init"], rel=1e-3), m
+
+
+def test_readme_make_train_accuracy_is_the_committed_run() -> None:
+    """The Quick start's accuracy, test-image count and best epoch are docs/results/make-train's."""
+    doc = json.loads((RESULTS / "make-train" / "result.json").read_text())
+    test, best = doc["test"], doc["best"]
+    expected = (f"reached **{test['top1_acc']:.2f}%** top-1 accuracy on the {test['count']} test images, "
+                f"with the\nweights of its best validation epoch ({best['epoch']} of {doc['epochs']};")
+    assert expected in README.read_text(), f"README's make train numbers differ from {RESULTS}/make-train:\n{expected}"
+    assert test["weights"] == "best" and test["top1_acc"] >= 98.0  # the accuracy `make train` promises

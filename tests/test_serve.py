@@ -210,10 +210,25 @@ def _bomb() -> bytes:
     return png_bytes(Image.new("L", (5000, 5000)))
 
 
+def _premultiplied_grey_alpha_tiff() -> bytes:
+    """A real TIFF whose grey + alpha samples are marked premultiplied (ExtraSamples = 1, as
+    some scanners and compositors write): PIL opens it as mode ``La`` and converts it to nothing
+    but ``LA``, so preprocessing cannot make ``RGB`` or ``L`` of it."""
+    out = io.BytesIO()
+    Image.new("LA", (6, 5), (200, 128)).save(out, format="TIFF")  # ExtraSamples = 2: unassociated
+    tag = b"\x52\x01\x03\x00\x01\x00\x00\x00"  # tag 338 ExtraSamples, SHORT, count 1 (little-endian)
+    data = out.getvalue()
+    assert data[:2] == b"II" and data.count(tag + b"\x02\x00") == 1
+    data = data.replace(tag + b"\x02\x00", tag + b"\x01\x00")
+    assert Image.open(io.BytesIO(data)).mode == "La"
+    return data
+
+
 BAD_INPUTS = {  # name: (body, content type, status, words the message must contain)
     "over the body limit": (b"\0" * (1_100_000), "image/png", 413, "--max-body-mb"),
     "not an image": (b"just some text, no pixels", "image/png", 415, "not an image"),
     "wrong content type": (b"{}", "application/json", 415, "application/json"),
+    "unsupported mode": (None, "image/tiff", 415, "unsupported image mode La"),
     "empty body": (b"", "image/png", 400, "empty image"),
     "truncated": (None, "image/png", 400, "truncated"),
     "decompression bomb": (None, "image/png", 400, "decompression bomb"),
@@ -230,6 +245,8 @@ def test_bad_input_gets_status_and_reason(server: Server, digit_files: list[Path
     if case == "truncated":
         body = png_bytes(Image.fromarray(np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)))
         body = body[: len(body) // 2]
+    elif case == "unsupported mode":
+        body = _premultiplied_grey_alpha_tiff()
     elif case == "decompression bomb":
         body = _bomb()
         assert len(body) < 100_000

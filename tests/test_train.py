@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,45 @@ def test_cli_config_error_is_one_line_naming_the_key(capsys) -> None:
     assert main(["train", "optim.lr_rate=0.1"]) == 2
     err = capsys.readouterr().err
     assert "optim.lr" in err and "Traceback" not in err
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+class _Kernel:  # what a Jupyter/Colab shell has and terminal IPython has not
+    kernel = object()
+
+
+@pytest.mark.parametrize(("tty", "notebook", "quiet", "shown"), [
+    (True, False, False, True),    # a terminal
+    (False, True, False, True),    # a notebook: stderr is no tty, yet someone watches
+    (False, False, False, False),  # piped or redirected to a file
+    (True, False, True, False),    # train.quiet
+    (False, True, True, False),
+])
+def test_progress_bar_is_tqdm_auto_where_someone_watches(
+        tty: bool, notebook: bool, quiet: bool, shown: bool, monkeypatch) -> None:
+    import tqdm.auto
+
+    from resnetlab.config import load
+    from resnetlab.engine.dist import DistInfo
+    from resnetlab.engine.fit import _Progress
+
+    stream = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    if notebook:
+        monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=_Kernel))
+    else:
+        monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    progress = _Progress(load(None, {"train.quiet": quiet}), DistInfo(), 0, 5, 0)
+    assert (progress.bar is not None) == shown
+    if shown:
+        assert isinstance(progress.bar, tqdm.auto.tqdm)
+    progress.close()
+    assert _Progress(load(None, {"train.quiet": quiet}), DistInfo(rank=1, world_size=2), 0, 5, 0).bar is None

@@ -223,6 +223,23 @@ def preprocessing_meta(meta: DataMeta, source: InitSource | None, cfg: Config) -
     return meta
 
 
+def resumed_preprocessing_meta(meta: DataMeta, checkpoint: Path, cfg: Config) -> DataMeta:
+    """The data meta a resumed fine-tune trains with: :func:`preprocessing_meta`'s fields as the
+    run's own ``checkpoint`` saved them, so a resume needs no ``model.init_from`` file any more.
+    Without ``init_from`` (or with ``init_preprocess=data``), ``meta`` unchanged."""
+    if cfg.model.init_from is None or cfg.model.init_preprocess == "data":
+        return meta
+    saved = ckpt.load_checkpoint(checkpoint).get("meta")
+    if not isinstance(saved, Mapping):
+        raise ckpt.CheckpointError(f"{checkpoint}: has no 'meta' entry; cannot resume the fine-tune "
+                                   "with the preprocessing it started with")
+    src = DataMeta.from_dict(saved)
+    new = replace(meta, mean=src.mean, std=src.std)
+    if meta.name == "folder" and src.name == "folder":
+        new = replace(new, input_size=src.input_size, resize=src.resize)
+    return new
+
+
 def _classes_differ(model: nn.Module, source: InitSource, meta: DataMeta) -> bool:
     own = model.state_dict()
     head = HEAD_PREFIX + "weight"
@@ -267,5 +284,5 @@ def apply_init_from(model: nn.Module, source: InitSource | None, meta: DataMeta)
 
 __all__ = [
     "InitSource", "apply_init_from", "file_sha256", "load_init_weights", "preprocessing_meta",
-    "read_init_from", "resolve_file", "resolve_init_from", "to_our_names",
+    "read_init_from", "resolve_file", "resolve_init_from", "resumed_preprocessing_meta", "to_our_names",
 ]

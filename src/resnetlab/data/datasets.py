@@ -173,19 +173,31 @@ def build_datasets(cfg: DataConfig, seed: int, needs: Collection[str] = SPLITS) 
 # Splits and statistics
 
 
-def stratified_split(
-    labels: np.ndarray, n_held: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices ``0..n-1`` into ``(kept, held)`` with ``n_held`` held out, stratified.
+def stratified_split(labels: np.ndarray, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices ``0..n-1`` into ``(kept, held)`` with exactly ``n_held`` held out, stratified.
 
-    Each class gives ``n_held * n_class / n`` samples, rounded by largest remainder (ties broken
-    at random), so the held-out size is exact and class shares match to within one sample.
-    Both index arrays come back sorted.
+    scikit-learn's ``train_test_split(..., stratify=labels, random_state=seed)`` does the work:
+    each class gives ``n_held * n_class / n`` samples rounded so the total is exact, and class
+    shares match to within one sample. scikit-learn refuses sets too small to stratify its way
+    (a class with a single sample, or fewer held or kept samples than classes: tiny image
+    folders); those get the same largest-remainder rule here, where a class's only sample stays
+    in the kept part unless its quota rounds up. Both index arrays come back sorted; the result
+    depends only on ``labels``, ``n_held`` and ``seed``.
     """
     n = len(labels)
     if not 0 <= n_held <= n:
         raise ValueError(f"cannot hold out {n_held} of {n} samples")
+    everything = np.arange(n)
+    if n_held == 0:
+        return everything, np.empty(0, np.int64)
     classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() >= 2 and min(n_held, n - n_held) >= len(classes):
+        from sklearn.model_selection import train_test_split
+
+        kept, held = train_test_split(everything, test_size=n_held, stratify=labels,
+                                      random_state=seed % 2**32)  # sklearn takes 32-bit seeds
+        return np.sort(kept), np.sort(held)
+    rng = np.random.default_rng(seed)
     exact = n_held * counts / n  # [k] ideal samples held per class
     quota = np.floor(exact).astype(np.int64)
     rest = n_held - int(quota.sum())
@@ -250,14 +262,13 @@ def _build_digits(cfg: DataConfig, seed: int) -> Datasets:
     n = len(y)
 
     rest, test_idx = stratified_split(
-        y, _held_count(cfg.test_fraction, n, "data.test_fraction"),
-        np.random.default_rng(derive_seed(seed, "digits", "test")),
+        y, _held_count(cfg.test_fraction, n, "data.test_fraction"), derive_seed(seed, "digits", "test")
     )
     n_val = _held_count(cfg.val_fraction, n, "data.val_fraction")  # a share of the TOTAL
     if n_val >= len(rest):
         raise DataError("data.val_fraction + data.test_fraction leave no training samples")
     keep, val_rel = stratified_split(
-        y[rest], n_val, np.random.default_rng(derive_seed(seed, "digits", "val"))
+        y[rest], n_val, derive_seed(seed, "digits", "val")
     )
     train = _take(images, labels, rest[keep])
     val = _take(images, labels, rest[val_rel]) if n_val else None
@@ -552,7 +563,7 @@ def _build_cifar(cfg: DataConfig, seed: int) -> Datasets:
 
     n_val = _held_count(cfg.val_fraction, len(train_y), "data.val_fraction")
     keep, val_idx = stratified_split(
-        train_y.numpy(), n_val, np.random.default_rng(derive_seed(seed, cfg.name, "val"))
+        train_y.numpy(), n_val, derive_seed(seed, cfg.name, "val")
     )
     train = _take(train_x, train_y, keep)
     val = _take(train_x, train_y, val_idx) if n_val else None
@@ -767,7 +778,7 @@ def _build_folder(cfg: DataConfig, seed: int, needs: set[str]) -> Datasets:
         y = np.asarray(train_labels, dtype=np.int64)
         n_val = _held_count(cfg.val_fraction, len(y), "data.val_fraction")
         keep, held = stratified_split(
-            y, n_val, np.random.default_rng(derive_seed(seed, "folder", "val"))
+            y, n_val, derive_seed(seed, "folder", "val")
         )
         train = as_split([train_paths[i] for i in keep], y[keep].tolist())
         val = as_split([train_paths[i] for i in held], y[held].tolist()) if n_val else None  # type: ignore[assignment]

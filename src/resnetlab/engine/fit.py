@@ -128,9 +128,10 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
     takes effect at the next sync step (``train.sync_every``), on every rank at once.
     """
     device, dist = setup_runtime(cfg)
-    cfg = weights.resolve_init_from(cfg)  # model.init_from as a file path + its SHA-256, for config.yaml
+    if not _resumes(cfg):  # a resume has them in its config.yaml, and the file may be gone by now
+        cfg = weights.resolve_init_from(cfg)  # model.init_from as a file path + its SHA-256, for config.yaml
     with Checkpointer.open(cfg, dist, device) as ckpts:
-        loaders = build_loaders(cfg, dist, device)
+        loaders = build_loaders(cfg, dist, device, resume_from=ckpts.resume_path())
         parts, criterion = build_training(cfg, loaders, device, init=ckpts.resume_path() is None)
         state = TrainState()
         resume(ckpts, parts, state, cfg)
@@ -156,12 +157,17 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, DistInfo]:
     return device, dist
 
 
-def build_loaders(cfg: Config, dist: DistInfo, device: torch.device) -> Loaders:
-    """Datasets, then a loader per split (each rank reads its shard of every batch)."""
+def build_loaders(cfg: Config, dist: DistInfo, device: torch.device, resume_from: Path | None = None) -> Loaders:
+    """Datasets, then a loader per split (each rank reads its shard of every batch). Resuming
+    from ``resume_from``, the init weights are not read: the checkpoint holds the weights and
+    the preprocessing they were normalised with."""
     data = build_datasets(cfg.data, seed=cfg.seed)
     _check_model_fits_data(cfg, data.meta)
-    init_source = weights.read_init_from(cfg)
-    meta = weights.preprocessing_meta(data.meta, init_source, cfg)  # normalise as the init weights expect
+    if resume_from is None:
+        init_source = weights.read_init_from(cfg)
+        meta = weights.preprocessing_meta(data.meta, init_source, cfg)  # normalise as the init weights expect
+    else:
+        init_source, meta = None, weights.resumed_preprocessing_meta(data.meta, resume_from, cfg)
     kw: dict[str, Any] = {"device": device, "seed": cfg.seed, "rank": dist.rank,
                           "world_size": dist.world_size, "channels_last": cfg.train.channels_last}
     evaluation = {"train": False, "batch_size": cfg.train.eval_batch_size, **kw}
@@ -172,6 +178,13 @@ def build_loaders(cfg: Config, dist: DistInfo, device: torch.device) -> Loaders:
     test = (build_loader(data.test, meta, cfg.data, **evaluation)
             if cfg.train.test_every_epoch and data.test is not None else None)
     return Loaders(data, train, val, test, kw, meta, init_source)
+
+
+def _resumes(cfg: Config) -> bool:
+    """The run continues a run folder's checkpoint (``train.resume=auto`` and ``last.pt`` there)."""
+    if cfg.train.resume != "auto" or cfg.run.name is None:  # no name: a new, timestamped folder
+        return False
+    return ckpt.latest(Path(cfg.run.root).expanduser() / cfg.run.name) is not None
 
 
 def _check_model_fits_data(cfg: Config, meta: DataMeta) -> None:
@@ -349,14 +362,25 @@ def _result_of_finished_run(run_dir: Path, state: TrainState, doc: dict[str, Any
                   doc.get("test"))
 
 
+def _someone_watches(stream: Any) -> bool:
+    """True in a terminal or a Jupyter/Colab kernel (whose stderr is no tty); False when piped or logged."""
+    isatty = getattr(stream, "isatty", None)
+    if callable(isatty) and isatty():
+        return True
+    ipython = sys.modules.get("IPython")  # only look if the user's process already imported it
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return getattr(shell, "kernel", None) is not None  # terminal IPython has no kernel attribute
+
+
 class _Progress:
-    """tqdm bar for one epoch: loss, images/s, ETA. Off when quiet, not a tty, or not rank 0."""
+    """tqdm.auto bar for one epoch (a widget in notebooks): loss, images/s, ETA. Off when quiet,
+    when nobody watches (output piped or to a file), or not rank 0."""
 
     def __init__(self, cfg: Config, dist: DistInfo, epoch: int, total: int, start: int) -> None:
         self.bar = None
-        if cfg.train.quiet or not dist.is_main or not sys.stderr.isatty():
+        if cfg.train.quiet or not dist.is_main or not _someone_watches(sys.stderr):
             return
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                         unit="batch", leave=False, dynamic_ncols=True)
