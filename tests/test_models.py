@@ -14,6 +14,7 @@ from resnetlab.models import (
     BasicBlock,
     Block,
     Bottleneck,
+    ClassifierNet,
     PreActBasicBlock,
     PreActBottleneck,
     ResNet,
@@ -80,6 +81,17 @@ def test_required_models_are_registered():
     names = list_models()
     assert set(REQUIRED) <= set(names)
     assert len(names) == len(set(names))
+
+
+def test_every_registered_model_is_a_classifier_net():
+    # create_model promises ClassifierNet's API (timm's names) for every family it builds.
+    with torch.device("meta"):
+        for name in ("resnet20", "preact_resnet18", "lesson_resnet18", "densenet_bc100"):
+            model = create_model(name, num_classes=7)
+            assert isinstance(model, ClassifierNet) and model.arch == name
+            assert model.num_classes == 7 and model.get_classifier().out_features == 7
+    with pytest.raises(TypeError, match="abstract"):
+        ClassifierNet()  # type: ignore[abstract]
 
 
 def test_list_models_pattern_and_natural_order():

@@ -190,7 +190,7 @@ def build_training(cfg: Config, loaders: Loaders, device: torch.device, *,
     """Model (seeded: the same init on every rank and for every resume; ``model.init_from``
     weights when ``init``, i.e. not resuming), optimiser over its param groups, EMA, scaler."""
     seed_everything(cfg.seed)
-    model = build_model(cfg, loaders.meta)
+    model: nn.Module = build_model(cfg, loaders.meta)  # then wrapped: to(), init weights
     if init:
         model = weights.apply_init_from(model, loaders.init_source, loaders.meta)
     model = model.to(device)

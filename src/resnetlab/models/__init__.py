@@ -1,5 +1,6 @@
 """Residual networks (He et al. 2015) and their plain twins: blocks, ResNet, registry, tools."""
 
+from .base import ClassifierNet
 from .blocks import (
     BasicBlock,
     Block,
@@ -25,6 +26,7 @@ from .summary import (
 __all__ = [
     "BasicBlock",
     "Block",
+    "ClassifierNet",
     "Bottleneck",
     "build_model",
     "PreActBasicBlock",

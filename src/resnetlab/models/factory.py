@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from torch import nn
-
+from .base import ClassifierNet
 from .registry import create_model
 
 
@@ -50,7 +49,7 @@ class _Meta(Protocol):
     def in_chans(self) -> int: ...
 
 
-def build_model(cfg: _HasModel, meta: _Meta) -> nn.Module:
+def build_model(cfg: _HasModel, meta: _Meta) -> ClassifierNet:
     """The network ``cfg.model`` names; classes and input channels default to the dataset's."""
     m = cfg.model
     kw: dict[str, Any] = {

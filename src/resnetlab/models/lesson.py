@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import ClassifierNet
 from .resnet import _checkpoint_segment
 
 
@@ -88,7 +89,7 @@ class ResBlk(nn.Module):
         return self.extra(x) + out
 
 
-class LessonResNet(nn.Module):
+class LessonResNet(ClassifierNet):
     """The lesson's "ResNet18": stride-3 stem, four ResBlks, average pool, linear layer.
 
     Args:
