@@ -1,4 +1,5 @@
-"""The lesson's own network, exactly as its code computes (seed/: "ResNet and DenseNet").
+"""The lesson's own network, exactly as its code computes (the course page "ResNet and DenseNet"
+this project grew from).
 
 The lesson's ``ResBlk`` is not the paper's BasicBlock:
 
