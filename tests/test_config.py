@@ -89,7 +89,10 @@ def test_every_shipped_recipe_loads() -> None:
             "cifar100_resnet56", "imagenet_resnet50", *DATASET_RECIPES.values()} <= names
     for path in recipes:
         cfg = load(path, ["data.root=/nowhere"] if path.stem in ("cifar10", "cifar100", "folder") else [])
-        assert cfg.model.name in path.stem or path.stem in DATASET_RECIPES.values()
+        if path.stem.startswith("finetune_"):  # fine-tuning recipes: any net, the backbone frozen first
+            assert "backbone" in cfg.train.freeze
+        else:
+            assert cfg.model.name in path.stem or path.stem in DATASET_RECIPES.values()
     paper = load("cifar10_resnet110")
     assert (paper.optim.lr, paper.optim.momentum, paper.optim.weight_decay) == (0.1, 0.9, 1e-4)
     assert paper.optim.warmup == "constant" and paper.optim.warmup_lr == 0.01
