@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: train test bench lint clean
+.PHONY: train test bench lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,5 +26,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# docs/lesson.ipynb executed (full settings, a few minutes on 2 CPU cores) and rendered to
+# docs/_build/lesson.html for reading offline; its runs go to docs/_build/runs/. RESNETLAB_FAST=1 shortens it.
+docs: $(STAMP)
+	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 --display-name "Python 3 (resnetlab)" > /dev/null
+	RESNETLAB_LESSON_RUNS=$(CURDIR)/docs/_build/runs $(BIN)/python -m nbconvert --to html --execute \
+		--ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.timeout=1200 \
+		--output-dir docs/_build docs/lesson.ipynb
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build

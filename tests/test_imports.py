@@ -27,6 +27,8 @@ def _layer(module: str) -> int:
     top = parts[1]
     if top in ("models", "config", "runtime", "data", "engine", "analysis", "cli"):
         return LAYERS.index(top)
+    if top in ("catalog", "version"):  # leaves: they import nothing of the package
+        return LAYERS.index("runtime-free")
     if top in ("__main__",):
         return LAYERS.index("cli")
     return LAYERS.index("use")

@@ -6,13 +6,13 @@ Importing the package is cheap (no torch): the names below load their modules on
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import importlib  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Callable, Iterable, Mapping  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Any  # noqa: E402
+from resnetlab.version import __version__
 
 if TYPE_CHECKING:
     from resnetlab.config import Config

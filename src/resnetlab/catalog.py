@@ -3,7 +3,7 @@
 Counting resnet1202's multiply-adds takes seconds and importing torch takes more, so
 ``resnetlab models`` reads them from ``models/catalog.json``, which the package ships. The file
 is computed once per architecture by :func:`resnetlab.models.summary.write_catalog`
-(``python -m resnetlab.catalog``) and carries a fingerprint of the model sources: when a
+(``python -m resnetlab.models``) and carries a fingerprint of the model sources: when a
 model file changes, the catalog no longer matches and the counts are computed afresh (slow but
 right) until it is regenerated; ``tests/test_models.py`` recomputes entries and compares.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 CATALOG_FILE = MODELS_DIR / "catalog.json"
-REGENERATE = "python -m resnetlab.catalog"
+REGENERATE = "python -m resnetlab.models"
 
 
 def models_fingerprint(folder: Path = MODELS_DIR) -> str:
@@ -107,11 +107,3 @@ def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
 
 __all__ = ["CATALOG_FILE", "REGENERATE", "cached_names", "cached_rows", "format_model_table",
            "models_fingerprint", "read_catalog"]
-
-
-if __name__ == "__main__":  # python -m resnetlab.catalog [PATH]: recount every model, write the file
-    import sys
-
-    from resnetlab.models.summary import write_catalog
-
-    print(f"wrote {write_catalog(sys.argv[1] if len(sys.argv) > 1 else None)}")

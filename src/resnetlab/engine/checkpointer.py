@@ -35,7 +35,6 @@ import torch
 import yaml
 from torch import nn
 
-from resnetlab import __version__
 from resnetlab.config import Config, to_dict
 from resnetlab.data.augment import derive_seed
 from resnetlab.engine import checkpoint as ckpt
@@ -45,6 +44,7 @@ from resnetlab.engine.metrics import SumMeter
 from resnetlab.engine.optim import ModelEMA
 from resnetlab.engine.state import TrainState
 from resnetlab.runtime import default_run_name
+from resnetlab.version import __version__
 
 log = logging.getLogger("resnetlab")
 

@@ -160,4 +160,3 @@ def write_catalog(path: str | None = None) -> Path:
     head = json.dumps(doc)[:-1]
     out.write_text(f'{head}, "models": [\n{rows}\n]}}\n')
     return out
-
