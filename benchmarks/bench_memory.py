@@ -55,7 +55,7 @@ from benchmarks.common import (
 )
 from resnetlab.config import ModelConfig
 
-TARGETS = {"memory": 0.5, "time": 1.35}  # with / without checkpointing, at most (issue 7)
+TARGETS = {"memory": 0.5, "time": 1.35}  # with / without checkpointing, at most
 _DEFAULTS = ModelConfig()  # "with" is whatever `model.grad_checkpointing=true` trains with
 SETTINGS: dict[str, dict[str, Any] | None] = {  # name -> ResNet checkpoint attributes, None = off
     "without": None,

@@ -63,7 +63,7 @@ from benchmarks.common import (
     write_json,
 )
 
-TARGETS = {"a": 1.15, "b": 0.75, "c": 0.95}  # minimums on the 2-core CPU (issue 7)
+TARGETS = {"a": 1.15, "b": 0.75, "c": 0.95}  # minimums on the 2-core CPU
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10, 0..1 scale
 LR = 0.01  # random labels: a moderate lr keeps the weights finite for any number of steps
 NUM_CLASSES = 10

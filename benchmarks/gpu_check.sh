@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (issue 18): throughput of resnetlab's step vs the idiomatic torchvision
+# The one-shot GPU check: throughput of resnetlab's step vs the idiomatic torchvision
 # loop (resnet50 @224, resnet20 @32; fp32/bf16/fp16; eager/compiled; channels_last), peak memory,
 # a 1-process DDP/NCCL run, and 20 steps under the CUDA sync debug mode. Under 8 min on one H200.
 #   bash benchmarks/gpu_check.sh             # needs CUDA; exits 2 without it

@@ -5,7 +5,7 @@
     python -m benchmarks.run --cases a,e     # a subset
     python -m benchmarks.run --device cuda --compile
 
-Cases (issue 7; targets are for a 2-core CPU):
+Cases (targets are for a 2-core CPU):
   a  training images/s, resnetlab vs an idiomatic PyTorch loop        (ratio >= 1.15)
   b  model FLOP/s over the machine's large-matmul FLOP/s              (>= 0.75)
   c  whole-epoch (fit) images/s over pure train-step images/s         (>= 0.95)

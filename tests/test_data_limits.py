@@ -1,5 +1,5 @@
-"""Inputs that used to mislabel, hang or exhaust memory (issue 12 items 4, 11, 13), the fast
-training decode, and data.balance.
+"""Inputs that used to mislabel, hang or exhaust memory (symlink loops, thin images, archive
+bombs, EXIF orientation), the fast training decode, and data.balance.
 
 Every input here is tiny on disk; the ones that claim to be large (a 100 MiB archive member,
 a sparse file, a 72 M pixel bi-level PNG, a pickle asking for 1 GB) cost at most ~10 MB of

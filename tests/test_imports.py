@@ -78,7 +78,7 @@ def test_no_import_cycles() -> None:
 
 
 # Known exceptions, each to be removed: fit applies model.init_from through weights.py, which
-# reads checkpoints through engine.checkpoint (finetune, issue 13).
+# reads checkpoints through engine.checkpoint (finetune's model.init_from).
 KNOWN_UPWARD = {("resnetlab.engine.fit", "resnetlab.weights")}
 
 

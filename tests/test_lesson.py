@@ -11,9 +11,9 @@ from resnetlab.models import count_params, create_model, fuse_for_inference, mod
 from resnetlab.models.lesson import LessonResNet, ResBlk
 
 
-# ---- the lesson's code, as written (seed/000_*.txt; formatting restored, comments shortened) ----
+# ---- the lesson's code, as written (the course page; formatting restored, comments shortened) ----
 class LessonResBlk(nn.Module):
-    """resnet block (the seed's text: stride 1 everywhere)"""
+    """resnet block (the lesson's text: stride 1 everywhere)"""
 
     def __init__(self, ch_in, ch_out):
         super(LessonResBlk, self).__init__()  # noqa: UP008 (as the lesson writes it)

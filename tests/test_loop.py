@@ -132,3 +132,31 @@ def test_speed_switches_follow_the_config(on: bool) -> None:
         (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
          torch.backends.cuda.matmul.allow_tf32) = saved
     assert TrainConfig().cudnn_benchmark and TrainConfig().tf32  # the documented defaults
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_train_step_is_one_sgd_step_on_the_batch_loss(clip: float | None) -> None:
+    # train_step (the step train_one_epoch and the cifar-table estimate share) against the
+    # textbook update w <- w - lr * g, with g clipped to global L2 norm `clip` when set.
+    from torch import nn
+
+    from resnetlab.engine.loop import train_step
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)  # float64 below: the only rounding is the update's own
+    model.double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    w0 = [p.detach().clone() for p in model.parameters()]
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    if clip is not None:
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        grads = tuple(g * min(1.0, clip / (float(norm) + 1e-6)) for g in grads)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ema = ModelEMA(model, 0.5)
+    loss, logits = train_step(model, x, y, opt, nn.CrossEntropyLoss(), clip_grad_norm=clip, ema=ema)
+    assert logits.shape == (8, 3) and loss.requires_grad
+    for p, w, g in zip(model.parameters(), w0, grads, strict=True):
+        torch.testing.assert_close(p.detach(), w - 0.5 * g, rtol=0, atol=1e-12)
+    # the EMA saw the updated weights: halfway from its copy of w0 to w1
+    for e, p, w in zip(ema.module.parameters(), model.parameters(), w0, strict=True):
+        torch.testing.assert_close(e.detach(), (0.5 * w + 0.5 * p.detach()).to(e.dtype), rtol=0, atol=1e-6)

@@ -14,6 +14,7 @@ from resnetlab.models import (
     BasicBlock,
     Block,
     Bottleneck,
+    ClassifierNet,
     PreActBasicBlock,
     PreActBottleneck,
     ResNet,
@@ -80,6 +81,17 @@ def test_required_models_are_registered():
     names = list_models()
     assert set(REQUIRED) <= set(names)
     assert len(names) == len(set(names))
+
+
+def test_every_registered_model_is_a_classifier_net():
+    # create_model promises ClassifierNet's API (timm's names) for every family it builds.
+    with torch.device("meta"):
+        for name in ("resnet20", "preact_resnet18", "lesson_resnet18", "densenet_bc100"):
+            model = create_model(name, num_classes=7)
+            assert isinstance(model, ClassifierNet) and model.arch == name
+            assert model.num_classes == 7 and model.get_classifier().out_features == 7
+    with pytest.raises(TypeError, match="abstract"):
+        ClassifierNet()  # type: ignore[abstract]
 
 
 def test_list_models_pattern_and_natural_order():
@@ -484,3 +496,34 @@ def test_model_info_stages_sum_to_model():
     text = format_model_info(rows)
     assert "layer3" in text and "853,018" in text and "64x8x8" in text
     assert model_info("resnet18", input_size=(1, 64, 64), in_chans=1)[-2]["output_shape"] == (512,)
+
+
+def test_model_spec_is_the_one_source_of_model_options():
+    from dataclasses import fields
+
+    from resnetlab.config import ConfigError, ModelConfig, load
+    from resnetlab.models import ModelSpec, ModelSpecError
+
+    # The config's model keys are the spec's fields plus the fine-tuning ones, in that order.
+    spec_keys = [f.name for f in fields(ModelSpec)]
+    assert [f.name for f in fields(ModelConfig)][: len(spec_keys)] == spec_keys
+    # Every option reaches create_model under the model's own argument name, and every one is
+    # an argument that the ResNet, lesson and DenseNet builders all accept.
+    spec = ModelSpec(name="resnet20", recompute_every=2, recompute_stages=None, drop_rate=0.25)
+    kw = spec.create_kwargs(num_classes=7, in_chans=1)
+    assert kw == {"num_classes": 7, "in_chans": 1, "zero_init_residual": False,
+                  "grad_checkpointing": False, "checkpoint_every": 2, "checkpoint_stages": None,
+                  "drop_rate": 0.25}
+    with torch.device("meta"):
+        model = create_model("resnet20", **kw)
+    assert (model.checkpoint_every, model.checkpoint_stages, model.num_classes) == (2, None, 7)
+    for name in ("lesson_resnet18", "densenet_bc100"):
+        with torch.device("meta"):
+            create_model(name, **ModelSpec(name=name).create_kwargs(10, 3))
+    # The checks live in the spec; the config reports them under model.*.
+    with pytest.raises(ModelSpecError, match=r"^recompute_stages must be null \(all\) or in \[-3, 3\]"):
+        ModelSpec(recompute_stages=4).check()
+    with pytest.raises(ConfigError, match=r"^model\.recompute_stages must be null"):
+        load(None, ["model.recompute_stages=4"])
+    with pytest.raises(ConfigError, match=r"^model\.name: unknown model 'resnet21'"):
+        load(None, ["model.name=resnet21"])

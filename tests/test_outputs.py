@@ -1,6 +1,6 @@
 """export/import never overwrite without --force and never a run's checkpoint; operating-system
 errors come out as one line naming the path, with every saved file intact; eval --out for
-read-only runs (issue 12 items 5 and 9).
+read-only runs.
 
 Root ignores file permissions (the tests may run as root), so "read-only" and "disk full" are
 made where the write asks the OS: ``tempfile.mkstemp`` and ``os.fsync`` of the atomic writer.

@@ -447,20 +447,20 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if args.experiment == "degradation":
         from resnetlab.analysis import run_degradation
 
-        res = run_degradation(args.data, args.depths, args.seeds, args.epochs, args.overrides, args.jobs,
+        deg = run_degradation(args.data, args.depths, args.seeds, args.epochs, args.overrides, args.jobs,
                               extra_models=args.extra_models)
-        print(res.markdown)
-        print(f"{res.figure} | {res.out_dir / 'depth.png'} | {res.out_dir / 'table.md'} | "
-              f"{res.out_dir / 'table.csv'} | {res.seconds:.0f} s")
-        return res.exit_code
+        print(deg.markdown)
+        print(f"{deg.figure} | {deg.out_dir / 'depth.png'} | {deg.out_dir / 'table.md'} | "
+              f"{deg.out_dir / 'table.csv'} | {deg.seconds:.0f} s")
+        return deg.exit_code
     if args.experiment == "transfer":
         from resnetlab.analysis.transfer import run_transfer
 
-        res = run_transfer(args.n, args.seeds, args.ways, steps=args.steps, pretrain_epochs=args.pretrain_epochs,
-                           overrides=args.overrides, jobs=args.jobs)
-        print(res.markdown)
-        print(f"{res.figure} | {res.out_dir / 'table.md'} | {res.out_dir / 'table.csv'} | {res.seconds:.0f} s")
-        return res.exit_code
+        tr = run_transfer(args.n, args.seeds, args.ways, steps=args.steps, pretrain_epochs=args.pretrain_epochs,
+                          overrides=args.overrides, jobs=args.jobs)
+        print(tr.markdown)
+        print(f"{tr.figure} | {tr.out_dir / 'table.md'} | {tr.out_dir / 'table.csv'} | {tr.seconds:.0f} s")
+        return tr.exit_code
     from resnetlab.analysis import run_cifar_table
 
     table = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs,
@@ -712,6 +712,7 @@ def option_hint(option: str, value: str | None) -> str | None:
 
     name = option.lstrip("-").split("=", 1)[0]
     keys = _all_keys(Config)
+    key: str | None
     if name in keys:
         key = name
     else:

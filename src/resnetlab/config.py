@@ -24,23 +24,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from resnetlab.models.spec import ModelSpec, ModelSpecError
+
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names the one at fault."""
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    name: str = "resnet20"  # registry name: see `resnetlab models`
-    num_classes: int | None = None  # None: taken from the dataset
-    in_chans: int | None = None  # None: taken from the dataset (1 for digits, 3 for CIFAR)
-    shortcut: Literal["A", "B", "C"] | None = None  # None: the registry's (A for CIFAR nets)
-    zero_init_residual: bool = False  # last BN of each residual branch starts at 0
-    grad_checkpointing: bool = False  # recompute block activations in backward: less memory
-    # Activation recomputation (grad_checkpointing), not checkpoint files: hence "recompute_*".
-    recompute_every: int = 0  # blocks per recomputed segment; 0 = about sqrt(stage blocks)
-    recompute_stages: int | None = -1  # recompute stages[:n]; -1 = all but the last; None = all
-    drop_rate: float = 0.0  # dropout before the classifier, probability
+class ModelConfig(ModelSpec):
+    # The network's options (name, num_classes, ..., drop_rate) and their checks are
+    # resnetlab.models.spec.ModelSpec's; these are the fine-tuning ones.
     # Fine-tuning: start from these weights (run folder, .pt/.safetensors checkpoint, torchvision
     # .pth state dict, timm / Hugging Face model.safetensors). Weights only: a new run.
     init_from: str | None = None
@@ -512,16 +506,20 @@ _FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """Trailing ``# comment`` of each field line in ``cls``'s source (units and reasons)."""
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):  # no source (frozen app): keys still list, without comments
-        return {}
-    out = {}
-    for line in lines:
-        m = _FIELD_LINE.match(line)
-        if m and m.group(1) not in out:
-            out[m.group(1)] = (m.group(2) or "").strip()
+    """Trailing ``# comment`` of each field line in the source of ``cls`` and of the dataclasses
+    it derives from (ModelConfig's network options are ModelSpec's): units and reasons."""
+    out: dict[str, str] = {}
+    for klass in cls.__mro__:
+        if not is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # no source (frozen app): keys still list, without comments
+            continue
+        for line in lines:
+            m = _FIELD_LINE.match(line)
+            if m and m.group(1) not in out:
+                out[m.group(1)] = (m.group(2) or "").strip()
     return out
 
 
@@ -540,10 +538,6 @@ def describe_keys(cls: type = Config, prefix: str = "", base: Any = None) -> lis
                          (list(value) if isinstance(value, tuple) else value),
                          "comment": comments.get(f.name, "")})
     return rows
-
-
-MAX_CLASSES = 1_000_000  # far above any real label set (ImageNet-21k: 21,841); a typo guard
-MAX_CHANNELS = 64  # input channels: images have 1-4; a guard against typos
 
 
 def _leaves(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
@@ -614,29 +608,10 @@ def validate(cfg: Config) -> Config:
         need(len(cfg.model.init_sha256) == 64 and all(c in "0123456789abcdef" for c in cfg.model.init_sha256),
              f"model.init_sha256 must be 64 lowercase hex digits, got {cfg.model.init_sha256!r}")
         need(cfg.model.init_from is not None, "model.init_sha256 is set but model.init_from is not")
-    if cfg.model.num_classes is not None:
-        need(1 <= cfg.model.num_classes <= MAX_CLASSES,
-             f"model.num_classes must be in [1, {MAX_CLASSES}], got {cfg.model.num_classes}")
-    if cfg.model.in_chans is not None:
-        need(1 <= cfg.model.in_chans <= MAX_CHANNELS,
-             f"model.in_chans must be in [1, {MAX_CHANNELS}], got {cfg.model.in_chans}")
-    need(0 <= cfg.model.drop_rate < 1, "model.drop_rate must be in [0, 1)")
-    need(cfg.model.recompute_every >= 0,
-         f"model.recompute_every must be >= 0 (0 = auto), got {cfg.model.recompute_every}")
-    # late import: loading a config file needs no torch
-    from resnetlab.models import list_models, model_defaults
-
-    if cfg.model.name not in list_models():
-        close = difflib.get_close_matches(cfg.model.name, list_models(), n=3)
-        hint = f"; closest: {', '.join(close)}" if close else "; see `resnetlab models`"
-        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}{hint}")
-    need(not (cfg.model.zero_init_residual and model_defaults(cfg.model.name).get("plain")),
-         f"model.zero_init_residual=true would make every block of the plain net "
-         f"{cfg.model.name} output zeros; it is for residual nets only")
-    stages, n = cfg.model.recompute_stages, len(model_defaults(cfg.model.name)["layers"])
-    need(stages is None or -n <= stages <= n,
-         f"model.recompute_stages must be null (all) or in [{-n}, {n}] for the {n}-stage "
-         f"{cfg.model.name}, got {stages}")
+    try:  # the network's options: ModelSpec owns their checks (imports torch for the registry)
+        cfg.model.check(prefix="model.")
+    except ModelSpecError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

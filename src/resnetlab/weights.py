@@ -126,15 +126,16 @@ def _map_transformers_key(key: str) -> str | None:
     return f"{prefix}{'conv' if c[2] == 'convolution' else 'bn'}{index}.{c[3]}"
 
 
-def to_our_names(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """Foreign parameter names -> ours; returns ``(state, kind)``.
+def to_our_names(obj: Mapping[str, object]) -> tuple[dict[str, torch.Tensor], str]:
+    """Foreign parameter names -> ours; returns ``(state, kind)``; entries that are not tensors
+    (a trainer's step counter, say) are dropped.
 
     Strips the usual wrappers' prefixes (``module.`` from DDP, ``_orig_mod.`` from
     torch.compile, ``model.`` from some trainers); maps transformers' ResNet names; timm's and
     torchvision's ResNet names are already ours. Keys that map to nothing are kept as they are,
     so the load names them as unexpected. ``kind`` is "transformers" or "resnet".
     """
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     for prefix in ("module.", "_orig_mod.", "model."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k.removeprefix(prefix): v for k, v in state.items()}

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.config import RECIPE_DIR, Config, load, validate
 from resnetlab.launch import removed_on_failure
+
+if TYPE_CHECKING:
+    from resnetlab.data.loaders import Loader
 
 log = logging.getLogger("resnetlab")
 
@@ -68,6 +71,39 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _seconds_per_step(cfg: Config, model: nn.Module, loader: Loader, device: torch.device,
+                      steps: int) -> float:
+    """Mean wall time of ``steps`` optimiser steps after one warm-up step, data loading excluded.
+
+    Each is the step training runs (:func:`~resnetlab.engine.loop.train_step`): amp, fp16 loss
+    scaling, clipping and EMA as configured.
+    """
+    from resnetlab.engine.loop import train_step
+    from resnetlab.engine.optim import ModelEMA, build_optimizer
+
+    model.train()
+    opt = build_optimizer(model, cfg.optim)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+    batches = loader.iterate(0)
+    timed = 0.0
+    for i in range(steps + 1):
+        try:
+            x, y = next(batches)
+        except StopIteration:  # a short epoch: go on with the next one
+            batches = loader.iterate(i)
+            x, y = next(batches)
+        t0 = time.perf_counter()
+        train_step(model, x, y, opt, criterion, amp=cfg.train.amp, scaler=scaler,
+                   clip_grad_norm=cfg.optim.clip_grad_norm, ema=ema)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i > 0:  # the first step pays for allocation and kernel selection
+            timed += time.perf_counter() - t0
+    return timed / max(steps, 1)
+
+
 def estimate_time(cfgs: Sequence[Config], steps: int = 5) -> list[dict[str, Any]]:
     """Time ``steps`` real optimiser steps (after one warm-up step) of each config's network.
 
@@ -75,7 +111,6 @@ def estimate_time(cfgs: Sequence[Config], steps: int = 5) -> list[dict[str, Any]
     split once, counted as a third of a training step per batch: forward only).
     """
     from resnetlab.data import build_datasets, build_loader
-    from resnetlab.engine.optim import build_optimizer
     from resnetlab.models import build_model
     from resnetlab.runtime import select_device
 
@@ -91,28 +126,10 @@ def estimate_time(cfgs: Sequence[Config], steps: int = 5) -> list[dict[str, Any]
                               device=device, seed=cfg.seed, channels_last=cfg.train.channels_last)
         if len(loader) == 0:
             raise AnalysisError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
-        model = build_model(cfg, ds.meta).to(device)
+        model: nn.Module = build_model(cfg, ds.meta).to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        opt = build_optimizer(model, cfg.optim)
-        batches = loader.iterate(0)
-        timed = 0.0
-        for i in range(steps + 1):
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = loader.iterate(i)
-                x, y = next(batches)
-            t0 = time.perf_counter()
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i > 0:  # the first step pays for allocation and kernel selection
-                timed += time.perf_counter() - t0
-        per_step = timed / max(steps, 1)
+        per_step = _seconds_per_step(cfg, model, loader, device, steps)
         train_steps = cfg.train.epochs * len(loader)
         n_val = len(ds.val) if ds.val is not None else 0
         n_test = len(ds.test) if ds.test is not None else 0

@@ -16,7 +16,6 @@ gradient reaches the input side of the network undiminished.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -216,10 +215,3 @@ def format_ratios(result: GradientResult) -> str:
         parts = [f"{v:.3g} {phase}" for phase, v in by_phase.items()]
         lines.append(f"{model}: gradient norm block 1 / block {nblocks} = " + ", ".join(parts))
     return "\n".join(lines)
-
-
-def read_gradients_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``gradients.csv`` with numbers parsed (for re-plotting)."""
-    with open(path, newline="") as f:
-        return [{**r, "step": int(r["step"]), "index": int(r["index"]), "grad_norm": float(r["grad_norm"])}
-                for r in csv.DictReader(f)]

@@ -41,7 +41,7 @@ import csv
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +114,8 @@ def bn_mode(model: nn.Module, mode: str):
     finally:
         for m in bns:
             m.track_running_stats = tracked[m]
-        for m, t in was_training.items():
-            m.train(t)
+        for mod, t in was_training.items():
+            mod.train(t)
 
 
 def _loss_acc(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +147,7 @@ def landscape_batched(model: nn.Module, x: torch.Tensor, y: torch.Tensor, d1: Di
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     coef = torch.tensor(points, dtype=torch.float32, device=x.device)  # [P, 2]
 
-    def run_one(p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def run_one(p: dict[str, torch.Tensor]) -> torch.Tensor:
         return functional_call(model, (p, buffers), (x,))  # [n, classes]
 
     batched = vmap(run_one)
@@ -231,7 +231,7 @@ def hessian_extremes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bn: 
         return list(torch.autograd.grad(grads, params, grad_outputs=v))
 
     def normalise(v: list[torch.Tensor]) -> list[torch.Tensor]:
-        n = torch.sqrt(sum((t.double() ** 2).sum() for t in v))
+        n = torch.stack([(t.double() ** 2).sum() for t in v]).sum().sqrt()  # global L2 norm
         return [t / n.to(t.dtype) for t in v]
 
     def dot(u: list[torch.Tensor], v: list[torch.Tensor]) -> float:

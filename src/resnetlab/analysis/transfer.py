@@ -50,7 +50,7 @@ COMMON = ("data.name=digits", "model.name=resnet20", "data.augment.crop_padding=
           "data.augment.flip=false", "optim.name=sgd", "optim.momentum=0.9",
           "optim.weight_decay=5e-4", "optim.schedule=cosine", "train.quiet=true",
           "train.tensorboard=false")
-PRETRAIN = ("data.classes=[0,1,2,3,4]", "optim.lr=0.05", "optim.warmup=linear",
+PRETRAIN = (f"data.classes=[{','.join(SOURCE_CLASSES)}]", "optim.lr=0.05", "optim.warmup=linear",
             "optim.warmup_epochs=2", "train.batch_size=128")
 # Per way: what it changes. Pretrained starts take a 5x lower lr than scratch (they start near a
 # good solution); the probe's lone linear layer takes scratch's lr.
@@ -125,7 +125,7 @@ def plan(ns: Sequence[int], seeds: Sequence[int], ways: Sequence[str], out_dir: 
             for s in seeds:
                 init = [] if way == "scratch" else [f"model.init_from={out_dir / f'pretrain-seed{s}'}"]
                 fine.append(load(None, [
-                    *COMMON, "data.classes=[5,6,7,8,9]", f"data.train_per_class={n}",
+                    *COMMON, f"data.classes=[{','.join(TARGET_CLASSES)}]", f"data.train_per_class={n}",
                     "data.val_fraction=0", f"train.batch_size={batch}", f"train.epochs={epochs}",
                     *WAY_OVERRIDES[way], *init, *overrides, *threads, f"seed={s}",
                     f"run.root={out_dir}", f"run.name={way}-n{n}-seed{s}"]))

@@ -47,6 +47,8 @@ _PIL_ERRORS: tuple[type[BaseException], ...] = (
     OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError, IndexError,
     Image.DecompressionBombError, struct.error,
 )
+# torchvision's decode_jpeg raises RuntimeError on bad data; the PIL fallback raises the above.
+_JPEG_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, *_PIL_ERRORS)
 
 
 class DataError(ValueError):
@@ -227,7 +229,7 @@ def read_resized_crop(path: str | Path, in_chans: int, pick_box: BoxPicker,
                 found = _fast_jpeg(data, path, in_chans, pick_box, size)
         except BadImageError:
             raise
-        except (RuntimeError, *_PIL_ERRORS) as e:  # decode_jpeg: RuntimeError on bad data
+        except _JPEG_ERRORS as e:
             raise BadImageError(f"{path}: cannot read image ({_describe(e)})") from None
     if found is None:
         img = read_image(path, in_chans)

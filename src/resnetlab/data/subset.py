@@ -79,11 +79,11 @@ def select_subset(data: Datasets, cfg: DataConfig, seed: int) -> Datasets:
         train = _take(train, np.sort(np.concatenate(picked)), None)
     # In-memory sources normalise by their training split's statistics: recompute them for the
     # split actually trained on. Folders keep their fixed (ImageNet) constants.
-    stats = {}
+    meta = replace(meta, classes=classes)
     if isinstance(train, ArraySplit) and meta.name != "folder":
         mean, std = channel_stats(train.images)
-        stats = {"mean": mean, "std": std}
-    return replace(data, train=train, val=val, test=test, meta=replace(meta, classes=classes, **stats))
+        meta = replace(meta, mean=mean, std=std)
+    return replace(data, train=train, val=val, test=test, meta=meta)
 
 
 __all__ = ["select_subset"]

@@ -1,6 +1,6 @@
 """``fit(config)``: the one place that wires data, model, optimiser, loop and checkpoints.
 
-It reads like the recipe in DESIGN.md (pycls's ``train_model``): set up the runtime, lock the
+It reads like pycls's ``train_model``: set up the runtime, lock the
 run folder, build loaders, build model/optimiser/EMA, resume, then epochs of (train, validate,
 log, checkpoint), then the test split once and ``result.json``. Each step is a named function
 below; the checkpoint schema and the run folder belong to
@@ -120,7 +120,7 @@ class Run:
 
 
 def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None = None) -> Result:
-    """Train ``cfg`` end to end and return a :class:`Result`; see DESIGN.md for the data flow.
+    """Train ``cfg`` end to end and return a :class:`Result` (the module doc gives the data flow).
 
     ``on_step(info)`` is called after every optimiser step with ``epoch``, ``batch``, ``step``,
     ``lr``, ``loss`` (a tensor) and ``model``; returning True stops training as a signal
@@ -203,7 +203,7 @@ def build_training(cfg: Config, loaders: Loaders, device: torch.device, *,
     """Model (seeded: the same init on every rank and for every resume; ``model.init_from``
     weights when ``init``, i.e. not resuming), optimiser over its param groups, EMA, scaler."""
     seed_everything(cfg.seed)
-    model = build_model(cfg, loaders.meta)
+    model: nn.Module = build_model(cfg, loaders.meta)  # then wrapped: to(), init weights
     if init:
         model = weights.apply_init_from(model, loaders.init_source, loaders.meta)
     model = model.to(device)

@@ -1,6 +1,7 @@
-"""The two step functions: ``train_one_epoch`` and ``evaluate``. Explicit arguments in, dicts out.
+"""The step functions: ``train_step``, ``train_one_epoch`` (its loop) and ``evaluate``. Explicit
+arguments in, tensors and dicts out.
 
-Neither function knows about run folders, checkpoints or signals: ``fit()`` passes an
+None of them knows about run folders, checkpoints or signals: ``fit()`` passes an
 ``after_step`` callback that does those things and says when to stop.
 """
 
@@ -30,6 +31,43 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    *,
+    amp: str = "none",
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: float | None = None,
+    ema: ModelEMA | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the batch ``x`` ``[b, c, h, w]``, labels ``y`` ``[b]``: forward
+    (under ``amp``'s autocast), backward (through ``scaler`` for fp16), optional clipping of the
+    global gradient norm, the update, then the EMA. Returns ``(loss, logits [b, classes])``;
+    the optimiser's lr is the caller's business (``train_one_epoch`` sets it per step)."""
+    with autocast(x.device, amp):
+        logits = model(x)  # [b, classes]
+        loss = criterion(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if clip_grad_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+    if ema is not None:
+        ema.update(model)
+    return loss, logits
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Loader,
@@ -47,7 +85,8 @@ def train_one_epoch(
     ema: ModelEMA | None = None,
     after_step: Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[str, Any]:
-    """Train over ``loader``'s epoch ``epoch`` from batch ``start_batch``.
+    """Train over ``loader``'s epoch ``epoch`` from batch ``start_batch``, one
+    :func:`train_step` per batch.
 
     ``step`` is the global optimiser step before this call; ``lr_fn(step)`` sets each step's
     lr. ``after_step(info)`` runs after every optimiser step with the step's loss tensor and
@@ -61,24 +100,8 @@ def train_one_epoch(
     for batch, (x, y) in enumerate(loader.iterate(epoch, start_batch), start=start_batch):
         lr = lr_fn(step)
         set_lr(optimizer, lr)
-        with autocast(device, amp):
-            logits = model(x)  # [b, classes]
-            loss = criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            optimizer.step()
-        if ema is not None:
-            ema.update(model)
+        loss, logits = train_step(model, x, y, optimizer, criterion, amp=amp, scaler=scaler,
+                                  clip_grad_norm=clip_grad_norm, ema=ema)
         meter.update(loss, logits.float(), y)
         step += 1
         images += y.shape[0]

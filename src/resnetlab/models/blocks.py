@@ -270,5 +270,3 @@ class PreActBottleneck(Block):
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.conv3.weight)
 
-
-BLOCKS: tuple[type[Block], ...] = (BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from .base import ClassifierNet
 from .resnet import _checkpoint_contexts
 
 STEMS = ("cifar", "imagenet")
@@ -108,7 +109,7 @@ class Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
 
-class DenseNet(nn.Module):
+class DenseNet(ClassifierNet):
     """DenseNet / DenseNet-BC with torchvision's parameter names.
 
     Args:

@@ -1,4 +1,5 @@
-"""The lesson's own network, exactly as its code computes (seed/: "ResNet and DenseNet").
+"""The lesson's own network, exactly as its code computes (the course page "ResNet and DenseNet"
+this project grew from).
 
 The lesson's ``ResBlk`` is not the paper's BasicBlock:
 
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import ClassifierNet
 from .resnet import _checkpoint_segment
 
 
@@ -88,7 +90,7 @@ class ResBlk(nn.Module):
         return self.extra(x) + out
 
 
-class LessonResNet(nn.Module):
+class LessonResNet(ClassifierNet):
     """The lesson's "ResNet18": stride-3 stem, four ResBlks, average pool, linear layer.
 
     Args:

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .base import ClassifierNet
 from .blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
 from .resnet import ResNet
 
-BuilderT = TypeVar("BuilderT", bound=Callable[..., ResNet])
+BuilderT = TypeVar("BuilderT", bound=Callable[..., ClassifierNet])
 
 
 @dataclass
@@ -27,7 +28,7 @@ class ModelEntry:
     """One registered variant: ``builder(**defaults, **overrides)`` makes the model."""
 
     name: str
-    builder: Callable[..., ResNet] = ResNet
+    builder: Callable[..., ClassifierNet] = ResNet
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
@@ -87,7 +88,7 @@ def _check_overrides(entry: ModelEntry, overrides: dict[str, Any]) -> None:
             )
 
 
-def create_model(name: str, /, **overrides: Any) -> ResNet:
+def create_model(name: str, /, **overrides: Any) -> ClassifierNet:
     """Build the registered model ``name``; ``overrides`` replace its registered defaults.
 
     Unknown names raise ``ValueError`` naming the closest registered ones; unknown keyword

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from .base import ClassifierNet
 from .blocks import SHORTCUT_TYPES, Block, make_shortcut
 
 STEMS = ("cifar", "imagenet")
@@ -163,7 +164,7 @@ def checkpoint_segment_length(num_blocks: int, every: int = 0) -> int:
     return every if every > 0 else max(1, round(math.sqrt(num_blocks)))
 
 
-class ResNet(nn.Module):
+class ResNet(ClassifierNet):
     """A residual network (or its plain twin) for CIFAR-size or ImageNet-size images.
 
     Args:

@@ -25,12 +25,13 @@ from resnetlab.serve.app import (
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           max_batch: int = 16, max_wait_ms: float = 5.0, limits: Limits | None = None,
-          log_level: str = "warning", graceful_timeout_s: float | None = 30.0,
+          log_level: str = "warning", graceful_timeout_s: int | None = 30,
           threads: int | None = None) -> int:
     """Load the network at ``path`` and serve it until SIGTERM/SIGINT; returns the exit code 0.
 
     Loading errors (a missing run, a broken checkpoint) raise before anything listens.
-    ``graceful_timeout_s`` bounds how long shutdown waits for requests in flight. ``threads``
+    ``graceful_timeout_s`` bounds how long shutdown waits for requests in flight (whole seconds,
+    as uvicorn takes it; None: no bound). ``threads``
     sets torch's intra-op CPU threads (default: one per core).
     """
     import torch
