@@ -132,6 +132,39 @@ def base_config(data: str, overrides: Sequence[str] = (), epochs: int | None = N
     return validate(replace(cfg, train=replace(cfg.train, epochs=epochs))) if epochs else cfg
 
 
+def train_on_digits(kind: str, models: str | Sequence[str], *, epochs: int, seed: int,
+                    overrides: Sequence[str] = (), jobs: int | None = None,
+                    order: Sequence[str] | None = None) -> tuple[list[str], Path, int]:
+    """Train each of ``models`` once on digits (the degradation recipe, one ``seed``) into
+    ``<run.root>/<kind>-digits-<time>/<model>/``; returns ``(names, folder, worker processes)``.
+
+    The shared first half of ``reproduce landscape`` and ``reproduce responses``. ``order`` is the
+    order in which the runs are handed to the workers (e.g. deepest first); any run that did not
+    finish raises AnalysisError naming it.
+    """
+    names = list(models.replace(",", " ").split() if isinstance(models, str) else models)
+    for n in names:
+        if n not in list_models():
+            raise AnalysisError(f"--models: unknown model {n!r}; see `resnetlab models`")
+    if epochs < 1:
+        raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
+    base = base_config("digits", overrides, epochs)
+    out_dir = Path(base.run.root).expanduser() / (base.run.name or f"{kind}-digits-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = default_jobs(base.train.device) if jobs is None else jobs
+    cfgs = [replace(base, seed=seed, model=replace(base.model, name=m),
+                    train=replace(base.train, quiet=True, tensorboard=False,
+                                  threads=1 if jobs > 1 else base.train.threads),
+                    run=replace(base.run, root=str(out_dir), name=m)) for m in (order or names)]
+    trained = {Path(t["run_dir"]).name: t for t in run_trainings(cfgs, jobs)}
+    for m in names:
+        t = trained.get(m)
+        if t is None or t["interrupted"] or t["error"]:
+            reason = "interrupted" if t is None else (t["interrupted"] or t["error"])
+            raise AnalysisError(f"{m}: training did not finish ({reason})")
+    return names, out_dir, jobs
+
+
 def parse_extra_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"densenet_bc100,lesson_resnet18"`` -> registered names trained beside the twins."""
     if text is None:

@@ -502,34 +502,11 @@ def reproduce_landscape(models: str | Sequence[str] = ("plain56", "resnet56"), *
                         on_progress: Callable[[str], None] | None = None) -> ReproduceLandscapeResult:
     """Train ``models`` on digits with the degradation recipe, then draw their landscapes side by
     side (``landscape.png``, ``landscape.csv`` with every net's grid, ``roughness.md``/``.csv``)."""
-    from resnetlab.analysis.degradation import base_config, default_jobs, run_trainings
+    from resnetlab.analysis.degradation import train_on_digits
     from resnetlab.analysis.seeds import final_metrics
 
-    names = list(models.replace(",", " ").split() if isinstance(models, str) else models)
-    from resnetlab.models import list_models
-
-    for n in names:
-        if n not in list_models():
-            raise AnalysisError(f"--models: unknown model {n!r}; see `resnetlab models`")
-    if epochs < 1:
-        raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
-    base = base_config("digits", overrides, epochs)
-    name = base.run.name or f"landscape-digits-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(base.run.root).expanduser() / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from dataclasses import replace
-
-    jobs = default_jobs(base.train.device) if jobs is None else jobs
-    cfgs = [replace(base, seed=seed, model=replace(base.model, name=m),
-                    train=replace(base.train, quiet=True, tensorboard=False,
-                                  threads=1 if jobs > 1 else base.train.threads),
-                    run=replace(base.run, root=str(out_dir), name=m)) for m in names]
-    trained = run_trainings(cfgs, jobs)
-    for cfg, t in zip(cfgs, trained, strict=False):
-        if t["interrupted"] or t["error"]:
-            raise AnalysisError(f"{cfg.model.name}: training did not finish ({t['interrupted'] or t['error']})")
-    if len(trained) < len(cfgs):
-        raise AnalysisError("training was interrupted")
+    names, out_dir, jobs = train_on_digits("landscape", models, epochs=epochs, seed=seed, overrides=overrides,
+                                           jobs=jobs)
     jobs_kw = [dict(path=str(out_dir / m), grid=grid, span=span, dims=dims, split="train", images=images,
                     bn=bn, seed=seed, chunk=chunk, hessian_iters=hessian_iters,
                     out=str(out_dir / f"{m}-landscape")) for m in names]

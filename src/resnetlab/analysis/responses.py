@@ -239,31 +239,13 @@ def reproduce_responses(models: str | Sequence[str] = DEFAULT_MODELS, *, epochs:
                         overrides: Sequence[str] = (), jobs: int | None = None) -> ReproduceResponsesResult:
     """Train ``models`` on digits (the degradation recipe, one seed), then measure and draw
     their layer responses on the test split into ``runs/responses-digits-<time>/``."""
-    from resnetlab.analysis.degradation import base_config, default_jobs, run_trainings
+    from resnetlab.analysis.degradation import train_on_digits
     from resnetlab.analysis.seeds import final_metrics
-    from resnetlab.models import list_models
 
     names = list(models.replace(",", " ").split() if isinstance(models, str) else models)
-    for n in names:
-        if n not in list_models():
-            raise AnalysisError(f"--models: unknown model {n!r}; see `resnetlab models`")
-    if epochs < 1:
-        raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
-    base = base_config("digits", overrides, epochs)
-    name = base.run.name or f"responses-digits-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(base.run.root).expanduser() / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = default_jobs(base.train.device) if jobs is None else jobs
     # deepest first: better packing on the worker processes
-    order = sorted(names, key=lambda n: -_depth_key(n))
-    cfgs = [replace(base, seed=seed, model=replace(base.model, name=m),
-                    train=replace(base.train, quiet=True, tensorboard=False,
-                                  threads=1 if jobs > 1 else base.train.threads),
-                    run=replace(base.run, root=str(out_dir), name=m)) for m in order]
-    trained = {Path(t["run_dir"]).name: t for t in run_trainings(cfgs, jobs)}
-    bad = [m for m in names if m not in trained or trained[m]["interrupted"] or trained[m]["error"]]
-    if bad:
-        raise AnalysisError(f"{bad[0]}: training did not finish")
+    names, out_dir, _ = train_on_digits("responses", names, epochs=epochs, seed=seed, overrides=overrides,
+                                        jobs=jobs, order=sorted(names, key=lambda n: -_depth_key(n)))
     runs = [out_dir / m for m in names]
     res = run_responses(runs, split="test", out=out_dir, labels=names)
     errs = {m: final_metrics(out_dir / m)["train_err"] for m in names}
