@@ -63,10 +63,10 @@ def _unwrap_state(obj: Mapping[str, object], source: Path) -> dict[str, torch.Te
     a DDP ``module.`` prefix, the usual ways such files are wrapped."""
     for key in ("state_dict", "model"):
         inner = obj.get(key)
-        if isinstance(inner, Mapping) and not isinstance(obj.get("config"), Mapping):
+        if isinstance(inner, Mapping) and not ckpt.is_resnetlab(obj):
             obj = inner
             break
-    if isinstance(obj.get("config"), Mapping) and isinstance(obj.get("meta"), Mapping):
+    if ckpt.is_resnetlab(obj):
         raise ckpt.CheckpointError(f"{source}: already a resnetlab checkpoint; use it directly")
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
