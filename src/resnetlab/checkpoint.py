@@ -9,23 +9,20 @@ the fields of :class:`Checkpoint`::
     model      state dict of the plain module (no ``module.``/``_orig_mod.`` prefixes)
     config     the resolved config (``config.to_dict``)
     meta       the data meta (classes, channels, preprocessing) as a plain dict
-    optimizer  optimizer.state_dict()                       } training checkpoints only;
-    ema        EMA weights (state dict) or None             } None in a weights-only file
-    scaler     GradScaler state or None (fp16 AMP)          } (``resnetlab import``), which
-    meter      the epoch's running sums (mid-epoch resume)  } can be evaluated, exported
-    rng        {"world_size": W, "ranks": [per-rank states]} } and fine-tuned from, not
-    state      the counters: epoch, batch, step, best_val_err, best_epoch   resumed
+    optimizer  optimizer.state_dict()                                  | None in a weights-
+    ema        EMA weights (state dict) or None                        | only file (``resnetlab
+    scaler     GradScaler state or None (fp16 AMP)                     | import``): eval, export
+    meter      the epoch's running sums                                | and init_from accept it,
+    rng        {"world_size": W, "ranks": [per-rank random states]}    | a resume refuses it
+    state      the counters: epoch, batch, step, best_val_err, best_epoch
     source     where imported weights came from, or absent
     version    resnetlab version that wrote it
     schema     :data:`SCHEMA_VERSION` (absent in files written before it existed: read as 1)
 
 An exported ``.safetensors`` carries ``config`` and ``meta`` as JSON in its header, under
-:data:`SAFETENSORS_CONFIG_KEY` and :data:`SAFETENSORS_META_KEY`.
-
-Small functions, one dataclass. Every save goes to a temp file in the same folder, is
-flushed and fsynced, then ``os.replace``d over the target, so a kill at any moment leaves the
-previous file intact. Every load uses ``weights_only=True``: a file that would need arbitrary
-pickled objects is refused and the code inside it never runs.
+:data:`SAFETENSORS_CONFIG_KEY` and :data:`SAFETENSORS_META_KEY`. Saves are atomic (temp file,
+fsync, ``os.replace``: a kill leaves the previous file intact); loads use ``weights_only=True``
+(a file needing other pickled objects is refused and its code never runs).
 """
 
 from __future__ import annotations
@@ -66,8 +63,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not fit the model; the message names the file/keys."""
 
 
-# ----------------------------------------------------------------------------------------------
-# atomic writes
+# -- atomic writes -------------------------------------------------------------------------------
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -147,8 +143,7 @@ def resolve(path: str | Path, prefer: str = BEST) -> Path:
     return p
 
 
-# ----------------------------------------------------------------------------------------------
-# random states (as tensors and plain data, so weights_only loading accepts them)
+# -- random states (as tensors and plain data, so weights_only loading accepts them) -------------
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -220,8 +215,7 @@ def unpack_rng(saved: Mapping[str, Any], rank: int, world_size: int) -> tuple[di
     return (ranks[rank] if rank < len(ranks) else None), note
 
 
-# ----------------------------------------------------------------------------------------------
-# weights
+# -- weights -------------------------------------------------------------------------------------
 
 
 def model_state(ckpt: Mapping[str, Any], source: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
@@ -321,8 +315,7 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# the format: one dataclass, read and written only here
+# -- the format: one dataclass, read and written only here ---------------------------------------
 
 
 @dataclass
@@ -462,8 +455,7 @@ def is_resnetlab(obj: Mapping[str, Any]) -> bool:
     return isinstance(obj.get("config"), Mapping) and isinstance(obj.get("meta"), Mapping)
 
 
-# ----------------------------------------------------------------------------------------------
-# safetensors
+# -- safetensors ---------------------------------------------------------------------------------
 
 
 def safetensors_header(config: Config, meta: Mapping[str, Any]) -> dict[str, str]:
@@ -495,9 +487,10 @@ def read_safetensors_header(path: str | Path) -> dict[str, str]:
 
 __all__ = [
     "BEST", "CHECKPOINT_DIR", "LAST", "SAFETENSORS_ARCH_KEY", "SAFETENSORS_CONFIG_KEY", "SAFETENSORS_META_KEY",
-    "SAFETENSORS_VERSION_KEY", "SCHEMA_VERSION", "TRAINING_KEYS", "Checkpoint", "CheckpointError", "atomic_write",
-    "check_finite", "check_state_dict", "is_resnetlab", "latest", "load_checkpoint", "load_safetensors",
-    "load_weights", "model_state", "non_finite", "pack_rng", "read", "read_safetensors_header", "read_training",
-    "resolve", "rng_state", "safetensors_bytes", "safetensors_header", "save_checkpoint", "save_safetensors",
-    "set_rng_state", "unpack_rng", "write", "write_weights",
+    "SAFETENSORS_VERSION_KEY", "SCHEMA_VERSION", "TRAINING_KEYS", "Checkpoint", "CheckpointError",
+    "atomic_write", "check_finite", "check_state_dict", "is_resnetlab", "latest", "load_checkpoint",
+    "load_safetensors", "load_weights", "model_state", "non_finite", "pack_rng", "read",
+    "read_safetensors_header", "read_training", "resolve", "rng_state", "safetensors_bytes",
+    "safetensors_header", "save_checkpoint", "save_safetensors", "set_rng_state", "unpack_rng", "write",
+    "write_weights",
 ]
