@@ -1,7 +1,8 @@
 """The checkpoint format: one owner for what a checkpoint holds and for every read and write.
 
-A leaf module: it imports nothing of resnetlab but the config (and the version string), so the
-predictor and the server read checkpoints without loading any training code.
+A leaf module: it imports nothing of resnetlab but the config, the model contract
+(``models.base``) and the version string, so the predictor and the server read checkpoints
+without loading any training code.
 
 Schema of a checkpoint (``checkpoints/last.pt``, ``best.pt``, files from ``resnetlab import``),
 the fields of :class:`Checkpoint`::
@@ -42,6 +43,7 @@ import torch
 from torch import nn
 
 from resnetlab.config import Config, ConfigError, from_dict, to_dict
+from resnetlab.models.base import classifier_name
 from resnetlab.version import __version__
 
 SCHEMA_VERSION = 1  # bump when a field changes meaning; readers refuse newer files by name
@@ -260,13 +262,15 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
                  reinit_head: bool = False) -> None:
     """Load ``state`` into ``model`` strictly; name every missing, unexpected or mis-shaped key.
 
-    ``reinit_head=True`` drops the classifier (``fc.*``) from ``state`` when its shape does not
-    fit, keeping the model's freshly initialised head (fine-tuning to another class count).
+    ``reinit_head=True`` drops the classifier (the one the model declares: ``fc.*`` for a ResNet)
+    from ``state`` when its shape does not fit, keeping the model's freshly initialised head
+    (fine-tuning to another class count).
     """
     own = model.state_dict()
     state = check_state_dict(state, source)
-    if reinit_head:
-        for k in [k for k in state if k.startswith("fc.")]:
+    head = classifier_name(model) + "." if hasattr(model, "get_classifier") else None
+    if reinit_head and head is not None:
+        for k in [k for k in state if k.startswith(head)]:
             if k in own and own[k].shape != state[k].shape:
                 del state[k]
                 state[k] = own[k]
@@ -282,8 +286,8 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
             parts.append("missing: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
         if unexpected:
             parts.append("unexpected: " + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
-        hint = " (to fine-tune on another number of classes, re-initialise the head)" if any(
-            k.startswith("fc.") for k in shape) else ""
+        hint = " (to fine-tune on another number of classes, re-initialise the head)" if head and any(
+            k.startswith(head) for k in shape) else ""
         raise CheckpointError(f"{source} does not fit the model: " + " | ".join(parts) + hint)
     # A float tensor read as integers (or the reverse) has the right shape and wrong values:
     # a dtype edited in a file header, say. Precision changes (fp16 -> fp32) are fine.

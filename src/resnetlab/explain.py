@@ -63,10 +63,11 @@ def topk_pixels(model: nn.Module, meta: DataMeta, x_uint8: torch.Tensor,
 
 
 def cam_layer(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM reads: the last stage (``layer4`` / ``layer3``), else the last conv."""
+    """The layer Grad-CAM reads: the last stage the model declares (``layer4`` / ``layer3``),
+    else the last conv."""
     names = getattr(model, "stage_names", None)
     if names:
-        return getattr(model, names[-1])
+        return model.get_submodule(names[-1])
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise DataError(f"{type(model).__name__} has no convolution for Grad-CAM to read")

@@ -39,13 +39,15 @@ from torch import nn
 
 from resnetlab import checkpoint as ckpt
 from resnetlab.config import Config, ConfigError
-from resnetlab.data import DataMeta
+from resnetlab.data import DataError, DataMeta
 from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from resnetlab.inference import parse_meta
+from resnetlab.models.base import classifier_name
 
 log = logging.getLogger("resnetlab")
 
-HEAD_PREFIX = "fc."  # the classifier's keys in every resnetlab network
+# The classifier's keys in torchvision/timm ResNet files, which name their head ``fc``; a model's
+# own head is the one it declares (get_classifier).
+TORCHVISION_HEAD = "fc."
 
 
 @dataclass
@@ -111,7 +113,7 @@ def _map_transformers_key(key: str) -> str | None:
         part, _, tail = rest.partition(".")
         return {"convolution": "conv1", "normalization": "bn1"}.get(part, part) + "." + tail
     if key.startswith("classifier.1."):
-        return HEAD_PREFIX + key.removeprefix("classifier.1.")
+        return TORCHVISION_HEAD + key.removeprefix("classifier.1.")
     m = _HF_STAGE.fullmatch(key)
     if m is None:
         return None
@@ -188,7 +190,11 @@ def read_init_from(cfg: Config) -> InitSource | None:
 
 def _resnetlab_source(found: ckpt.Checkpoint, file: Path, digest: str) -> InitSource:
     """A resnetlab checkpoint as init weights: its (EMA) weights, data meta and model name."""
-    cfg, meta = found.parsed_config(), parse_meta(found.meta, file)
+    cfg = found.parsed_config()
+    try:
+        meta = DataMeta.from_dict(found.meta)
+    except DataError as e:
+        raise ckpt.CheckpointError(f"{file}: {e}") from None
     return InitSource(file, digest, "resnetlab", found.weights, meta, cfg.model.name)
 
 
@@ -237,10 +243,17 @@ def resumed_preprocessing_meta(meta: DataMeta, checkpoint: Path, cfg: Config) ->
     return new
 
 
+def _source_head(source: InitSource, model_head: str) -> str:
+    """Key prefix of the classifier in ``source.state``: the model's own for a resnetlab run of
+    the same family, torchvision's ``fc.`` for foreign ResNet weights."""
+    return model_head if source.meta is not None else TORCHVISION_HEAD
+
+
 def _classes_differ(model: nn.Module, source: InitSource, meta: DataMeta) -> bool:
     own = model.state_dict()
-    head = HEAD_PREFIX + "weight"
-    if head in own and head in source.state and own[head].shape != source.state[head].shape:
+    head = classifier_name(model) + "."
+    mine, theirs = own.get(head + "weight"), source.state.get(_source_head(source, head) + "weight")
+    if mine is not None and theirs is not None and mine.shape != theirs.shape:
         return True
     # a resnetlab source knows its class names: the same count of other classes is a new head too
     return source.meta is not None and tuple(source.meta.classes) != tuple(meta.classes)
@@ -251,19 +264,23 @@ def load_init_weights(model: nn.Module, source: InitSource, meta: DataMeta) -> N
     differ (one log line). Any other mismatch raises CheckpointError listing the keys."""
     state = dict(source.state)
     own = model.state_dict()
+    head = classifier_name(model) + "."
+    src_head = _source_head(source, head)
+    if src_head != head:  # foreign ResNet weights: torchvision's head name -> the model's
+        state = {(head + k.removeprefix(src_head) if k.startswith(src_head) else k): v for k, v in state.items()}
     # BN step counters only matter for momentum=None; files saved without them (timm's hub
     # files, transformers) still fit.
     for k in own:
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = own[k]
+    n_src = state.get(head + "weight")
     new_head = _classes_differ(model, source, meta)
     if new_head:
-        for k in [k for k in own if k.startswith(HEAD_PREFIX)]:
+        for k in [k for k in own if k.startswith(head)]:
             state[k] = own[k]  # keep the model's freshly initialised classifier
-        for k in [k for k in state if k.startswith(HEAD_PREFIX) and k not in own]:
+        for k in [k for k in state if k.startswith(head) and k not in own]:
             del state[k]
     ckpt.load_weights(model, state, source=f"model.init_from {source.path}")
-    n_src = source.state.get(HEAD_PREFIX + "weight")
     src_classes = int(n_src.shape[0]) if n_src is not None else "?"
     if new_head:
         log.info("init_from %s (%s): classifier re-initialised for %d classes (the weights had %s)",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from resnetlab import checkpoint as ckpt
-from resnetlab import weights  # module import: weights imports engine.checkpoint, a cycle otherwise
+from resnetlab import weights  # model.init_from; imports no training code
 from resnetlab.config import Config, ConfigError, to_dict, validate
 from resnetlab.data import DataMeta, build_datasets, build_loader
 from resnetlab.engine.checkpointer import Checkpointer, TrainParts

@@ -2,7 +2,8 @@
 
 Prefixes name modules by their attribute path (``layer1``, ``layer2.0``, ``fc``) plus two
 groups: ``stem`` (everything before the first stage: ``conv1``, ``bn1``) and ``backbone``
-(everything but the classifier ``fc``: linear probing). A frozen parameter has
+(everything but the classifier: linear probing). The stages and the classifier are the ones the
+model declares (``stage_names``, ``get_classifier``), whatever the family calls them. A frozen parameter has
 ``requires_grad=False``, so it gets no gradient, and the optimiser (which skips parameters
 without a gradient) applies neither an update nor weight decay to it. A frozen BatchNorm layer
 stays in eval mode even while the model trains: it normalises with its running statistics and
@@ -22,8 +23,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resnetlab.config import ConfigError, TrainConfig
+from resnetlab.models.base import classifier_name, stage_names
 
-HEAD = "fc"  # the classifier of every resnetlab network
 GROUPS = ("stem", "backbone")
 _FROZEN_ATTR = "_resnetlab_frozen_bn"  # True: keep this BN in eval mode during training
 
@@ -32,20 +33,32 @@ def _top_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_children()]
 
 
-def stage_names(model: nn.Module) -> list[str]:
-    """``layer1``, ``layer2``, ... in order."""
-    names = getattr(model, "stage_names", None)
-    if names is not None:
-        return list(names)
-    return [n for n in _top_names(model) if n.startswith("layer") and n[5:].isdigit()]
-
-
 def stem_names(model: nn.Module) -> list[str]:
-    """Top-level modules before the first stage (``conv1``, ``bn1``, ``relu``, ``maxpool``)."""
-    top = _top_names(model)
+    """Modules before the first stage (``conv1``, ``bn1``, ``relu``, ``maxpool``): the siblings
+    registered before it, at every level of its path (``features.conv0`` for a DenseNet)."""
+    out: list[str] = []
     stages = stage_names(model)
-    first = top.index(stages[0]) if stages and stages[0] in top else len(top)
-    return top[:first]
+    if not stages:
+        return out
+    module, prefix = model, ""
+    for part in stages[0].split("."):
+        for name, _ in module.named_children():
+            if name == part:
+                break
+            out.append(prefix + name)
+        module, prefix = module.get_submodule(part), f"{prefix}{part}."
+    return out
+
+
+def all_but(model: nn.Module, path: str) -> list[str]:
+    """Module paths that together cover every module of ``model`` except ``path`` (and the
+    modules that hold it): the siblings at every level of ``path``."""
+    out: list[str] = []
+    module, prefix = model, ""
+    for part in path.split("."):
+        out += [prefix + name for name, _ in module.named_children() if name != part]
+        module, prefix = module.get_submodule(part), f"{prefix}{part}."
+    return out
 
 
 def expand_prefixes(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
@@ -57,7 +70,7 @@ def expand_prefixes(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
     out: list[str] = []
     for p in prefixes:
         if p == "backbone":
-            out += [n for n in _top_names(model) if n != HEAD]
+            out += all_but(model, classifier_name(model))
         elif p == "stem":
             out += stem_names(model)
         elif p in modules and p != "":
@@ -123,5 +136,5 @@ def frozen_bn_eval(model: nn.Module) -> None:
             m.training = False
 
 
-__all__ = ["expand_prefixes", "freeze_for_epoch", "freeze_prefixes_at", "frozen_bn_eval", "set_frozen",
-           "stage_names", "stem_names"]
+__all__ = ["all_but", "expand_prefixes", "freeze_for_epoch", "freeze_prefixes_at", "frozen_bn_eval",
+           "set_frozen", "stem_names"]

@@ -10,6 +10,8 @@ from torch import nn
 
 from resnetlab.config import OptimConfig, TrainConfig
 from resnetlab.engine.dist import unwrap
+from resnetlab.engine.freeze import expand_prefixes, stem_names
+from resnetlab.models.base import stage_names
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -121,23 +123,18 @@ class ModelEMA:
 
 
 def layer_depths(model: nn.Module) -> dict[str, int]:
-    """Parameter name -> depth: 0 for the stem, ``i`` for ``layer<i>``, ``K + 1`` for everything
-    after the last of the ``K`` stages (``final_bn``, the classifier ``fc``)."""
-    from resnetlab.engine.freeze import stage_names
-
+    """Parameter name -> depth: 0 for the stem, ``i`` for the ``i``-th stage the model declares
+    (``stage_names``), ``K + 1`` for everything after the last of the ``K`` stages (``final_bn``,
+    the classifier)."""
     stages = stage_names(model)
     head = len(stages) + 1
+    stem = stem_names(model)
     depths = {}
     for name, _ in model.named_parameters():
-        top = name.split(".", 1)[0]
-        if top in stages:
-            depths[name] = stages.index(top) + 1
-        elif top == "fc" or not stages:
-            depths[name] = head
-        else:
-            # before the first stage: the stem; after it (final_bn of pre-activation nets): the head
-            order = [n for n, _ in model.named_children()]
-            depths[name] = 0 if order.index(top) < order.index(stages[0]) else head
+        depth = next((i + 1 for i, s in enumerate(stages) if name.startswith(s + ".")), None)
+        if depth is None:  # the stem, before the first stage; or the head and what follows the stages
+            depth = 0 if any(name.startswith(p + ".") for p in stem) else head
+        depths[name] = depth
     return depths
 
 
@@ -158,8 +155,6 @@ def finetune_param_groups(model: nn.Module, optim_cfg: OptimConfig, train_cfg: T
     no weight decay while frozen), which keeps the optimiser's state layout the same on resume.
     Without freeze, lr scale or layer decay this is :func:`param_groups` (one group per decay).
     """
-    from resnetlab.engine.freeze import expand_prefixes
-
     scales = lr_scales(model, optim_cfg)
     frozen_prefixes = expand_prefixes(model, train_cfg.freeze)
     keep_frozen = train_cfg.unfreeze_at_epoch is not None

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         make_shortcut,
     )
     from .factory import build_model
+    from .features import FeatureExtractor
     from .fuse import fuse_for_inference
     from .registry import create_model, list_models, model_defaults, register_model
     from .resnet import ResNet, make_stages
@@ -41,6 +42,7 @@ _LAZY = {
     **dict.fromkeys(["BasicBlock", "Block", "Bottleneck", "PreActBasicBlock", "PreActBottleneck",
                      "ShortcutA", "make_shortcut"], "blocks"),
     "build_model": "factory",
+    "FeatureExtractor": "features",
     "fuse_for_inference": "fuse",
     **dict.fromkeys(["create_model", "list_models", "model_defaults", "register_model"], "registry"),
     **dict.fromkeys(["ResNet", "make_stages"], "resnet"),
@@ -63,7 +65,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [  # literal, so linters see the TYPE_CHECKING imports used; equals sorted(_LAZY)
-    "BasicBlock", "Block", "Bottleneck", "ClassifierNet", "ModelSpec", "ModelSpecError",
+    "BasicBlock", "Block", "Bottleneck", "ClassifierNet", "FeatureExtractor", "ModelSpec", "ModelSpecError",
     "PreActBasicBlock", "PreActBottleneck", "ResNet", "ShortcutA", "build_model", "count_macs",
     "count_params", "create_model", "format_model_info", "format_model_table", "fuse_for_inference",
     "list_models", "make_shortcut", "make_stages", "model_defaults", "model_info", "model_table",

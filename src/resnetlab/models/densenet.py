@@ -174,7 +174,7 @@ class DenseNet(ClassifierNet):
         for i, n in enumerate(layers):
             self.features.add_module(f"denseblock{i + 1}",
                                      DenseBlock(int(n), ch, growth_rate, bn_size, layer_drop_rate))
-            self.stage_names.append(f"denseblock{i + 1}")
+            self.stage_names.append(f"features.denseblock{i + 1}")
             ch += int(n) * growth_rate
             if i != len(layers) - 1:
                 out = int(ch * compression)

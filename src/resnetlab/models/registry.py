@@ -12,12 +12,13 @@ import difflib
 import fnmatch
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from .base import ClassifierNet
 from .blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
+from .features import FeatureExtractor
 from .resnet import ResNet
 
 BuilderT = TypeVar("BuilderT", bound=Callable[..., ClassifierNet])
@@ -88,16 +89,34 @@ def _check_overrides(entry: ModelEntry, overrides: dict[str, Any]) -> None:
             )
 
 
-def create_model(name: str, /, **overrides: Any) -> ClassifierNet:
+@overload
+def create_model(name: str, /, *, features_only: Literal[False] = False,
+                 out_indices: Sequence[int] | None = None, **overrides: Any) -> ClassifierNet: ...
+
+
+@overload
+def create_model(name: str, /, *, features_only: Literal[True],
+                 out_indices: Sequence[int] | None = None, **overrides: Any) -> FeatureExtractor: ...
+
+
+def create_model(name: str, /, *, features_only: bool = False, out_indices: Sequence[int] | None = None,
+                 **overrides: Any) -> ClassifierNet | FeatureExtractor:
     """Build the registered model ``name``; ``overrides`` replace its registered defaults.
 
     Unknown names raise ``ValueError`` naming the closest registered ones; unknown keyword
     arguments raise ``TypeError`` naming the closest valid one. The model gets ``.arch = name``.
+    ``features_only=True`` returns the stem and stages as a :class:`FeatureExtractor` whose
+    forward gives the feature maps of ``out_indices`` (0 = stem, i = stage i; default all), as
+    timm's ``create_model`` does.
     """
     entry = _entry(name)
     _check_overrides(entry, overrides)
     model = entry.builder(**{**entry.defaults, **overrides})
     model.arch = name
+    if features_only:
+        return FeatureExtractor(model, out_indices)
+    if out_indices is not None:
+        raise TypeError("create_model: out_indices needs features_only=True")
     return model
 
 

@@ -64,8 +64,9 @@ class ModelSpec:
         need(not (self.zero_init_residual and defaults.get("plain")), "zero_init_residual",
              f"=true would make every block of the plain net {self.name} output zeros; "
              "it is for residual nets only")
-        stages, n = self.recompute_stages, len(defaults["layers"])
-        need(stages is None or -n <= stages <= n, "recompute_stages",
+        stages, n = self.recompute_stages, len(defaults.get("layers", ()))
+        # families registered without a ``layers`` count check recompute_stages when built
+        need(not n or stages is None or -n <= stages <= n, "recompute_stages",
              f"must be null (all) or in [{-n}, {n}] for the {n}-stage {self.name}, got {stages}")
 
     def create_kwargs(self, num_classes: int, in_chans: int) -> dict[str, Any]:
