@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from resnetlab import __version__
-from resnetlab.config import ConfigError, apply_overrides, parse_override
-from resnetlab.data import DataError, build_datasets, build_loader
+from resnetlab.config import ConfigError, parse_override
+from resnetlab.data import DataError, build_loader
 from resnetlab.engine.metrics import SumMeter
-from resnetlab.inference import build_inference_model, output_dir, read_checkpoint
-from resnetlab.models import fuse_for_inference
+from resnetlab.inference import open_run, output_dir
 from resnetlab.outputs import write_output
 
 SPLITS = ("val", "test")
@@ -179,33 +178,16 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
     needed), by default the run (or checkpoint) folder: pass one for a read-only run.
     OS errors name the path (:class:`~resnetlab.outputs.OutputWriteError`).
     """
-    from resnetlab.runtime import select_device
-
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     _check_overrides(overrides)
-    file, state, cfg, meta = read_checkpoint(path)
-    cfg = apply_overrides(cfg, overrides)
-    device = select_device(cfg.train.device)
-
-    data = build_datasets(cfg.data, seed=cfg.seed, needs=(split,))
-    subset = getattr(data, split)
-    if subset is None or len(subset) == 0:
-        hint = ("add a test/ folder next to train/" if split == "test" else
-                "add a val/ folder or set data.val_fraction > 0") if cfg.data.name == "folder" else \
-            "set data.val_fraction > 0" if split == "val" else "this source has no test split"
-        raise DataError(f"{cfg.data.name} data under {cfg.data.root or 'the defaults'} has no "
-                        f"{split} split ({hint})")
-    if data.meta.in_chans != meta.in_chans:
-        raise DataError(f"data has {data.meta.in_chans} channel(s) but {file} was trained on "
-                        f"{meta.in_chans}")
-    label_map = _label_map(data.meta.classes, meta.classes, f"{cfg.data.name} data")
-    # Geometry from the (possibly overridden) data config; normalisation as in training.
-    loader_meta = replace(data.meta, mean=meta.mean, std=meta.std)
-    loader = build_loader(subset, loader_meta, cfg.data, train=False,
+    run = open_run(path, device=None, overrides=overrides)  # fused, on the config's train.device
+    cfg, meta, device, file = run.config, run.meta, run.device, run.file
+    subset, data_meta = run.split(split)
+    label_map = _label_map(data_meta.classes, meta.classes, f"{cfg.data.name} data")
+    loader = build_loader(subset, data_meta, cfg.data, train=False,
                           batch_size=cfg.train.eval_batch_size, device=device, seed=cfg.seed)
-
-    model = fuse_for_inference(build_inference_model(state, cfg, meta, source=str(file))).to(device)
+    model = run.model
     metrics, cm = run_split(model, loader, label_map, len(meta.classes), device)
     per_class = per_class_accuracy(cm, meta.classes)
     present = [r for r in per_class if r["count"]]  # macro average over the classes in the split

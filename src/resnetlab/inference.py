@@ -1,10 +1,12 @@
-"""Load a trained network for inference: a run folder or a checkpoint file -> (model, config, meta).
+"""Open a trained run: a run folder or a checkpoint file -> model, config, meta and its own data.
 
-Shared by ``eval``, ``predict`` and ``export``. Everything needed to rebuild the network (the
+The one way every use command opens a run (``eval``, ``predict``, ``serve``, ``export`` and the
+analyses): :func:`open_run`. Everything needed to rebuild the network (the
 resolved :class:`~resnetlab.config.Config` and the :class:`~resnetlab.data.DataMeta` with its
 classes and preprocessing) travels inside the checkpoint, so no flag is ever needed:
 
-    model, cfg, meta = load_for_inference("runs/resnet20-digits")   # fused, eval, on the CPU
+    run = open_run("runs/resnet20-digits")      # fused, eval, on the CPU
+    run.model, run.config, run.meta, run.loader("val")
 
 Accepted sources: a run folder (``checkpoints/best.pt``, else ``last.pt``), any ``.pt``
 checkpoint written by training or by ``resnetlab import``, and a ``.safetensors`` file written
@@ -13,7 +15,8 @@ by ``resnetlab export`` (its header carries the config and meta).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,20 @@ import torch
 from torch import nn
 
 from resnetlab import checkpoint as ckpt
-from resnetlab.config import Config
-from resnetlab.data import DataError, DataMeta
+from resnetlab.config import Config, ConfigError, apply_overrides
+from resnetlab.data import (
+    ArraySplit,
+    DataError,
+    DataMeta,
+    FileSplit,
+    Loader,
+    build_datasets,
+    build_loader,
+)
 from resnetlab.models import build_model, fuse_for_inference
 from resnetlab.runtime import select_device
+
+SPLITS = ("train", "val", "test")
 
 
 def output_dir(path: str | Path) -> Path:
@@ -61,20 +74,71 @@ def build_inference_model(state: Mapping[str, torch.Tensor], cfg: Config, meta: 
     return model.eval()
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
-                       fuse: bool = True) -> tuple[nn.Module, Config, DataMeta]:
-    """Load the network saved at ``path`` (run folder, .pt checkpoint or exported .safetensors).
+@dataclass
+class OpenRun:
+    """A trained network opened for use (what :func:`open_run` returns): the model, its
+    resolved config (overrides applied) and data meta, and its own data, split by split."""
 
-    Returns ``(model, config, meta)``: the model in eval mode on ``device`` (``"auto"`` picks
-    cuda, mps, cpu) with gradients off; with ``fuse`` (default) every BatchNorm is folded into
+    file: Path  # the checkpoint read
+    model: nn.Module  # eval mode, gradients off, on ``device``
+    config: Config
+    meta: DataMeta  # as trained: classes, channels, normalisation
+    device: torch.device
+
+    def split(self, name: str) -> tuple[ArraySplit | FileSplit, DataMeta]:
+        """Split ``name`` of the run's own data (the one training held out) and the data's meta,
+        whose geometry follows the (possibly overridden) data config and whose normalisation is
+        the training's. DataError, with what to do, when the split is empty or absent."""
+        if name not in SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {name!r}")
+        cfg = self.config
+        data = build_datasets(cfg.data, seed=cfg.seed, needs=(name,))
+        subset = getattr(data, name)
+        if subset is None or len(subset) == 0:
+            hint = ("add a test/ folder next to train/" if name == "test" else
+                    "add a val/ folder or set data.val_fraction > 0") if cfg.data.name == "folder" else \
+                "set data.val_fraction > 0" if name == "val" else "this source has no test split"
+            raise DataError(f"{cfg.data.name} data under {cfg.data.root or 'the defaults'} has no "
+                            f"{name} split ({hint})")
+        if data.meta.in_chans != self.meta.in_chans:
+            raise DataError(f"data has {data.meta.in_chans} channel(s) but {self.file} was trained on "
+                            f"{self.meta.in_chans}")
+        return subset, replace(data.meta, mean=self.meta.mean, std=self.meta.std)
+
+    def loader(self, split: str, *, batch_size: int | None = None, channels_last: bool = True) -> Loader:
+        """Batches of ``split`` in order, normalised as in training, on ``device``;
+        ``batch_size`` defaults to ``train.eval_batch_size``."""
+        subset, meta = self.split(split)
+        cfg = self.config
+        return build_loader(subset, meta, cfg.data, train=False, batch_size=batch_size or cfg.train.eval_batch_size,
+                            device=self.device, seed=cfg.seed, channels_last=channels_last)
+
+
+def open_run(path: str | Path, device: str | torch.device | None = "cpu", *, fuse: bool = True,
+             overrides: Sequence[str] = ()) -> OpenRun:
+    """Open the network saved at ``path`` (run folder, .pt checkpoint or exported .safetensors).
+
+    The model is in eval mode on ``device`` (``"auto"`` picks cuda, mps, cpu; None: the config's
+    ``train.device``) with gradients off; with ``fuse`` (default) every BatchNorm is folded into
     its convolution and the weights are channels_last (:func:`resnetlab.models.fuse_for_inference`).
+    ``overrides`` are ``key=value`` strings applied to the stored config (a new ``data.root``).
     """
     file, state, cfg, meta = read_checkpoint(path)
+    cfg = apply_overrides(cfg, overrides)
     model = build_inference_model(state, cfg, meta, source=str(file))
     if fuse:
         model = fuse_for_inference(model)
     model.requires_grad_(False)
-    return model.to(select_device(str(device))), cfg, meta
+    dev = select_device(str(device) if device is not None else cfg.train.device)
+    return OpenRun(file, model.to(dev), cfg, meta, dev)
 
 
-__all__ = ["build_inference_model", "load_for_inference", "output_dir", "read_checkpoint"]
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
+                       fuse: bool = True) -> tuple[nn.Module, Config, DataMeta]:
+    """``(model, config, meta)`` of :func:`open_run` (for callers that need no data)."""
+    run = open_run(path, device, fuse=fuse)
+    return run.model, run.config, run.meta
+
+
+__all__ = ["SPLITS", "OpenRun", "build_inference_model", "load_for_inference", "open_run", "output_dir",
+           "parse_meta", "read_checkpoint"]

@@ -9,19 +9,21 @@ import logging
 import math
 import random
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from resnetlab.config import ConfigError
+from resnetlab.exit_codes import EXIT_CODES, EXIT_FAILURE, EXIT_USER_ERROR, exit_code
 
 if TYPE_CHECKING:
     from resnetlab.config import Config, TrainConfig
 
 log = logging.getLogger("resnetlab")
 
-EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as shells report
+
 SYNC_EVERY_AUTO = {"cpu": 1, "cuda": 20}  # steps between host reads of the step flags
 
 
@@ -49,9 +51,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def run_dir(kind: str, root: str | Path = "runs", name: str | None = None) -> Path:
+    """The folder of a run or an analysis: ``<root>/<name>``, by default ``<root>/<kind>-<YYYYmmdd-HHMMSS>``
+    (local time). The one place timestamped folder names are made."""
+    return Path(root).expanduser() / (name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def default_run_name(cfg: Config) -> str:
     """``<model>-<data>-<YYYYmmdd-HHMMSS>``: the run folder name when ``run.name`` is unset."""
-    return f"{cfg.model.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_dir(f"{cfg.model.name}-{cfg.data.name}").name
 
 
 def apply_speed_flags(train: TrainConfig, device: torch.device) -> None:
@@ -92,5 +100,5 @@ def checkpoint_interval(every: int, sync_every: int) -> int:
     return math.ceil(every / sync_every) * sync_every
 
 
-__all__ = ["EXIT_CODES", "apply_speed_flags", "checkpoint_interval", "default_run_name",
+__all__ = ["EXIT_CODES", "EXIT_FAILURE", "EXIT_USER_ERROR", "exit_code", "apply_speed_flags", "checkpoint_interval", "default_run_name", "run_dir",
            "seed_everything", "select_device", "sync_interval"]

@@ -26,6 +26,7 @@ from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.config import RECIPE_DIR, Config, load, validate
 from resnetlab.launch import removed_on_failure
+from resnetlab.runtime import run_dir
 
 if TYPE_CHECKING:
     from resnetlab.data.loaders import Loader
@@ -168,8 +169,7 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
             raise AnalysisError(f"{o!r}: the model and seed are set by --depths and --seeds")
     folder = find_configs(configs_dir)
     cfgs = [load(folder / f"cifar10_resnet{d}.yaml", overrides) for d in depths_t]
-    name = cfgs[0].run.name or f"cifar-table-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(cfgs[0].run.root).expanduser() / name
+    out_dir = run_dir("cifar-table", cfgs[0].run.root, cfgs[0].run.name)
 
     est = estimate_time(cfgs, estimate_steps)
     text = format_estimate(est)

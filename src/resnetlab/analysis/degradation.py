@@ -33,9 +33,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from resnetlab import runtime
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, apply_overrides, from_dict, validate
+from resnetlab.exit_codes import exit_code
 from resnetlab.launch import discard_untrained, removed_on_failure
 from resnetlab.models import list_models, model_defaults
 
@@ -80,9 +82,7 @@ class DegradationResult:
     @property
     def exit_code(self) -> int:
         """0, or the shell's code for the signal that stopped a run (130 Ctrl-C, 143 SIGTERM)."""
-        from resnetlab.runtime import EXIT_CODES
-
-        return EXIT_CODES.get(self.interrupted or "", 1 if self.interrupted else 0)
+        return exit_code(self.interrupted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def train_on_digits(kind: str, models: str | Sequence[str], *, epochs: int, seed
     if epochs < 1:
         raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
     base = base_config("digits", overrides, epochs)
-    out_dir = Path(base.run.root).expanduser() / (base.run.name or f"{kind}-digits-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = runtime.run_dir(f"{kind}-digits", base.run.root, base.run.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = default_jobs(base.train.device) if jobs is None else jobs
     cfgs = [replace(base, seed=seed, model=replace(base.model, name=m),
@@ -341,8 +341,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     jobs = default_jobs(base.train.device) if jobs is None else int(jobs)
     if jobs < 1:
         raise AnalysisError(f"--jobs must be >= 1, got {jobs}")
-    name = base.run.name or f"degradation-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(base.run.root).expanduser() / name
+    out_dir = runtime.run_dir(f"degradation-{data}", base.run.root, base.run.name)
     existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     cfgs = plan(base, depths, seeds, out_dir, jobs, extras)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from torch import nn
 
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.config import Config
+from resnetlab.runtime import run_dir
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
 CSV_COLUMNS = ("model", "phase", "step", "kind", "index", "name", "grad_norm")
@@ -135,8 +135,7 @@ def _gradient_flow(names: list[str], data: str, steps: int, base: Config, device
     from resnetlab.models import build_model
     from resnetlab.runtime import seed_everything
 
-    name = base.run.name or f"gradients-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(base.run.root).expanduser() / name
+    out_dir = run_dir(f"gradients-{data}", base.run.root, base.run.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     ds = build_datasets(base.data, seed=seed)

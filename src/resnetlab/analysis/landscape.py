@@ -54,6 +54,7 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resnetlab.analysis import AnalysisError
+from resnetlab.inference import OpenRun, open_run, output_dir
 
 BN_MODES = ("batch", "eval")
 BN_LABELS = {"batch": "BN: statistics of the evaluated images (recomputed per point)",
@@ -273,21 +274,11 @@ class LandscapeResult:
     files: list[Path] = field(default_factory=list)
 
 
-def load_images(cfg: Any, meta: Any, split: str, images: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def load_images(run: OpenRun, split: str, images: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``images`` images of ``split`` of the run's own data, normalised as in training."""
-    from dataclasses import replace
-
-    from resnetlab.data import DataError, build_datasets, build_loader
-
-    data = build_datasets(cfg.data, seed=cfg.seed, needs=(split,))
-    subset = getattr(data, split)
-    if subset is None or len(subset) == 0:
-        raise DataError(f"{cfg.data.name}: no {split} split to draw the landscape on")
-    loader_meta = replace(data.meta, mean=meta.mean, std=meta.std)
+    subset, _ = run.split(split)
     n = min(images, len(subset))
-    loader = build_loader(subset, loader_meta, cfg.data, train=False, batch_size=n, device=device,
-                          seed=cfg.seed, channels_last=False)
-    x, y = next(iter(loader.iterate(0)))
+    x, y = next(iter(run.loader(split, batch_size=n, channels_last=False).iterate(0)))
     return x[:n].contiguous(), y[:n]
 
 
@@ -328,16 +319,9 @@ def run_landscape(path: str | Path, *, grid: int = 21, span: float = 1.0, dims: 
 def _run_landscape(path: str | Path, grid: int, span: float, dims: int, split: str, images: int,
                    bn: str, seed: int, chunk: int, hessian_iters: int, out: str | Path | None,
                    dev: torch.device, t0: float) -> LandscapeResult:
-    from resnetlab.engine.fit import build_model
-    from resnetlab.inference import output_dir, read_checkpoint
-
-    file, state, cfg, meta = read_checkpoint(path)
-    model = build_model(cfg, meta)
-    from resnetlab import checkpoint as ckpt
-
-    ckpt.load_weights(model, state, source=str(file))
-    model = model.to(dev).eval()
-    x, y = load_images(cfg, meta, split, images, dev)
+    run = open_run(path, dev, fuse=False)
+    model, cfg, file = run.model.requires_grad_(True), run.config, run.file
+    x, y = load_images(run, split, images)
 
     g = torch.Generator().manual_seed(seed)
     d1 = filter_normalized_direction(model, g)

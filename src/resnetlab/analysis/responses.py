@@ -19,9 +19,8 @@ Writes ``responses.csv`` (``model, run, index, layer, std``) and ``responses.png
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resnetlab.analysis import AnalysisError
+from resnetlab.inference import open_run
+from resnetlab.runtime import run_dir
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
 CSV_COLUMNS = ("model", "run", "index", "layer", "std")
@@ -127,22 +128,8 @@ class ResponsesResult:
 
 
 def _measure_run(path: str | Path, split: str) -> tuple[str, list[dict[str, Any]]]:
-    from resnetlab import checkpoint as ckpt
-    from resnetlab.data import DataError, build_datasets, build_loader
-    from resnetlab.engine.fit import build_model
-    from resnetlab.inference import read_checkpoint
-
-    file, state, cfg, meta = read_checkpoint(path)
-    model = build_model(cfg, meta)
-    ckpt.load_weights(model, state, source=str(file))
-    data = build_datasets(cfg.data, seed=cfg.seed, needs=(split,))
-    subset = getattr(data, split)
-    if subset is None or len(subset) == 0:
-        raise DataError(f"{file}: its data has no {split} split")
-    loader = build_loader(subset, replace(data.meta, mean=meta.mean, std=meta.std), cfg.data, train=False,
-                          batch_size=cfg.train.eval_batch_size, device="cpu", seed=cfg.seed,
-                          channels_last=False)
-    return cfg.model.name, layer_response_stds(model, loader.iterate(0))
+    run = open_run(path, "cpu", fuse=False)
+    return run.config.model.name, layer_response_stds(run.model, run.loader(split, channels_last=False).iterate(0))
 
 
 def run_responses(runs: Sequence[str | Path], *, split: str = "test", out: str | Path | None = None,
@@ -165,7 +152,7 @@ def run_responses(runs: Sequence[str | Path], *, split: str = "test", out: str |
         labels = [m if models.count(m) == 1 else f"{m} ({p.name})" for p, m, _ in measured]
     rows = [{"model": label, "run": str(p), **r} for (p, _m, rs), label in zip(measured, labels, strict=True)
             for r in rs]
-    out_dir = Path(out).expanduser() if out else Path("runs") / f"responses-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(out).expanduser() if out else run_dir("responses")
     out_dir.mkdir(parents=True, exist_ok=True)
     from resnetlab.analysis.degradation import write_rows_csv
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.config import Config, apply_overrides, load
+from resnetlab.exit_codes import exit_code
 
 # metrics.jsonl keys that are counters or schedule values, not results to average
 _NOT_METRICS = {"epoch", "step", "lr"}
@@ -145,9 +146,7 @@ class SeedsResult:
     @property
     def exit_code(self) -> int:
         """0, or the shell's code for the signal that stopped a run (130 Ctrl-C, 143 SIGTERM)."""
-        from resnetlab.runtime import EXIT_CODES
-
-        return EXIT_CODES.get(self.interrupted or "", 1 if self.interrupted else 0)
+        return exit_code(self.interrupted)
 
 
 def summarize_runs(group_dir: str | Path, runs: Sequence[str | Path], seeds: Sequence[int]) -> SeedsResult:

@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from resnetlab import runtime
 from resnetlab.analysis import AnalysisError
 from resnetlab.analysis.degradation import default_jobs, run_trainings, write_rows_csv
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, load
+from resnetlab.exit_codes import exit_code
 
 SOURCE_CLASSES = ("0", "1", "2", "3", "4")
 TARGET_CLASSES = ("5", "6", "7", "8", "9")
@@ -77,9 +79,7 @@ class TransferResult:
     @property
     def exit_code(self) -> int:
         """0, or the shell's code for the signal that stopped a run."""
-        from resnetlab.engine.fit import EXIT_CODES
-
-        return EXIT_CODES.get(self.interrupted or "", 1 if self.interrupted else 0)
+        return exit_code(self.interrupted)
 
 
 def parse_ns(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -156,7 +156,7 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
     jobs = default_jobs(base.train.device) if jobs is None else int(jobs)
     if jobs < 1:
         raise AnalysisError(f"--jobs must be >= 1, got {jobs}")
-    out_dir = (Path(base.run.root).expanduser() / f"transfer-digits-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out_dir = runtime.run_dir("transfer-digits", base.run.root).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     pre, fine = plan(ns, seeds, ways, out_dir, steps=steps, pretrain_epochs=pretrain_epochs,
                      overrides=overrides, jobs=jobs)

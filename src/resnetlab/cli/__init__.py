@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from resnetlab.cli import analysis, info, serve, train, use
+from resnetlab.exit_codes import EXIT_FAILURE, EXIT_USER_ERROR, exit_code
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -122,15 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][1](args)
     except _user_errors() as e:
         print(f"resnetlab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        return 130
+        return exit_code("SIGINT")
     except BrokenPipeError:  # `resnetlab predict ... | head`: the reader left; stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
-        return 141  # 128 + SIGPIPE, what a shell reports for a program killed by the broken pipe
+        return exit_code("SIGPIPE")  # what a shell reports for a program killed by the broken pipe
     except OSError as e:  # disk full, read-only, permission denied, a file where a folder should be
         from resnetlab.outputs import describe_os_error
 
         print(f"resnetlab {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from resnetlab.exit_codes import EXIT_USER_ERROR
+
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a network (default: resnet20 on digits, its tuned recipe)",
@@ -61,7 +63,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.resume:
             print("resnetlab train: error: --seeds and --resume do not combine; resume one seed's "
                   "run folder at a time", file=sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
         seeds = train_seeds(resolve_train_config(args), (), args.seeds)
         print(seeds.markdown + f"\n{seeds.group_dir}/summary.md, summary.json")
         return seeds.exit_code

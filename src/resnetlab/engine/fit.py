@@ -42,6 +42,7 @@ from resnetlab.runtime import (
     apply_speed_flags,
     checkpoint_interval,
     default_run_name,
+    exit_code,
     seed_everything,
     select_device,
     sync_interval,
@@ -68,7 +69,7 @@ class Result:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES.get(self.interrupted or "", 0)
+        return exit_code(self.interrupted)
 
 
 @dataclass
