@@ -27,6 +27,8 @@ def _layer(module: str) -> int:
     if len(parts) == 1:  # the package itself: its __init__ re-exports from every layer
         return LAYERS.index("cli")
     top = parts[1]
+    if module == "resnetlab.data.sources.registry":  # a leaf: config reads the data sources from
+        return LAYERS.index("runtime-free")         # it; the source modules register themselves
     if top in ("models", "config", "checkpoint", "runtime", "data", "engine", "analysis", "cli"):
         return LAYERS.index(top)
     if top in ("catalog", "version"):  # leaves: they import nothing of the package

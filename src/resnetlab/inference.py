@@ -34,6 +34,7 @@ from resnetlab.data import (
     build_datasets,
     build_loader,
 )
+from resnetlab.data.sources import get_source
 from resnetlab.models import build_model, fuse_for_inference
 from resnetlab.runtime import select_device
 
@@ -96,7 +97,7 @@ class OpenRun:
         subset = getattr(data, name)
         if subset is None or len(subset) == 0:
             hint = ("add a test/ folder next to train/" if name == "test" else
-                    "add a val/ folder or set data.val_fraction > 0") if cfg.data.name == "folder" else \
+                    "add a val/ folder or set data.val_fraction > 0") if get_source(cfg.data.name).split_folders else \
                 "set data.val_fraction > 0" if name == "val" else "this source has no test split"
             raise DataError(f"{cfg.data.name} data under {cfg.data.root or 'the defaults'} has no "
                             f"{name} split ({hint})")

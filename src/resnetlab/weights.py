@@ -218,7 +218,7 @@ def preprocessing_meta(meta: DataMeta, source: InitSource | None, cfg: Config) -
                               f"images, the data has {meta.in_chans}; set model.init_preprocess=data "
                               "if the weights fit anyway")
         new = replace(meta, mean=src.mean, std=src.std)
-        if meta.name == "folder" and src.name == "folder":
+        if meta.resize is not None and src.resize is not None:  # both sized by data.image_size
             new = replace(new, input_size=src.input_size, resize=src.resize)
         return new
     if meta.in_chans == 3:
@@ -238,7 +238,7 @@ def resumed_preprocessing_meta(meta: DataMeta, checkpoint: Path, cfg: Config) ->
                                    "with the preprocessing it started with")
     src = DataMeta.from_dict(saved)
     new = replace(meta, mean=src.mean, std=src.std)
-    if meta.name == "folder" and src.name == "folder":
+    if meta.resize is not None and src.resize is not None:  # both sized by data.image_size
         new = replace(new, input_size=src.input_size, resize=src.resize)
     return new
 
