@@ -57,7 +57,7 @@ def test_non_finite_batchnorm_statistics_are_never_saved(quick: list[str]) -> No
             bn.running_var.fill_(float("nan"))
         return False
 
-    cfg = resnetlab.load(None, [*quick, "run.name=nanbn", "train.epochs=2"])
+    cfg = resnetlab.load_config(None, [*quick, "run.name=nanbn", "train.epochs=2"])
     run = Path(cfg.run.root) / "nanbn"
     with pytest.raises(NonFiniteLossError):
         resnetlab.train(cfg, on_step=poison)

@@ -29,12 +29,12 @@ from resnetlab.config import ConfigError
 ])
 def test_nonsense_values_are_refused_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as e:
-        resnetlab.load(None, [override])
+        resnetlab.load_config(None, [override])
     assert str(e.value).startswith(key), str(e.value)
 
 
 def test_sane_values_still_pass() -> None:
-    cfg = resnetlab.load(None, ["optim.gamma=0.2", "optim.momentum=0", "seed=18446744073709551615",
+    cfg = resnetlab.load_config(None, ["optim.gamma=0.2", "optim.momentum=0", "seed=18446744073709551615",
                                 "model.num_classes=21841", "train.threads=2"])
     assert cfg.seed == 2**64 - 1
 
@@ -52,7 +52,7 @@ def test_model_options_that_do_not_match_the_data_are_refused(quick: list[str], 
 def test_old_activation_checkpointing_keys_still_work_with_a_warning(caplog) -> None:
     from resnetlab.config import from_dict
 
-    cfg = resnetlab.load(None, ["model.checkpoint_every=2", "model.checkpoint_stages=null"])
+    cfg = resnetlab.load_config(None, ["model.checkpoint_every=2", "model.checkpoint_stages=null"])
     assert cfg.model.recompute_every == 2 and cfg.model.recompute_stages is None
     assert "model.checkpoint_every is now model.recompute_every" in caplog.text
     # a config stored in an older checkpoint

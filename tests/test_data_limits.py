@@ -303,7 +303,7 @@ def test_balanced_run_resumed_mid_epoch_draws_the_same_samples(quick: list[str])
             losses.append(info["loss"].item())
             return stop_at is not None and info["step"] == stop_at
 
-        cfg = resume_config(resume, overrides) if resume else resnetlab.load(None, overrides)
+        cfg = resume_config(resume, overrides) if resume else resnetlab.load_config(None, overrides)
         return resnetlab.train(cfg, on_step=on_step), losses
 
     common = [*quick, "train.epochs=1", "data.balance=true", "model.name=plain20",

@@ -121,7 +121,7 @@ def reference(root: Path) -> dict[int, Path]:
     """One-process runs of 1, 2 and 3 epochs (the 1-epoch one is also resumed under DDP)."""
     runs = {}
     for epochs in (1, 2, 3):
-        cfg = resnetlab.load(None, [*COMMON, f"run.root={root / 'runs'}", f"run.name=one-{epochs}",
+        cfg = resnetlab.load_config(None, [*COMMON, f"run.root={root / 'runs'}", f"run.name=one-{epochs}",
                                     f"train.epochs={epochs}"])
         result = resnetlab.train(cfg)
         assert result.steps == epochs * STEPS_PER_EPOCH

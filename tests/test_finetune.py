@@ -36,7 +36,7 @@ SOURCE = ["data.classes=[0,1,2,3,4]", "train.epochs=1", "train.batch_size=128", 
 
 
 def _cfg(root: Path, *overrides: str) -> resnetlab.Config:
-    return resnetlab.load(None, [*FAST, f"run.root={root}", *overrides])
+    return resnetlab.load_config(None, [*FAST, f"run.root={root}", *overrides])
 
 
 def _last(run_dir: Path) -> dict:
@@ -62,7 +62,7 @@ def test_head_is_reinitialised_when_the_class_count_differs(tmp_path: Path, capl
     src = create_model("resnet20", num_classes=10)
     path = tmp_path / "r20.pth"
     torch.save(src.state_dict(), path)
-    cfg = resnetlab.load(None, [f"model.init_from={path}"])
+    cfg = resnetlab.load_config(None, [f"model.init_from={path}"])
     source = read_init_from(cfg)
     assert source is not None and source.kind == "torchvision"
     torch.manual_seed(1)
@@ -137,7 +137,7 @@ def test_a_pickle_gadget_is_refused_and_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"conv1.weight": torch.zeros(1), "payload": _Gadget(marker)}, path)
-    cfg = resnetlab.load(None, [f"model.init_from={path}"])
+    cfg = resnetlab.load_config(None, [f"model.init_from={path}"])
     with pytest.raises(ckpt.CheckpointError, match="refused to load"):
         read_init_from(cfg)
     assert not marker.exists()
@@ -171,7 +171,7 @@ def test_timm_style_safetensors_loads_and_preprocessing_follows_imagenet(tmp_pat
     # as timm's hub files: torchvision's names, no num_batches_tracked buffers
     save_file({k: v.contiguous() for k, v in src.state_dict().items() if "num_batches" not in k},
               tmp_path / "model.safetensors")
-    cfg = resnetlab.load(None, [f"model.init_from={tmp_path / 'model.safetensors'}"])
+    cfg = resnetlab.load_config(None, [f"model.init_from={tmp_path / 'model.safetensors'}"])
     source = read_init_from(cfg)
     assert source.kind == "timm"
     from resnetlab.data import DataMeta
@@ -180,7 +180,7 @@ def test_timm_style_safetensors_loads_and_preprocessing_follows_imagenet(tmp_pat
                     mean=(0.5,) * 3, std=(0.5,) * 3, resize=36)
     fitted = preprocessing_meta(meta, source, cfg)
     assert fitted.mean == IMAGENET_MEAN and fitted.std == IMAGENET_STD
-    ours = resnetlab.load(None, [f"model.init_from={tmp_path / 'model.safetensors'}", "model.init_preprocess=data"])
+    ours = resnetlab.load_config(None, [f"model.init_from={tmp_path / 'model.safetensors'}", "model.init_preprocess=data"])
     assert preprocessing_meta(meta, source, ours).mean == (0.5,) * 3
     model = create_model("resnet18", num_classes=2)
     load_init_weights(model, source, meta)
@@ -188,7 +188,7 @@ def test_timm_style_safetensors_loads_and_preprocessing_follows_imagenet(tmp_pat
 
 
 def test_resnetlab_source_sets_normalisation(pretrained: Path) -> None:
-    cfg = resnetlab.load(None, [f"model.init_from={pretrained}"])
+    cfg = resnetlab.load_config(None, [f"model.init_from={pretrained}"])
     source = read_init_from(cfg)
     assert source.kind == "resnetlab"
     fitted = preprocessing_meta(_meta(5), source, cfg)
@@ -253,7 +253,7 @@ def test_freeze_prefixes_and_an_unknown_one() -> None:
 
 
 def test_per_layer_learning_rates_as_configured() -> None:
-    cfg = resnetlab.load(None, ["optim.lr=0.1", "optim.backbone_lr_scale=0.5", "optim.layer_decay=0.1",
+    cfg = resnetlab.load_config(None, ["optim.lr=0.1", "optim.backbone_lr_scale=0.5", "optim.layer_decay=0.1",
                                 "train.freeze=layer1", "optim.fused=false"])
     model = create_model("resnet20", num_classes=5, in_chans=1)
     freeze_for_epoch(model, cfg.train, 0)
@@ -295,7 +295,7 @@ def test_ddp_fine_tune_with_freeze_and_unfreeze(pretrained: Path, tmp_path: Path
               "train.batch_size=128", "train.epochs=2", "train.unfreeze_at_epoch=1", "train.freeze=[stem,layer1]",
               "train.sync_bn=true", "train.channels_last=false", "optim.lr=0.001", "optim.schedule=constant",
               *FAST, f"model.init_from={pretrained}", f"run.root={tmp_path}"]
-    one = resnetlab.train(resnetlab.load(None, [*common, "run.name=one"]))
+    one = resnetlab.train(resnetlab.load_config(None, [*common, "run.name=one"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "resnetlab", "train", *common, "run.name=two"], cwd=tmp_path, env=env,
@@ -377,9 +377,9 @@ def test_finetune_recipes_load(name: str) -> None:
 
 def test_two_phase_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="needs train.freeze"):
-        resnetlab.load(None, ["train.unfreeze_at_epoch=2"])
+        resnetlab.load_config(None, ["train.unfreeze_at_epoch=2"])
     with pytest.raises(ConfigError, match="unfreeze_at_epoch must be in"):
-        resnetlab.load(None, ["train.freeze=stem", "train.unfreeze_at_epoch=99", "train.epochs=5"])
+        resnetlab.load_config(None, ["train.freeze=stem", "train.unfreeze_at_epoch=99", "train.epochs=5"])
 
 
 def test_transfer_table_schedule_and_a_tiny_run(tmp_path: Path) -> None:

@@ -180,7 +180,7 @@ def test_load_gives_model_classes_transforms_predict(run: Path) -> None:
     assert top.probs == sorted(top.probs, reverse=True) and top.inverted is False
     # the config loader stays reachable under its own name, and load(None) still gives a Config
     assert resnetlab.load_config("digits_resnet20").run.recipe == "digits <- digits_resnet20"
-    assert resnetlab.load(None).run.recipe == "digits"
+    assert resnetlab.load_config(None).run.recipe == "digits"
 
 
 def test_dark_on_light_digit_is_detected_and_inverted(run: Path, tmp_path: Path, capsys) -> None:

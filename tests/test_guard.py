@@ -28,9 +28,9 @@ def test_checkpoint_interval_rounds_up_to_the_sync_interval() -> None:
     assert checkpoint_interval(41, 20) == 60
     assert checkpoint_interval(3, 1) == 3
     assert checkpoint_interval(0, 4) == 0  # off stays off
-    cfg = resnetlab.load(None, ["train.sync_every=7"])
+    cfg = resnetlab.load_config(None, ["train.sync_every=7"])
     assert sync_interval(cfg.train, torch.device("cpu")) == 7
-    auto = resnetlab.load(None, [])
+    auto = resnetlab.load_config(None, [])
     assert sync_interval(auto.train, torch.device("cpu")) == 1
     assert sync_interval(auto.train, torch.device("cuda")) == 20
 
@@ -44,7 +44,7 @@ def test_mid_epoch_saves_happen_every_rounded_interval(quick: list[str], monkeyp
         return real(state, path)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", recording)
-    cfg = resnetlab.load(None, [*quick, "run.name=every", "train.epochs=2", "train.sync_every=4",
+    cfg = resnetlab.load_config(None, [*quick, "run.name=every", "train.epochs=2", "train.sync_every=4",
                                 "train.checkpoint_every_steps=5"])
     with caplog.at_level(logging.INFO, logger="resnetlab"):
         resnetlab.train(cfg)
@@ -63,7 +63,7 @@ def test_nan_found_at_a_sync_step_after_it_happened(quick: list[str]) -> None:
                 next(info["model"].parameters()).fill_(float("nan"))
         return False
 
-    cfg = resnetlab.load(None, [*quick, "run.name=late", "train.sync_every=4"])
+    cfg = resnetlab.load_config(None, [*quick, "run.name=late", "train.sync_every=4"])
     with pytest.raises(resnetlab.engine.NonFiniteLossError, match="step 3"):
         resnetlab.train(cfg, on_step=poison)
 

@@ -43,7 +43,7 @@ def test_steps_after_the_first_make_no_host_sync(quick: list[str], monkeypatch) 
         return False
 
     # sync_every beyond the armed steps: the flag reads are the only syncs a step may have
-    cfg = resnetlab.load(None, [*quick, "run.name=nosync", "train.epochs=1", "train.sync_every=100",
+    cfg = resnetlab.load_config(None, [*quick, "run.name=nosync", "train.epochs=1", "train.sync_every=100",
                                 "optim.ema_decay=0.9"])
     try:
         result = resnetlab.train(cfg, on_step=on_step)

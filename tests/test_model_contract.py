@@ -69,7 +69,7 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> str:
 def test_head_and_stages_come_from_the_model(tiny: str) -> None:
     model = create_model(tiny)
     assert model.classifier_name() == "head" and [n for n, _ in model.stages()] == ["body.a", "body.b"]
-    scales = lr_scales(model, resnetlab.load(None, ["optim.layer_decay=0.5"]).optim)
+    scales = lr_scales(model, resnetlab.load_config(None, ["optim.layer_decay=0.5"]).optim)
     assert scales["stem.0.weight"] == 0.125 and scales["body.a.0.weight"] == 0.25
     assert scales["body.b.0.weight"] == 0.5 and scales["head.weight"] == 1.0
     five, ten = create_model(tiny, num_classes=5), create_model(tiny, num_classes=10)
@@ -105,5 +105,5 @@ def test_fine_tune_freeze_and_explain_a_family_without_fc(tiny: str, quick: list
 
 
 def test_spec_checks_a_family_registered_without_layers(tiny: str) -> None:
-    cfg = resnetlab.load(None, [f"model.name={tiny}"])  # validate() runs ModelSpec.check
+    cfg = resnetlab.load_config(None, [f"model.name={tiny}"])  # validate() runs ModelSpec.check
     assert cfg.model.name == tiny

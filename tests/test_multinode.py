@@ -189,7 +189,7 @@ def reference(root: Path) -> dict[int, Path]:
     """One process, the same global batch: 1 and 2 epochs (2 and 4 steps)."""
     runs = {}
     for epochs in (1, 2):
-        cfg = resnetlab.load(None, [*COMMON, f"run.root={root / 'ref'}", f"run.name=one-{epochs}",
+        cfg = resnetlab.load_config(None, [*COMMON, f"run.root={root / 'ref'}", f"run.name=one-{epochs}",
                                     f"train.epochs={epochs}"])
         result = resnetlab.train(cfg)
         assert result.steps == epochs * STEPS_PER_EPOCH

@@ -29,7 +29,7 @@ def _run(overrides: list[str], stop_at: int | None = None, losses: list[float] |
         losses.append(info["loss"].item())
         return stop_at is not None and info["step"] == stop_at
 
-    cfg = resume_config(resume, overrides) if resume else resnetlab.load(None, overrides)
+    cfg = resume_config(resume, overrides) if resume else resnetlab.load_config(None, overrides)
     return resnetlab.train(cfg, on_step=on_step), losses
 
 
@@ -146,7 +146,7 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(quick: list[str], poi
         return False
 
     run_dir = Path(quick[0].split("=", 1)[1]) / "nan"
-    cfg = resnetlab.load(None, [*quick, "run.name=nan", "train.epochs=3"])
+    cfg = resnetlab.load_config(None, [*quick, "run.name=nan", "train.epochs=3"])
     with pytest.raises(NonFiniteLossError) as e:
         resnetlab.train(cfg, on_step=on_step)
     msg = str(e.value)

@@ -37,7 +37,7 @@ from PIL import Image
 import resnetlab
 from resnetlab.cli import main as cli_main
 from resnetlab.config import load
-from resnetlab.data.datasets import build_datasets
+from resnetlab.data import build_datasets
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,21 +53,23 @@ def _is_config_source(source: Any) -> bool:
 
 
 def load(source: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] | None = None,
-         **kwargs: Any) -> Predictor | Config:
+         **kwargs: Any) -> Predictor:
     """A trained network ready to predict: ``p = resnetlab.load("runs/digits")``.
 
     ``source`` is a run folder, a ``.pt`` checkpoint or an exported ``.safetensors`` file; the
     returned :class:`~resnetlab.predict.Predictor` has ``.model``, ``.classes``, ``.transforms``
     and ``.predict(images, topk=5)``. Keyword arguments (``device``, ``invert``) go to it.
 
-    For compatibility, a config source (None, a ``.yaml`` path or a recipe name), or any call
-    with ``overrides``, returns the resolved :class:`~resnetlab.config.Config` as
-    :func:`resnetlab.load_config` does.
+    Configs come from :func:`resnetlab.load_config`. A config source here (None, a ``.yaml``
+    path or a recipe name, or any call with ``overrides``) still returns the Config, with a
+    FutureWarning: that form goes away in a later release.
     """
     if source is None or overrides is not None or _is_config_source(source):
         from resnetlab.config import load as load_config
 
-        return load_config(source, overrides if overrides is not None else ())
+        warnings.warn("resnetlab.load() of a config is deprecated and will return only Predictors; "
+                      "use resnetlab.load_config(recipe, overrides)", FutureWarning, stacklevel=2)
+        return load_config(source, overrides if overrides is not None else ())  # type: ignore[return-value]
     from resnetlab.predict import Predictor
 
     return Predictor.from_path(source, **kwargs)

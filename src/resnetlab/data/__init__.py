@@ -21,22 +21,16 @@ from resnetlab.data.errors import BadImageError, DataError
 
 if TYPE_CHECKING:
     from resnetlab.data.augment import normalize, random_crop_flip
-    from resnetlab.data.datasets import (
-        ArraySplit,
-        DataMeta,
-        Datasets,
-        FileSplit,
-        build_datasets,
-        preprocess,
-    )
+    from resnetlab.data.build import build_datasets
+    from resnetlab.data.datasets import ArraySplit, DataMeta, Datasets, FileSplit, preprocess
     from resnetlab.data.images import IMAGE_EXTENSIONS, load_image, to_mode, to_rgb
     from resnetlab.data.loaders import Loader, build_loader
 
 # name -> submodule that defines it; resolved by __getattr__ on first use (PEP 562)
 _LAZY = {
     **dict.fromkeys(["normalize", "random_crop_flip"], "augment"),
-    **dict.fromkeys(["ArraySplit", "DataMeta", "Datasets", "FileSplit", "build_datasets",
-                     "preprocess"], "datasets"),
+    **dict.fromkeys(["ArraySplit", "DataMeta", "Datasets", "FileSplit", "preprocess"], "datasets"),
+    "build_datasets": "build",
     **dict.fromkeys(["IMAGE_EXTENSIONS", "load_image", "to_mode", "to_rgb"], "images"),
     **dict.fromkeys(["Loader", "build_loader"], "loaders"),
 }

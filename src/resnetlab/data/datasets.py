@@ -11,16 +11,15 @@ preprocess an image the way training did. Splits are seeded and stratified and d
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 
-from resnetlab.config import DataConfig
 from resnetlab.data.images import DataError, to_mode
-from resnetlab.data.sources.registry import UnknownSourceError, find_source, get_source
+from resnetlab.data.sources.registry import find_source
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per RGB channel, 0..1 scale
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -131,27 +130,6 @@ class Datasets:
 SPLITS = ("train", "val", "test")
 
 
-def build_datasets(cfg: DataConfig, seed: int, needs: Collection[str] = SPLITS) -> Datasets:
-    """Load the source named by ``cfg.name`` (the registry's) and split it; the split depends
-    only on ``seed`` and the fractions in ``cfg``. Raises :class:`DataError` naming the file or
-    folder at fault.
-
-    ``needs``: the splits the caller will read; a source may skip work for the others (image
-    folders decode only those splits' files up front with ``data.check_images=true``).
-    """
-    unknown = set(needs) - set(SPLITS)
-    if unknown:
-        raise ValueError(f"needs: unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
-    try:
-        source = get_source(cfg.name)
-    except UnknownSourceError as e:
-        raise DataError(f"data.name: {e}") from None
-    data = source.load(cfg, seed, frozenset(needs))
-    from resnetlab.data.subset import select_subset  # data.classes / data.train_per_class
-
-    return select_subset(data, cfg, seed)
-
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation preprocessing (shared by the folder loader and predict)
 
@@ -214,5 +192,5 @@ def preprocess(images: Sequence[Image.Image], meta: DataMeta) -> torch.Tensor:
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS", "ArraySplit", "DataMeta", "Datasets", "FileSplit",
-    "build_datasets", "eval_transform", "preprocess", "resize_too_large",
+    "eval_transform", "preprocess", "resize_too_large",
 ]
