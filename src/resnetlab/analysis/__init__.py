@@ -13,18 +13,46 @@ Plots and tables only read run folders (``metrics.jsonl``, ``result.json``), nev
 
 from __future__ import annotations
 
-from resnetlab.analysis.cifar_table import PAPER_TABLE6, run_cifar_table
-from resnetlab.analysis.degradation import run_degradation
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from resnetlab.analysis.errors import AnalysisError
-from resnetlab.analysis.gradients import gradient_flow
-from resnetlab.analysis.plots import plot_degradation, plot_gradients, plot_runs
-from resnetlab.analysis.seeds import (
-    final_metrics,
-    mean_std,
-    parse_seeds,
-    summarize,
-    train_seeds,
-)
+
+if TYPE_CHECKING:
+    from resnetlab.analysis.cifar_table import PAPER_TABLE6, run_cifar_table
+    from resnetlab.analysis.degradation import run_degradation
+    from resnetlab.analysis.gradients import gradient_flow
+    from resnetlab.analysis.plots import plot_degradation, plot_gradients, plot_runs
+    from resnetlab.analysis.seeds import (
+        final_metrics,
+        mean_std,
+        parse_seeds,
+        summarize,
+        train_seeds,
+    )
+
+# name -> submodule that defines it; resolved by __getattr__ on first use (PEP 562), so importing
+# one analysis (or AnalysisError) does not load the others, as in resnetlab.models
+_LAZY = {
+    **dict.fromkeys(["PAPER_TABLE6", "run_cifar_table"], "cifar_table"),
+    "run_degradation": "degradation",
+    "gradient_flow": "gradients",
+    **dict.fromkeys(["plot_degradation", "plot_gradients", "plot_runs"], "plots"),
+    **dict.fromkeys(["final_metrics", "mean_std", "parse_seeds", "summarize", "train_seeds"], "seeds"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "PAPER_TABLE6", "AnalysisError", "final_metrics", "gradient_flow", "mean_std", "parse_seeds",

@@ -22,11 +22,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from resnetlab.analysis.degradation import run_trainings, write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
-from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
+from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
 from resnetlab.config import RECIPE_DIR, Config, load, validate
+from resnetlab.data import build_datasets, build_loader
+from resnetlab.engine.loop import train_step
+from resnetlab.engine.optim import ModelEMA, build_optimizer
 from resnetlab.launch import removed_on_failure
-from resnetlab.runtime import run_dir
+from resnetlab.models import build_model
+from resnetlab.runtime import run_dir, select_device
 
 if TYPE_CHECKING:
     from resnetlab.data.loaders import Loader
@@ -79,9 +84,6 @@ def _seconds_per_step(cfg: Config, model: nn.Module, loader: Loader, device: tor
     Each is the step training runs (:func:`~resnetlab.engine.loop.train_step`): amp, fp16 loss
     scaling, clipping and EMA as configured.
     """
-    from resnetlab.engine.loop import train_step
-    from resnetlab.engine.optim import ModelEMA, build_optimizer
-
     model.train()
     opt = build_optimizer(model, cfg.optim)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -111,10 +113,6 @@ def estimate_time(cfgs: Sequence[Config], steps: int = 5) -> list[dict[str, Any]
     Total = training steps x seconds per step + evaluation (validation every epoch and the test
     split once, counted as a third of a training step per batch: forward only).
     """
-    from resnetlab.data import build_datasets, build_loader
-    from resnetlab.models import build_model
-    from resnetlab.runtime import select_device
-
     out = []
     cache: dict[tuple[Any, ...], Any] = {}
     for cfg in cfgs:
@@ -177,9 +175,6 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
     device = est[0]["device"]
     if device == "cpu" and not yes:
         return CifarTableResult(out_dir, est, text, ran=False, device=device)
-
-    from resnetlab.analysis.degradation import run_trainings, write_rows_csv
-    from resnetlab.analysis.seeds import final_metrics
 
     existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)

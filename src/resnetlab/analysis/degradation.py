@@ -35,12 +35,15 @@ from typing import Any
 
 from resnetlab import runtime
 from resnetlab.analysis.errors import AnalysisError
+from resnetlab.analysis.plots import plot_degradation, plot_depth_sweep, read_run_metrics
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
-from resnetlab.config import Config, apply_overrides, from_dict, validate
+from resnetlab.config import Config, apply_overrides, from_dict, recipe_path, validate
 from resnetlab.data.sources import get_source, source_names
+from resnetlab.engine import NonFiniteLossError, fit
 from resnetlab.exit_codes import exit_code
 from resnetlab.launch import discard_untrained, removed_on_failure
-from resnetlab.models import list_models, model_defaults
+from resnetlab.models import create_model, list_models, model_defaults
+from resnetlab.runtime import select_device
 
 log = logging.getLogger("resnetlab")
 
@@ -135,8 +138,6 @@ def recipe_for(data: str) -> dict[str, Any]:
         raise AnalysisError(f"--data must be one of {', '.join(data_choices())}, got {data!r}")
     import yaml
 
-    from resnetlab.config import recipe_path
-
     recipe = dict(yaml.safe_load(recipe_path(get_source(data).default_recipe)[0].read_text()) or {})
     recipe.pop("model", None)  # the nets are the experiment's
     return {**recipe, "train": {**recipe.get("train", {}), "test_every_epoch": True}}
@@ -209,8 +210,6 @@ def weighted_depth(model_name: str) -> int:
     import torch
     from torch import nn
 
-    from resnetlab.models import create_model
-
     with torch.device("meta"):
         model = create_model(model_name)
     shortcut_words = ("downsample", "extra", "shortcut")
@@ -248,8 +247,6 @@ def split_name(model: str) -> tuple[str, int]:
 
 def default_jobs(device: str = "auto") -> int:
     """Worker processes: 1 on a GPU (one device), else up to 2 single-thread CPU processes."""
-    from resnetlab.runtime import select_device
-
     if select_device(device).type != "cpu":
         return 1
     return max(1, min(2, os.cpu_count() or 1))
@@ -265,8 +262,6 @@ def _train_job(cfg: Config) -> dict[str, Any]:
     A run whose loss becomes NaN is a result of the experiment (a plain net can diverge), not a
     reason to stop the others: it comes back with ``error`` set.
     """
-    from resnetlab.engine import NonFiniteLossError, fit
-
     t0 = time.perf_counter()
     run_dir = Path(cfg.run.root) / str(cfg.run.name)
     try:
@@ -308,8 +303,9 @@ def run_trainings(cfgs: Sequence[Config], jobs: int = 1) -> list[dict[str, Any]]
             return
         try:
             m = final_metrics(res["run_dir"])
-            what = (f"training error {m['train_err']:.2f}%, validation error "
-                    f"{m.get('val_top1_err', float('nan')):.2f}%")
+            what = f"training error {m['train_err']:.2f}%" + "".join(  # only the splits the run had
+                f", {name} error {m[key]:.2f}%" for key, name in (("val_top1_err", "validation"),
+                                                                  ("test_top1_err", "test")) if key in m)
         except AnalysisError:
             what = "no finished epoch"
         log.info("[%d/%d] %s seed %d: %s (%.0f s)", n, len(cfgs), cfgs[i].model.name, cfgs[i].seed,
@@ -378,7 +374,6 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
 
     runs: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
-    from resnetlab.analysis.plots import plot_degradation, read_run_metrics
 
     for cfg in cfgs:
         run_dir = out_dir / str(cfg.run.name)
@@ -407,7 +402,6 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     (figure, _svg) = plot_degradation(curves, out_dir / "degradation.png", held_out=held_out,
                                       formats=("png", "svg"),
                                       title=f"{data}: plain vs residual nets, {base.train.epochs} epochs, {n_seeds}")
-    from resnetlab.analysis.plots import plot_depth_sweep
 
     plot_depth_sweep(rows, out_dir / "depth.png", held_out="test" if held_out == "test" else "validation",
                      formats=("png", "svg"),

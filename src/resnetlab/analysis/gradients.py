@@ -26,9 +26,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnetlab.analysis.degradation import base_config, write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
+from resnetlab.analysis.plots import plot_gradients
 from resnetlab.config import Config
-from resnetlab.runtime import run_dir
+from resnetlab.data import build_datasets, build_loader
+from resnetlab.engine.loop import train_one_epoch
+from resnetlab.engine.metrics import SumMeter
+from resnetlab.engine.optim import build_optimizer, lr_at
+from resnetlab.models import Block, build_model, list_models
+from resnetlab.runtime import run_dir, seed_everything, select_device
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
 CSV_COLUMNS = ("model", "phase", "step", "kind", "index", "name", "grad_norm")
@@ -49,7 +56,6 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     """The residual (or plain) blocks in forward order."""
     if hasattr(model, "blocks"):
         return list(model.blocks())  # type: ignore[operator]
-    from resnetlab.models import Block
 
     return [m for m in model.modules() if isinstance(m, Block)]
 
@@ -95,10 +101,6 @@ def gradient_flow(models: str | Sequence[str] = DEFAULT_MODELS, data: str = "dig
     :data:`resnetlab.analysis.degradation.RECIPES`); ``run.root``/``run.name`` place the
     output folder (default ``runs/gradients-<data>-<time>/``).
     """
-    from resnetlab.analysis.degradation import base_config
-    from resnetlab.models import list_models
-    from resnetlab.runtime import select_device
-
     names = [m for m in (models.replace(",", " ").split() if isinstance(models, str) else models) if m]
     unknown = [m for m in names if m not in list_models()]
     if not names or unknown:
@@ -111,12 +113,12 @@ def gradient_flow(models: str | Sequence[str] = DEFAULT_MODELS, data: str = "dig
     # One intra-op thread on CPU unless train.threads says otherwise: these 8x8 convolutions are
     # too small to split, and on 2 busy cores two threads ran 5-7x slower than one.
     threads = base.train.threads or (1 if device.type == "cpu" else 0)
-    with _torch_threads(threads):
+    with torch_threads(threads):
         return _gradient_flow(names, data, steps, base, device, seed)
 
 
 @contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """``torch.set_num_threads(n)`` for the block (0: leave as is), then restore the caller's."""
     before = torch.get_num_threads()
     if n:
@@ -129,12 +131,6 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def _gradient_flow(names: list[str], data: str, steps: int, base: Config, device: torch.device,
                    seed: int) -> GradientResult:
-    from resnetlab.analysis.degradation import write_rows_csv
-    from resnetlab.analysis.plots import plot_gradients
-    from resnetlab.data import build_datasets, build_loader
-    from resnetlab.models import build_model
-    from resnetlab.runtime import seed_everything
-
     out_dir = run_dir(f"gradients-{data}", base.run.root, base.run.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -182,10 +178,6 @@ def _gradient_flow(names: list[str], data: str, steps: int, base: Config, device
 
 def _train_steps(model: nn.Module, loader: Any, optim_cfg: Any, steps: int, name: str) -> None:
     """``steps`` SGD steps of the recipe (its warm-up and schedule squeezed into ``steps``)."""
-    from resnetlab.engine.loop import train_one_epoch
-    from resnetlab.engine.metrics import SumMeter
-    from resnetlab.engine.optim import build_optimizer, lr_at
-
     opt = build_optimizer(model, optim_cfg)
     meter = SumMeter(next(model.parameters()).device)
     bad: list[tuple[int, float]] = []

@@ -53,8 +53,13 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.degradation import train_on_digits, write_rows_csv
+from resnetlab.analysis.errors import AnalysisError
+from resnetlab.analysis.gradients import torch_threads
+from resnetlab.analysis.plots import save_figure
+from resnetlab.analysis.seeds import final_metrics
 from resnetlab.inference import OpenRun, open_run, output_dir
+from resnetlab.runtime import select_device
 
 BN_MODES = ("batch", "eval")
 BN_LABELS = {"batch": "BN: statistics of the evaluated images (recomputed per point)",
@@ -291,8 +296,6 @@ def run_landscape(path: str | Path, *, grid: int = 21, span: float = 1.0, dims: 
     Writes to ``out`` (default ``<run>/landscape/``): ``landscape.csv`` (one row per grid point:
     ``a, b, loss, acc``), ``landscape.png``/``.svg`` and ``landscape.json`` (settings, roughness).
     """
-    from resnetlab.engine.fit import select_device
-
     if dims not in (1, 2):
         raise AnalysisError(f"--dims must be 1 or 2, got {dims}")
     if grid < 3:
@@ -307,11 +310,10 @@ def run_landscape(path: str | Path, *, grid: int = 21, span: float = 1.0, dims: 
         raise AnalysisError(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
     t0 = time.perf_counter()
     dev = select_device(device)
-    from resnetlab.analysis.gradients import _torch_threads
 
     # One intra-op thread on CPU: these small convolutions do not split well, and on 2 shared
     # cores two threads fighting were several times slower than one.
-    with _torch_threads(1 if dev.type == "cpu" else 0):
+    with torch_threads(1 if dev.type == "cpu" else 0):
         return _run_landscape(path, grid, span, dims, split, images, bn, seed, chunk, hessian_iters,
                               out, dev, t0)
 
@@ -417,8 +419,6 @@ def plot_landscapes(results: Sequence[LandscapeResult], path: str | Path,
     import numpy as np
     from matplotlib.figure import Figure
 
-    from resnetlab.analysis.plots import save_figure
-
     n = len(results)
     if results[0].dims == 2:
         fig = Figure(figsize=(4.6 * n + 0.8, 8), layout="constrained")
@@ -486,9 +486,6 @@ def reproduce_landscape(models: str | Sequence[str] = ("plain56", "resnet56"), *
                         on_progress: Callable[[str], None] | None = None) -> ReproduceLandscapeResult:
     """Train ``models`` on digits with the degradation recipe, then draw their landscapes side by
     side (``landscape.png``, ``landscape.csv`` with every net's grid, ``roughness.md``/``.csv``)."""
-    from resnetlab.analysis.degradation import train_on_digits
-    from resnetlab.analysis.seeds import final_metrics
-
     names, out_dir, jobs = train_on_digits("landscape", models, epochs=epochs, seed=seed, overrides=overrides,
                                            jobs=jobs)
     jobs_kw = [dict(path=str(out_dir / m), grid=grid, span=span, dims=dims, split="train", images=images,
@@ -521,7 +518,6 @@ def reproduce_landscape(models: str | Sequence[str] = ("plain56", "resnet56"), *
         tmp.unlink()
     md = roughness_markdown(results)
     (out_dir / "roughness.md").write_text(md)
-    from resnetlab.analysis.degradation import write_rows_csv
 
     write_rows_csv(out_dir / "roughness.csv", roughness_rows(results))
     return ReproduceLandscapeResult(out_dir, results, [*files, out_dir / "landscape.csv",

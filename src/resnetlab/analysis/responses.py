@@ -28,8 +28,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis.degradation import train_on_digits, write_rows_csv
+from resnetlab.analysis.errors import AnalysisError
+from resnetlab.analysis.gradients import torch_threads
+from resnetlab.analysis.plots import save_figure
+from resnetlab.analysis.seeds import final_metrics
 from resnetlab.inference import open_run
+from resnetlab.models.fuse import direct_pairs
 from resnetlab.runtime import run_dir
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56", "resnet110")
@@ -42,12 +47,10 @@ def response_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     For each 3x3 conv: the BN that directly reads it (declared by ``fuse_pairs`` or adjacent in
     an ``nn.Sequential``), else the conv itself. Returns ``(name, module)`` pairs.
     """
-    from resnetlab.models.fuse import _direct_pairs
-
     bn_after: dict[int, tuple[str, nn.Module]] = {}
     names = {id(m): n for n, m in model.named_modules()}
     for parent in model.modules():
-        for conv_name, bn_name in _direct_pairs(parent):
+        for conv_name, bn_name in direct_pairs(parent):
             conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
             if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
                 bn_after[id(conv)] = (names[id(bn)], bn)
@@ -143,9 +146,8 @@ def run_responses(runs: Sequence[str | Path], *, split: str = "test", out: str |
         raise AnalysisError("give at least one run folder")
     if split not in ("train", "val", "test"):
         raise AnalysisError(f"--split must be train, val or test, got {split!r}")
-    from resnetlab.analysis.gradients import _torch_threads
 
-    with _torch_threads(1):  # small convolutions on shared cores: one thread is fastest
+    with torch_threads(1):  # small convolutions on shared cores: one thread is fastest
         measured = [(Path(r), *_measure_run(r, split)) for r in runs]
     models = [m for _, m, _ in measured]
     if labels is None:
@@ -154,7 +156,6 @@ def run_responses(runs: Sequence[str | Path], *, split: str = "test", out: str |
             for r in rs]
     out_dir = Path(out).expanduser() if out else run_dir("responses")
     out_dir.mkdir(parents=True, exist_ok=True)
-    from resnetlab.analysis.degradation import write_rows_csv
 
     write_rows_csv(out_dir / "responses.csv", rows, CSV_COLUMNS)
     summary = summarize_responses(rows)
@@ -191,8 +192,6 @@ def plot_responses(rows: Sequence[dict[str, Any]], path: str | Path, formats: Se
     import matplotlib
     from matplotlib.figure import Figure
 
-    from resnetlab.analysis.plots import save_figure
-
     models = list(dict.fromkeys(r["model"] for r in rows))
     colours = {m: matplotlib.colormaps["tab10"](i % 10) for i, m in enumerate(models)}
     fig = Figure(figsize=(9, 7), layout="constrained")
@@ -226,9 +225,6 @@ def reproduce_responses(models: str | Sequence[str] = DEFAULT_MODELS, *, epochs:
                         overrides: Sequence[str] = (), jobs: int | None = None) -> ReproduceResponsesResult:
     """Train ``models`` on digits (the degradation recipe, one seed), then measure and draw
     their layer responses on the test split into ``runs/responses-digits-<time>/``."""
-    from resnetlab.analysis.degradation import train_on_digits
-    from resnetlab.analysis.seeds import final_metrics
-
     names = list(models.replace(",", " ").split() if isinstance(models, str) else models)
     # deepest first: better packing on the worker processes
     names, out_dir, _ = train_on_digits("responses", names, epochs=epochs, seed=seed, overrides=overrides,

@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.analysis.errors import AnalysisError
+from resnetlab.analysis.plots import read_run_metrics
 from resnetlab.config import Config, apply_overrides, load
+from resnetlab.engine.fit import fit
 from resnetlab.exit_codes import exit_code
+from resnetlab.runtime import default_run_name
 
 # metrics.jsonl keys that are counters or schedule values, not results to average
 _NOT_METRICS = {"epoch", "step", "lr"}
@@ -95,8 +98,6 @@ def final_metrics(run_dir: str | Path) -> dict[str, float]:
     without epoch/step/lr), ``train_seconds`` (summed epoch times), ``best_val_top1_err`` and
     ``best_epoch``, and ``test_<metric>`` from ``result.json`` when the test split was evaluated.
     """
-    from resnetlab.analysis.plots import read_run_metrics
-
     run_dir = Path(run_dir).expanduser()
     rows = read_run_metrics(run_dir)
     out = {k: float(v) for k, v in rows[-1].items() if k not in _NOT_METRICS and _is_number(v)}
@@ -173,9 +174,6 @@ def train_seeds(config: Config | str | Path | None, overrides: Sequence[str] = (
     defaults to :func:`resnetlab.engine.fit`. If a run is interrupted (Ctrl-C, SIGTERM) the
     remaining seeds are not started and the summary covers the finished runs only.
     """
-    from resnetlab.engine.fit import fit
-    from resnetlab.runtime import default_run_name
-
     seeds = parse_seeds(seeds)
     cfg = apply_overrides(config, overrides) if isinstance(config, Config) else load(config, overrides)
     name = cfg.run.name or f"{default_run_name(cfg)}-seeds"

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab import runtime
-from resnetlab.analysis import AnalysisError
 from resnetlab.analysis.degradation import default_jobs, run_trainings, write_rows_csv
+from resnetlab.analysis.errors import AnalysisError
+from resnetlab.analysis.plots import save_figure
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, load
 from resnetlab.exit_codes import exit_code
@@ -244,8 +245,6 @@ def plot_transfer(rows: Sequence[dict[str, Any]], path: str | Path, *, seeds: in
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from resnetlab.analysis.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for way in WAYS:

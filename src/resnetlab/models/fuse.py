@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
-def _direct_pairs(module: nn.Module) -> Iterator[tuple[str, str]]:
+def direct_pairs(module: nn.Module) -> Iterator[tuple[str, str]]:
     """Names of (conv, bn) children of ``module`` where the BN reads the conv's output."""
     if isinstance(module, nn.Sequential):
         names = list(module._modules)
@@ -43,7 +43,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     """
     fused = copy.deepcopy(model).eval()
     for parent in list(fused.modules()):
-        for conv_name, bn_name in list(_direct_pairs(parent)):
+        for conv_name, bn_name in list(direct_pairs(parent)):
             conv = getattr(parent, conv_name, None)
             bn = getattr(parent, bn_name, None)
             if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
