@@ -3,12 +3,14 @@
 A run that stops before its first optimiser step (missing data, a bad image folder, a batch
 larger than the split) has produced nothing worth keeping: the run folder it created (with only
 ``config.yaml`` and an empty ``checkpoints/``) is removed, so the next attempt with the same
-``run.name`` is not refused as "already holds a training run" and ``runs/`` is not littered.
+``run.name`` is not refused as "already holds a training run" and ``runs/`` is not littered
+(nor left behind, empty, when the failed run created it).
 A folder that existed before (``--resume``, ``train.resume=auto``) is never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -59,8 +61,9 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
 
     if cfg.run.name is None:
         cfg = replace(cfg, run=replace(cfg.run, name=default_run_name(cfg)))
-    run_dir = Path(cfg.run.root).expanduser() / str(cfg.run.name)
-    existed = run_dir.exists()
+    root = Path(cfg.run.root).expanduser()
+    run_dir = root / str(cfg.run.name)
+    existed, root_existed = run_dir.exists(), root.exists()
     stepped = [False]
     steps = _StepLoss(cfg, run_dir)
 
@@ -72,8 +75,9 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
     try:
         return fit(cfg, on_step=watch)
     except BaseException:
-        if not stepped[0]:
-            discard_untrained(run_dir, existed)
+        if not stepped[0] and discard_untrained(run_dir, existed) and not root_existed:
+            with contextlib.suppress(OSError):  # not empty: another run started there meanwhile
+                root.rmdir()  # this run made runs/ too: leave no empty folder behind
         raise
     finally:
         steps.close()

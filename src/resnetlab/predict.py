@@ -41,7 +41,7 @@ INVERT_CHOICES = ("auto", "yes", "no")
 class Prediction:
     """The top-k classes of one image, most probable first."""
 
-    file: str
+    file: str | None  # the path given, or a PIL image's own filename; None for in-memory images
     classes: list[str]  # class names
     indices: list[int]  # label ids
     probs: list[float]  # softmax probabilities, 0..1
@@ -185,6 +185,13 @@ def format_predictions(result: PredictResult) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+def _source_name(image: Any) -> str | None:
+    """What a prediction names its input by: the path, or a PIL image's own ``filename``."""
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return getattr(image, "filename", None) or None  # PIL sets "" for images made in memory
+
+
 # the Python API: resnetlab.load(RUN) -> Predictor
 
 
@@ -246,8 +253,8 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, images: Any, topk: int = 5) -> list[Prediction]:
-        """Top-``topk`` classes per image, most probable first (``Prediction.file`` is the index
-        or the path given)."""
+        """Top-``topk`` classes per image, most probable first, in input order (``Prediction.file``
+        is the path given, a PIL image's ``filename`` when it was opened from one, else None)."""
         if topk < 1:
             raise DataError(f"topk must be >= 1, got {topk}")
         pil, flips = self._batch(images)
@@ -255,9 +262,8 @@ class Predictor:
             return []
         probs, ids = _topk(self.model, self.meta, preprocess(pil, self.meta), topk, self.device)
         names = images if isinstance(images, (list, tuple)) else [images] * len(pil)
-        return [Prediction(str(n) if isinstance(n, (str, Path)) else str(k), [self.meta.classes[j] for j in i],
-                           i, p, inv)
-                for k, (n, p, i, inv) in enumerate(zip(names, probs.tolist(), ids.tolist(), flips, strict=True))]
+        return [Prediction(_source_name(n), [self.meta.classes[j] for j in i], i, p, inv)
+                for n, p, i, inv in zip(names, probs.tolist(), ids.tolist(), flips, strict=True)]
 
     def __repr__(self) -> str:
         return (f"Predictor({self.config.model.name}, {len(self.classes)} classes, "

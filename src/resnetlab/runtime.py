@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from resnetlab.checkpoint import CHECKPOINT_DIR
 from resnetlab.config import ConfigError
 from resnetlab.exit_codes import EXIT_CODES, EXIT_FAILURE, EXIT_USER_ERROR, exit_code
 
@@ -55,6 +56,16 @@ def run_dir(kind: str, root: str | Path = "runs", name: str | None = None) -> Pa
     """The folder of a run or an analysis: ``<root>/<name>``, by default ``<root>/<kind>-<YYYYmmdd-HHMMSS>``
     (local time). The one place timestamped folder names are made."""
     return Path(root).expanduser() / (name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def newest_run(root: str | Path = "runs") -> Path:
+    """The run folder under ``root`` (at any depth) whose checkpoint was written last: what
+    ``latest`` names on the command line. ConfigError when ``root`` holds no checkpoint yet."""
+    found = [p for p in Path(root).expanduser().rglob(f"{CHECKPOINT_DIR}/*.pt") if p.is_file()]
+    if not found:
+        raise ConfigError(f"latest: no run with a checkpoint under {root}/ yet; train one with "
+                          "`resnetlab train`, or name the run folder")
+    return max(found, key=lambda p: p.stat().st_mtime).parent.parent
 
 
 def default_run_name(cfg: Config) -> str:
@@ -100,5 +111,5 @@ def checkpoint_interval(every: int, sync_every: int) -> int:
     return math.ceil(every / sync_every) * sync_every
 
 
-__all__ = ["EXIT_CODES", "EXIT_FAILURE", "EXIT_USER_ERROR", "exit_code", "apply_speed_flags", "checkpoint_interval", "default_run_name", "run_dir",
+__all__ = ["EXIT_CODES", "EXIT_FAILURE", "EXIT_USER_ERROR", "exit_code", "apply_speed_flags", "checkpoint_interval", "default_run_name", "newest_run", "run_dir",
            "seed_everything", "select_device", "sync_interval"]

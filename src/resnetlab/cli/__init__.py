@@ -54,6 +54,10 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+# commands whose RUN|CKPT argument may be `latest`: the newest run under runs/
+LATEST_COMMANDS = ("eval", "predict", "explain", "export", "serve")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from resnetlab import __version__
 
@@ -120,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(_unknown_options(extra, argv))
     _setup_logging(getattr(args, "quiet", False))
     try:
+        if getattr(args, "path", None) == "latest" and args.command in LATEST_COMMANDS:
+            from resnetlab.runtime import newest_run
+
+            args.path = str(newest_run())
         return COMMANDS[args.command][1](args)
     except _user_errors() as e:
         print(f"resnetlab {args.command}: error: {e}", file=sys.stderr)

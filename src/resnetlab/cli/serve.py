@@ -25,7 +25,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                                    "GET /v1/model, /healthz, /readyz, and a web page at /. Listens on "
                                    "127.0.0.1 only unless --host says otherwise. SIGTERM or Ctrl-C "
                                    "finishes the requests in flight and exits 0.")
-    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder, checkpoint file, or latest (the newest run in runs/)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes "
                         "the server to the network)")

@@ -12,12 +12,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a run (or checkpoint) on its own data, rebuilt from the "
                                    "stored config. Writes eval-SPLIT.json, confusion-SPLIT.json and "
                                    "confusion-SPLIT.png in the run folder (or beside the checkpoint).")
-    p.add_argument("path", metavar="RUN|CKPT", help="run folder (best.pt, else last.pt) or checkpoint file")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder (best.pt, else last.pt), checkpoint file, or latest (the newest run in runs/)")
     p.add_argument("--split", choices=("val", "test"), default="val", help="which held-out split (default val)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--out", metavar="DIR", help="write the report files here instead of the run folder "
                                                 "(for read-only runs)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",  # default: optional in usage
                    help="data.*/train.* changes to the stored config, e.g. data.root=~/data/x train.device=cpu")
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
                        description="Predict with the run's own preprocessing. Unreadable files are "
                                    "named on stderr and the others still predicted; the exit code is "
                                    "then 1 (0 when every file was predicted).")
-    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder, checkpoint file, or latest (the newest run in runs/)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders searched recursively")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
@@ -62,7 +62,7 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
                        description="Per image: top-k classes and a Grad-CAM overlay PNG (Captum's "
                                    "LayerGradCam on the last stage), with the run's own preprocessing. "
                                    "Writes OUT/<name>.cam.png and OUT/explain.json.")
-    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder, checkpoint file, or latest (the newest run in runs/)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER", help="image files, or folders searched recursively")
     p.add_argument("--out", metavar="DIR", help="output folder (default: <run>/explain)")
     p.add_argument("--target", metavar="CLASS",
@@ -89,7 +89,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                        description="Export a run (or checkpoint) plus OUTPUT.json metadata. The export "
                                    "is run on random inputs and compared with the PyTorch model; above "
                                    "1e-4 nothing is written and the exit code is 1.")
-    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder, checkpoint file, or latest (the newest run in runs/)")
     p.add_argument("--format", required=True, choices=("safetensors", "torchscript", "onnx"))
     p.add_argument("--output", metavar="PATH", help="model file (default: <run>/<arch>.<ext>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output (never a "
