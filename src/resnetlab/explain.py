@@ -26,7 +26,8 @@ from PIL import Image
 from torch import nn
 
 from resnetlab.data import DataError, DataMeta, load_image, normalize, preprocess
-from resnetlab.predict import apply_polarity
+from resnetlab.inference import load_for_inference, output_dir
+from resnetlab.predict import apply_polarity, collect_images
 
 #: Shorter side of a written overlay, pixels: an 8x8 digit is upscaled (nearest) to be seen.
 OVERLAY_MIN_SIDE = 224
@@ -195,9 +196,6 @@ def explain(path: str | Path, inputs: Sequence[str | Path], out: str | Path | No
 
     ``out`` defaults to ``<run>/explain``. Unreadable images land in ``result.errors``.
     """
-    from resnetlab.inference import load_for_inference, output_dir
-    from resnetlab.predict import collect_images
-
     if topk < 1:
         raise DataError(f"--topk must be >= 1, got {topk}")
     model, _cfg, meta = load_for_inference(path, device=device)

@@ -23,7 +23,9 @@ from resnetlab import checkpoint as ckpt
 from resnetlab.config import ConfigError, from_dict
 from resnetlab.data import DataError, DataMeta
 from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from resnetlab.models import list_models, model_defaults
+from resnetlab.inference import build_inference_model
+from resnetlab.models import create_model, list_models, model_defaults
+from resnetlab.outputs import check_output
 
 DEFAULT_DATA_ROOT = "data/imagenet"  # where `eval` looks for train/ and val/ unless data.root=...
 IMAGE_SIZE, RESIZE = 224, 256  # torchvision's ImageNet evaluation: resize 256, centre crop 224
@@ -89,8 +91,6 @@ def _misfit(arch: str, state: Mapping[str, torch.Tensor], num_classes: int, in_c
 
     The model is built on the ``meta`` device: shapes only, no memory, no init cost.
     """
-    from resnetlab.models import create_model
-
     with torch.device("meta"):
         own = {k: tuple(v.shape) for k, v in
                create_model(arch, num_classes=num_classes, in_chans=in_chans).state_dict().items()}
@@ -147,9 +147,6 @@ def import_torchvision(file: str | Path, arch: str, classes: str | Path | None =
     ``eval`` (override it there). The class count and input channels are read off the weights.
     An existing ``output`` is refused unless ``force``; a run's checkpoint or ``file`` always.
     """
-    from resnetlab.inference import build_inference_model
-    from resnetlab.outputs import check_output
-
     src = Path(file).expanduser()
     out = Path(output).expanduser() if output is not None else src.with_name(f"{src.stem}.resnetlab.pt")
     check_output(out, force=force, sources=[src], what="imported checkpoint")

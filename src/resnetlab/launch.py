@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.config import Config
+from resnetlab.engine.fit import default_run_name, fit
 
 
 def holds_checkpoints(folder: Path) -> bool:
@@ -56,9 +57,6 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
     The run name is fixed before ``fit`` so the folder is known; under DDP every rank's choice is
     replaced by rank 0's inside ``fit`` (which broadcasts it), and only rank 0 removes.
     """
-    from resnetlab.engine import fit
-    from resnetlab.engine.fit import default_run_name
-
     if cfg.run.name is None:
         cfg = replace(cfg, run=replace(cfg.run, name=default_run_name(cfg)))
     root = Path(cfg.run.root).expanduser()

@@ -13,10 +13,10 @@ Plots and tables only read run folders (``metrics.jsonl``, ``result.json``), nev
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from resnetlab.analysis.errors import AnalysisError
+from resnetlab.lazy import attach
 
 if TYPE_CHECKING:
     from resnetlab.analysis.cifar_table import PAPER_TABLE6, run_cifar_table
@@ -42,16 +42,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = attach(__name__, _LAZY)
 
 
 __all__ = [

@@ -48,11 +48,9 @@ DEFAULT_STEPS = 100  # optimiser steps of every fine-tuning run
 DEFAULT_PRETRAIN_EPOCHS = 30
 MAX_BATCH = 32  # images per step of the fine-tuning runs (fewer when 5 * N is smaller)
 
-# The digits recipe (recipe digits_resnet20) with the degradation experiment's lr 0.05.
-COMMON = ("data.name=digits", "model.name=resnet20", "data.augment.crop_padding=1",
-          "data.augment.flip=false", "optim.name=sgd", "optim.momentum=0.9",
-          "optim.weight_decay=5e-4", "optim.schedule=cosine", "train.quiet=true",
-          "train.tensorboard=false")
+# The digits recipe (recipes/digits.yaml, applied by data.name=digits); lr per stage below.
+COMMON = ("data.name=digits", "model.name=resnet20",  # data.name=digits applies recipes/digits.yaml
+          "train.quiet=true", "train.tensorboard=false")
 PRETRAIN = (f"data.classes=[{','.join(SOURCE_CLASSES)}]", "optim.lr=0.05", "optim.warmup=linear",
             "optim.warmup_epochs=2", "train.batch_size=128")
 # Per way: what it changes. Pretrained starts take a 5x lower lr than scratch (they start near a

@@ -14,10 +14,10 @@ so the source registry (:mod:`resnetlab.data.sources`) can be read by ``config``
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from resnetlab.data.errors import BadImageError, DataError
+from resnetlab.lazy import attach
 
 if TYPE_CHECKING:
     from resnetlab.data.augment import normalize, random_crop_flip
@@ -36,12 +36,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = attach(__name__, _LAZY)
 
 
 __all__ = [

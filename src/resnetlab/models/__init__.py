@@ -7,8 +7,9 @@ Importing the package is cheap (no torch): the names below load their modules on
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from resnetlab.lazy import attach
 
 if TYPE_CHECKING:
     from .base import ClassifierNet
@@ -52,16 +53,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = attach(__name__, _LAZY)
 
 
 __all__ = [  # literal, so linters see the TYPE_CHECKING imports used; equals sorted(_LAZY)
