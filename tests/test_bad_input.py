@@ -51,7 +51,7 @@ def plugin_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     refuses: the list it returns stays empty while no other plugin even looks at a file."""
     Image.init()
     called: list[str] = []
-    for fmt, (factory, accept) in list(Image.OPEN.items()):
+    for fmt, (_factory, accept) in list(Image.OPEN.items()):
         if fmt in IMAGE_FORMATS:
             continue
 
@@ -108,3 +108,154 @@ def test_readme_and_messages_name_exactly_the_allowed_formats() -> None:
     line = re.search(r"^- \*\*Image formats\*\*: (.*)$", readme, re.M)
     assert line, "README: the '- **Image formats**:' bullet is missing"
     assert f"{FORMAT_NAMES}, decided by content" in line.group(1)
+
+
+# ---------------------------------------------------------------------------------------------- serve
+
+
+def test_over_limit_image_on_a_folder_run_is_400_like_other_limits() -> None:
+    from resnetlab.data import DataMeta
+    from resnetlab.serve.app import ApiError, decode_and_prepare
+
+    meta = DataMeta("folder", ("a", "b"), 3, (8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), resize=16)
+    strip = _encoded("PNG", size=(200_000, 1))  # 0.2 Mpx, but 51 M pixels once resized to 16 high
+    with pytest.raises(ApiError) as info:
+        decode_and_prepare(strip, "strip.png", meta, 1_000_000)
+    assert info.value.status == 400 and "strip.png: a 200000x1 image" in info.value.message
+    assert decode_and_prepare(_encoded("PNG"), "ok.png", meta, 1_000_000).shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--port", "70000"], "argument --port: must be an integer from 1 to 65,535"),
+    (["--port", "-1"], "argument --port: must be an integer from 1"),
+    (["--max-body-mb", "nan"], "argument --max-body-mb: must be a number > 0 and <= 1024"),
+    (["--max-body-mb", "inf"], "argument --max-body-mb: must be a number > 0"),
+    (["--max-wait-ms", "-0.5"], "argument --max-wait-ms: must be a number >= 0"),
+    (["--max-pixels", "1e9"], "argument --max-pixels: must be an integer"),
+    (["--threads", "0"], "argument --threads: must be an integer from 1"),
+    (["--body-timeout-s", "0"], "argument --body-timeout-s: must be a number > 0"),
+    (["--header-timeout-s", "nan"], "argument --header-timeout-s: must be a number > 0"),
+    (["--keep-alive-s", "0"], "argument --keep-alive-s: must be an integer from 1"),
+])
+def test_serve_refuses_every_bad_option_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       flags: list[str], words: str) -> None:
+    from resnetlab.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as info:
+        cli_main(["serve", str(tmp_path / "no-such-run"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and err.startswith("resnetlab serve: error: " + words), err
+
+
+def test_serve_library_call_checks_options_before_the_run(tmp_path: Path) -> None:
+    from resnetlab.serve import Limits, ServeOptionError, Timeouts, serve
+
+    missing = tmp_path / "no-such-run"  # loading it would fail: the option must be refused first
+    with pytest.raises(ServeOptionError, match=r"^--max-body-mb must be a number > 0 .* got nan$"):
+        serve(missing, limits=Limits(max_body_mb=float("nan")))
+    with pytest.raises(ServeOptionError, match=r"^--port must be an integer from 1 to 65,535 .* got 70000$"):
+        serve(missing, port=70000)
+    with pytest.raises(ServeOptionError, match="--body-timeout-s"):
+        serve(missing, timeouts=Timeouts(body_s=-1))
+    with pytest.raises(ServeOptionError, match="--host"):
+        serve(missing, host="")
+
+
+# Slow clients, against the server configuration serve() uses (server_config), on loopback with
+# deadlines of 0.5 s so the test takes about a second.
+SHORT = 0.5
+
+
+@pytest.fixture(scope="module")
+def slow_client_server():
+    import threading
+    import time
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from resnetlab.serve.timeouts import Timeouts, server_config
+
+    async def echo(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(len(await request.body())))
+
+    app = Starlette(routes=[Route("/echo", echo, methods=["POST"])])
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, Timeouts(header_s=SHORT, body_s=SHORT, keep_alive_s=1),
+                                          log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "test server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _read_until_closed(sock, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed (s)."""
+    import time
+
+    t0 = time.monotonic()
+    sock.settimeout(limit_s)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)  # socket.timeout (an OSError) fails the test: never closed
+        if not chunk:
+            return data, time.monotonic() - t0
+        data += chunk
+
+
+def test_clients_stalled_mid_body_get_408_and_are_disconnected(slow_client_server: int) -> None:
+    import socket
+
+    socks = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", slow_client_server), timeout=5)
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        socks.append(s)
+    try:
+        for s in socks:
+            answer, waited = _read_until_closed(s, limit_s=5)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+            assert b"--body-timeout-s" in answer
+            assert waited < SHORT + 3
+    finally:
+        for s in socks:
+            s.close()
+    # a client that sends at once is answered as before
+    with socket.create_connection(("127.0.0.1", slow_client_server), timeout=5) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+        answer, _ = _read_until_closed(s, limit_s=5)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"5")
+
+
+def test_a_header_sent_a_byte_at_a_time_is_cut_off(slow_client_server: int) -> None:
+    import socket
+    import time
+
+    head = b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", slow_client_server), timeout=5) as s:
+        t0 = time.monotonic()
+        closed_after = None
+        for byte in head:  # 0.05 s a byte: 11 s for the whole head, were it allowed
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:  # reset by the server: it gave up on us
+                closed_after = time.monotonic() - t0
+                break
+            s.settimeout(0.05)
+            try:
+                answer = s.recv(65536)
+            except TimeoutError:
+                continue
+            closed_after = time.monotonic() - t0
+            assert answer.startswith(b"HTTP/1.1 408") and b"--header-timeout-s" in answer, answer[:80]
+            break
+        assert closed_after is not None, "the slow header was never cut off"
+        assert SHORT * 0.9 < closed_after < SHORT + 3

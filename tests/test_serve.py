@@ -306,7 +306,7 @@ def test_serve_cli_refuses_a_missing_run_and_bad_flags_in_one_line(tmp_path: Pat
     assert err.startswith("resnetlab serve: error:") and "no-such-run" in err and "\n" not in err
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["serve", str(tmp_path), "--max-batch", "0"])
-    assert exit_info.value.code == 2 and "--max-batch must be > 0" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--max-batch: must be an integer from 1 to" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- explain CLI

@@ -31,6 +31,7 @@ from resnetlab.data.augment import derive_seed
 from resnetlab.data.images import (
     IMAGE_EXTENSIONS,
     DataError,
+    ImageTooLargeError,
     check_image,
     is_image_file,
     to_mode,
@@ -831,7 +832,7 @@ def eval_transform(img: Image.Image, meta: DataMeta) -> torch.Tensor:
     if meta.resize is not None:
         reason = resize_too_large(img.width, img.height, meta.resize)
         if reason:
-            raise DataError(reason)
+            raise ImageTooLargeError(reason)
         img = TF.center_crop(TF.resize(img, [meta.resize], antialias=True), [h, w])
     elif img.size != (w, h):
         resample = Image.Resampling.BOX if meta.name == "digits" else Image.Resampling.BILINEAR

@@ -72,6 +72,11 @@ class BadImageError(DataError):
     """An image file cannot be read; the message starts with the file's path."""
 
 
+class ImageTooLargeError(DataError):
+    """A decoded image is over a size limit of preprocessing (e.g. too elongated to resize):
+    the image is readable, the work it asks for is not allowed (serve answers 400, not 415)."""
+
+
 def is_image_file(path: str | Path) -> bool:
     """True when ``path`` ends in one of :data:`IMAGE_EXTENSIONS` (any case)."""
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
@@ -335,7 +340,7 @@ def read_image(path: str | Path, in_chans: int = 3) -> Image.Image:
 
 __all__ = [
     "FORMAT_NAMES", "IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_PIXELS", "NOT_SUPPORTED", "BadImageError",
-    "DataError", "check_image", "exif_orientation", "is_image_file", "load_image", "open_image",
+    "DataError", "ImageTooLargeError", "check_image", "exif_orientation", "is_image_file", "load_image", "open_image",
     "read_image", "read_resized_crop",
     "to_mode", "to_rgb",
     "too_large",

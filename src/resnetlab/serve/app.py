@@ -46,7 +46,7 @@ from torch import nn
 
 from resnetlab.config import Config
 from resnetlab.data import DataError, DataMeta
-from resnetlab.data.images import NOT_SUPPORTED, open_image
+from resnetlab.data.images import NOT_SUPPORTED, ImageTooLargeError, open_image
 from resnetlab.explain import (
     explain_pixels,
     png_data_url,
@@ -165,6 +165,8 @@ def decode_and_prepare(data: bytes, name: str, meta: DataMeta, max_pixels: int) 
     img = decode_image(data, name, max_pixels)
     try:
         return prepare_pixels([img], meta)[0]
+    except ImageTooLargeError as e:  # readable, but over a preprocessing limit: like --max-pixels
+        raise ApiError(400, f"{name}: {e}") from None
     except (OSError, ValueError) as e:  # DataError is a ValueError too
         raise ApiError(415, f"{name}: unsupported image mode {img.mode} ({e})") from None
 
