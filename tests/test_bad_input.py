@@ -259,3 +259,66 @@ def test_a_header_sent_a_byte_at_a_time_is_cut_off(slow_client_server: int) -> N
             break
         assert closed_after is not None, "the slow header was never cut off"
         assert SHORT * 0.9 < closed_after < SHORT + 3
+
+
+# ---------------------------------------------------------------------------------------------- reproduce
+
+
+REPRODUCE_BAD = [  # (argv after `reproduce`, words of the one-line refusal)
+    (["landscape", "--grid", "100000"], "--grid must be an integer from 3 to 201"),
+    (["landscape", "--grid", "2"], "--grid must be an integer from 3 to 201"),
+    (["landscape", "--span", "inf"], "--span must be a number > 0 and <= 100"),
+    (["landscape", "--span", "nan"], "--span must be a number > 0"),
+    (["landscape", "--images", "0"], "--images must be an integer from 1"),
+    (["landscape", "--chunk", "0"], "--chunk must be an integer from 1"),
+    (["landscape", "--hessian-iters", "-1"], "--hessian-iters must be an integer from 0 to 1,000"),
+    (["landscape", "--models", ""], "--models: give at least one registered model name"),
+    (["landscape", "--models", "resnet20,nonet"], "--models: unknown model 'nonet'"),
+    (["landscape", "--seed", "-1"], "--seed must be an integer from 0 to 18,446,744,073,709,551,615"),
+    (["landscape", "--jobs", "0"], "--jobs must be an integer from 1 to 256"),
+    (["landscape", "--epochs", "1000000000000"], "--epochs must be an integer from 1 to 10,000"),
+    (["responses", "--jobs", "-1"], "--jobs must be an integer from 1 to 256"),
+    (["responses", "--models", "resnet20,resnet20"], "--models: 'resnet20' is named twice"),
+    (["responses", "--seed", "-1"], "--seed must be an integer from 0"),
+    (["degradation", "--jobs", "0"], "--jobs must be an integer from 1 to 256"),
+    (["degradation", "--epochs", "100000"], "--epochs must be an integer from 1 to 10,000"),
+    (["degradation", "--seeds", "0,-1"], "--seeds: each must be an integer from 0"),
+    (["transfer", "--steps", "1000000000"], "--steps must be an integer from 1 to 100,000"),
+    (["transfer", "--pretrain-epochs", "0"], "--pretrain-epochs must be an integer from 1"),
+    (["transfer", "--jobs", "0"], "--jobs must be an integer from 1 to 256"),
+    (["transfer", "--n", "100000"], "--n 100000: data.train_per_class=100000: class '5' has only"),
+    (["transfer", "--n", "5,0"], "--n: each must be an integer from 1 to 100,000"),
+    (["cifar-table", "--estimate-steps", "0"], "--estimate-steps must be an integer from 1 to 1,000"),
+]
+
+
+@pytest.mark.parametrize(("argv", "words"), REPRODUCE_BAD, ids=[" ".join(a) for a, _ in REPRODUCE_BAD])
+def test_reproduce_checks_every_argument_before_any_work(argv: list[str], words: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from resnetlab.analysis import degradation, transfer
+    from resnetlab.cli import main as cli_main
+
+    def no_training(*_a: object, **_k: object) -> None:
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(degradation, "run_trainings", no_training)
+    monkeypatch.setattr(transfer, "run_trainings", no_training)
+    code = cli_main(["reproduce", *argv, f"run.root={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith(f"resnetlab reproduce: error: {words}"), err
+    assert list(tmp_path.iterdir()) == []  # no experiment folder left behind
+
+
+def test_the_library_calls_check_the_same_way() -> None:
+    from resnetlab.analysis import AnalysisError
+    from resnetlab.analysis.landscape import reproduce_landscape, run_landscape
+    from resnetlab.analysis.responses import reproduce_responses
+
+    with pytest.raises(AnalysisError, match=r"^--span must be a number > 0 and <= 100 .*got inf$"):
+        reproduce_landscape(span=float("inf"))
+    with pytest.raises(AnalysisError, match=r"^--grid must be an integer"):
+        run_landscape("no-such-run", grid=100_000)
+    with pytest.raises(AnalysisError, match=r"^--epochs must be an integer from 1 to 10,000 .*got 1000000000000.0$"):
+        reproduce_responses(epochs=1e12)  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ class Bound:
     def rule(self) -> str:
         """``"an integer from 1 to 64"`` / ``"a number > 0 and <= 3600"``."""
         if self.integer:
-            return f"an integer from {self.low:,.0f} to {self.high:,.0f}"
+            return f"an integer from {int(self.low):,} to {int(self.high):,}"
         return f"a number {'>' if self.low_open else '>='} {self.low:g} and <= {self.high:g}"
 
     def _refuse(self, shown: object) -> BoundError:

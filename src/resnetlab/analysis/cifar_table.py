@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from resnetlab.analysis import args
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.config import RECIPE_DIR, Config, load, validate
@@ -163,6 +164,7 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
     """
     depths_t = _parse_depths(depths)
     seeds_t = parse_seeds(seeds)
+    args.check(estimate_steps=estimate_steps)
     for o in overrides:
         if o.split("=", 1)[0].strip() in ("model.name", "seed"):
             raise AnalysisError(f"{o!r}: the model and seed are set by --depths and --seeds")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from resnetlab.analysis import args
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, apply_overrides, from_dict, validate
@@ -142,12 +143,8 @@ def train_on_digits(kind: str, models: str | Sequence[str], *, epochs: int, seed
     order in which the runs are handed to the workers (e.g. deepest first); any run that did not
     finish raises AnalysisError naming it.
     """
-    names = list(models.replace(",", " ").split() if isinstance(models, str) else models)
-    for n in names:
-        if n not in list_models():
-            raise AnalysisError(f"--models: unknown model {n!r}; see `resnetlab models`")
-    if epochs < 1:
-        raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
+    names = args.models(models)
+    args.check(epochs=epochs, seed=seed, jobs=jobs)
     base = base_config("digits", overrides, epochs)
     out_dir = Path(base.run.root).expanduser() / (base.run.name or f"{kind}-digits-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,12 +332,9 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     depths = parse_depths(depths)
     seeds = parse_seeds(seeds)
     extras = parse_extra_models(extra_models)
-    if epochs is not None and epochs < 1:
-        raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
+    args.check(epochs=epochs, jobs=jobs)
     base = base_config(data, overrides, epochs)
     jobs = default_jobs(base.train.device) if jobs is None else int(jobs)
-    if jobs < 1:
-        raise AnalysisError(f"--jobs must be >= 1, got {jobs}")
     name = base.run.name or f"degradation-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(base.run.root).expanduser() / name
     existed = out_dir.exists()
