@@ -322,3 +322,89 @@ def test_the_library_calls_check_the_same_way() -> None:
         run_landscape("no-such-run", grid=100_000)
     with pytest.raises(AnalysisError, match=r"^--epochs must be an integer from 1 to 10,000 .*got 1000000000000.0$"):
         reproduce_responses(epochs=1e12)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+TINY_TRAIN = ["train.epochs=1", "train.quiet=true", "train.tensorboard=false", "data.train_per_class=4",
+              "train.batch_size=40", "train.test_at_end=false"]
+
+
+@pytest.mark.parametrize("when", ["between steps", "while last.pt is written"])
+def test_a_run_folder_deleted_mid_run_is_named_and_exits_1(when: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import resnetlab.engine as engine
+    from resnetlab.cli import main as cli_main
+    from resnetlab.engine import checkpoint as ckpt
+
+    run_dir = tmp_path / "gone"
+    fit = engine.fit
+
+    def fit_and_delete(cfg, on_step=None):  # type: ignore[no-untyped-def]
+        def step(info):  # type: ignore[no-untyped-def]
+            if when == "between steps":
+                shutil.rmtree(run_dir, ignore_errors=True)
+            return on_step(info) if on_step else None
+
+        return fit(cfg, on_step=step)
+
+    def save_and_lose(state, path):  # type: ignore[no-untyped-def]
+        # `rm -rf` while torch.save writes the temp file: the rename then fails on the temp file
+        shutil.rmtree(run_dir)
+        raise FileNotFoundError(2, "No such file or directory", str(Path(path).parent / ".last.pt.x1y2.tmp"))
+
+    monkeypatch.setattr(engine, "fit", fit_and_delete)
+    if when != "between steps":
+        monkeypatch.setattr(ckpt, "save_checkpoint", save_and_lose)
+    code = cli_main(["train", f"run.root={tmp_path}", "run.name=gone", *TINY_TRAIN])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1, err
+    assert err.startswith(f"resnetlab train: error: {run_dir}: the run folder was deleted or moved while "
+                          "training"), err
+    assert ".tmp" not in err
+    assert not run_dir.exists()  # not re-created as a stub holding only checkpoints/
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """resnet20 on digits, one step of 40 images: a real run folder to predict with."""
+    import resnetlab
+
+    root = tmp_path_factory.mktemp("runs")
+    return resnetlab.train(None, [f"run.root={root}", "run.name=tiny", *TINY_TRAIN]).run_dir
+
+
+def test_predict_text_output_escapes_file_names(tiny_run: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from resnetlab.cli import main as cli_main
+
+    forged = tmp_path / "a.png\nforged.png: 7 1.000 | 1 0.000"  # a name that prints a line of its own
+    forged.write_bytes(_encoded("PNG", size=(8, 8)))
+    plain = tmp_path / "b.png"
+    plain.write_bytes(_encoded("PNG", size=(8, 8)))
+    assert cli_main(["predict", str(tiny_run), str(forged), str(plain), "--topk", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and not any(line.startswith("forged.png") for line in lines), lines
+    assert lines[0].startswith(str(tmp_path / "a.png\\nforged.png: 7 1.000 | 1 0.000") + ": ")
+    # JSON keeps the name exactly (it escapes by itself)
+    assert cli_main(["predict", str(tiny_run), str(forged), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["file"] == str(forged)
+
+
+def test_predict_with_stdout_closed_exits_non_zero(tiny_run: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from resnetlab.cli import main as cli_main
+
+    img = tmp_path / "b.png"
+    img.write_bytes(_encoded("PNG", size=(8, 8)))
+    monkeypatch.setattr(sys, "stdout", None)  # what Python sets when started with `>&-`
+    assert cli_main(["predict", str(tiny_run), str(img)]) == 1
+    assert "standard output is closed" in capsys.readouterr().err

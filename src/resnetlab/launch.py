@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.config import Config
+from resnetlab.engine.errors import RunFolderGoneError
 
 
 def holds_checkpoints(folder: Path) -> bool:
@@ -71,6 +72,12 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
 
     try:
         return fit(cfg, on_step=watch)
+    except OSError as e:
+        # A write into a folder deleted mid-run fails on whatever file it was (often a temp file,
+        # `.last.pt.xxxx.tmp`): name the run folder instead. config.yaml exists once a step ran.
+        if stepped[0] and not isinstance(e, RunFolderGoneError) and not (run_dir / "config.yaml").is_file():
+            raise RunFolderGoneError(run_dir) from e
+        raise
     except BaseException:
         if not stepped[0]:
             discard_untrained(run_dir, existed)
