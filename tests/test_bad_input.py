@@ -408,3 +408,61 @@ def test_predict_with_stdout_closed_exits_non_zero(tiny_run: Path, tmp_path: Pat
     monkeypatch.setattr(sys, "stdout", None)  # what Python sets when started with `>&-`
     assert cli_main(["predict", str(tiny_run), str(img)]) == 1
     assert "standard output is closed" in capsys.readouterr().err
+
+
+def _onnx_model_bytes() -> bytes:
+    """A real (tiny) ONNX model, serialised as `resnetlab export` writes one."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    return helper.make_model(graph, producer_name="pytorch").SerializeToString()
+
+
+CHECKPOINT_LOOKALIKES = {  # file name: (bytes, words the refusal must hold)
+    "best.pt": (b"\x00garbage, no checkpoint here\n" * 4, "not a PyTorch checkpoint (neither a zip archive nor a pickle"),
+    "model.onnx": (None, "an ONNX model, not a PyTorch checkpoint"),
+    "exported.pt": (None, "an ONNX model, not a PyTorch checkpoint"),  # ONNX bytes under a .pt name
+    "empty.pt": (b"", "an empty file (0 bytes)"),
+    "cut.pt": (b"PK\x03\x04" + b"\x00" * 100, "a damaged zip archive"),
+    "notes.pt": (None, "a zip archive, but not a PyTorch checkpoint"),
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINT_LOOKALIKES))
+def test_a_file_that_is_no_checkpoint_is_called_what_it_is(name: str, tmp_path: Path) -> None:
+    import zipfile
+
+    from resnetlab.engine.checkpoint import CheckpointError, load_checkpoint
+
+    data, words = CHECKPOINT_LOOKALIKES[name]
+    f = tmp_path / name
+    if name in ("model.onnx", "exported.pt"):
+        data = _onnx_model_bytes()
+    if name == "notes.pt":
+        with zipfile.ZipFile(f, "w") as z:
+            z.writestr("notes.txt", "hello")
+    else:
+        f.write_bytes(data)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(f)
+    message = str(info.value)
+    assert message.startswith(f"{f}: {words}"), message
+    assert "pickled" not in message and "could run code" not in message and "\n" not in message
+
+
+def test_a_pickle_asking_for_code_is_still_refused_and_says_what_it_asked_for(tmp_path: Path) -> None:
+    import os
+
+    import torch
+
+    from resnetlab.engine.checkpoint import CheckpointError, load_checkpoint
+
+    f = tmp_path / "evil.pt"
+    torch.save({"f": os.system}, f)  # unpickling would import os.system
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(f)
+    message = str(info.value)
+    assert "which could run code" in message and "GLOBAL" in message and "system" in message
+    assert "weights_only` set to `False`" not in message  # torch's advice to retry unsafely is dropped
