@@ -289,6 +289,8 @@ REPRODUCE_BAD = [  # (argv after `reproduce`, words of the one-line refusal)
     (["transfer", "--n", "100000"], "--n 100000: data.train_per_class=100000: class '5' has only"),
     (["transfer", "--n", "5,0"], "--n: each must be an integer from 1 to 100,000"),
     (["cifar-table", "--estimate-steps", "0"], "--estimate-steps must be an integer from 1 to 1,000"),
+    (["cifar-table", "--depths", "21"], "--depths: 21 is not a depth of Table 6; choose from 20, 32"),
+    (["degradation", "--depths", "20,20"], "--depths: repeated value in 20,20"),
 ]
 
 

@@ -69,8 +69,8 @@ def models(text: str | Sequence[str], flag: str = "--models") -> list[str]:
     return names
 
 
-def int_list(text: str | Sequence[int], key: str, flag: str, example: str) -> tuple[int, ...]:
-    """``"5,10,20"`` (or a list of ints) -> distinct ints, each within ``BOUNDS[key]``, in order given."""
+def _ints(text: str | Sequence[int], flag: str, example: str) -> tuple[int, ...]:
+    """``"5,10,20"`` / ``"5 10 20"`` / a list -> the values, at least one, none twice."""
     if isinstance(text, str):
         try:
             values = tuple(int(p) for p in text.replace(",", " ").split())
@@ -80,14 +80,31 @@ def int_list(text: str | Sequence[int], key: str, flag: str, example: str) -> tu
         values = tuple(text)
     if not values:
         raise AnalysisError(f"{flag}: give at least one, e.g. {flag} {example}")
+    if len(set(values)) != len(values):
+        raise AnalysisError(f"{flag}: repeated value in {','.join(map(str, values))}")
+    return values
+
+
+def int_list(text: str | Sequence[int], key: str, flag: str, example: str) -> tuple[int, ...]:
+    """``"5,10,20"`` (or a list of ints) -> distinct ints, each within ``BOUNDS[key]``, in order given."""
+    values = _ints(text, flag, example)
     for v in values:
         try:
             BOUNDS[key].check(v)
         except BoundError as e:
             raise AnalysisError(f"{flag}: each {str(e).removeprefix(BOUNDS[key].name + ' ')}") from None
-    if len(set(values)) != len(values):
-        raise AnalysisError(f"{flag}: repeated value in {','.join(map(str, values))}")
     return tuple(int(v) for v in values)
 
 
-__all__ = ["BOUNDS", "check", "int_list", "models"]
+def int_choices(text: str | Sequence[int], flag: str, example: str, allowed: Sequence[int],
+                what: str) -> tuple[int, ...]:
+    """``"20,56"`` (or a list) -> distinct ints, each one of ``allowed``; a bad one is named with
+    ``what`` it should be (``"a depth with a plain and a residual twin"``) and the choices."""
+    values = _ints(text, flag, example)
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise AnalysisError(f"{flag}: {bad[0]} is not {what}; choose from {', '.join(map(str, allowed))}")
+    return tuple(int(v) for v in values)
+
+
+__all__ = ["BOUNDS", "check", "int_choices", "int_list", "models"]

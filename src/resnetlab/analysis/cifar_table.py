@@ -205,15 +205,7 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
 
 
 def _parse_depths(depths: str | Sequence[int]) -> tuple[int, ...]:
-    try:
-        out = tuple(int(d) for d in (depths.replace(",", " ").split() if isinstance(depths, str) else depths))
-    except ValueError:
-        raise AnalysisError(f"--depths: expected integers like 20,56, got {depths!r}") from None
-    bad = [d for d in out if d not in DEPTHS]
-    if not out or bad:
-        raise AnalysisError(f"--depths: {bad[0] if bad else 'none given'} is not in Table 6; "
-                            f"choose from {','.join(map(str, DEPTHS))}")
-    return out
+    return args.int_choices(depths, "--depths", "20,56", DEPTHS, "a depth of Table 6")
 
 
 def table_rows(test_errs: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:

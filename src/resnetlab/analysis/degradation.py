@@ -92,21 +92,8 @@ class DegradationResult:
 
 def parse_depths(text: str | Sequence[int]) -> tuple[int, ...]:
     """``"20,56"`` -> ``(20, 56)``; every depth must have a CIFAR-style plain and resnet twin."""
-    if isinstance(text, str):
-        try:
-            depths = tuple(int(p) for p in text.replace(",", " ").split())
-        except ValueError:
-            raise AnalysisError(f"--depths: expected integers like 20,56, got {text!r}") from None
-    else:
-        depths = tuple(int(d) for d in text)
-    valid = twin_depths()
-    bad = [d for d in depths if d not in valid]
-    if not depths or bad:
-        raise AnalysisError(f"--depths: {bad[0] if bad else 'none given'} is not a depth with a "
-                            f"plain and a residual twin; choose from {', '.join(map(str, valid))}")
-    if len(set(depths)) != len(depths):
-        raise AnalysisError(f"--depths: repeated depth in {text!r}")
-    return tuple(sorted(depths))
+    return tuple(sorted(args.int_choices(text, "--depths", "20,56", twin_depths(),
+                                         "a depth with a plain and a residual twin")))
 
 
 def twin_depths() -> tuple[int, ...]:
