@@ -339,8 +339,8 @@ def test_a_run_folder_deleted_mid_run_is_named_and_exits_1(when: str, tmp_path: 
     import shutil
 
     import resnetlab.engine as engine
+    from resnetlab import checkpoint as ckpt
     from resnetlab.cli import main as cli_main
-    from resnetlab.engine import checkpoint as ckpt
 
     run_dir = tmp_path / "gone"
     fit = engine.fit
@@ -436,7 +436,7 @@ CHECKPOINT_LOOKALIKES = {  # file name: (bytes, words the refusal must hold)
 def test_a_file_that_is_no_checkpoint_is_called_what_it_is(name: str, tmp_path: Path) -> None:
     import zipfile
 
-    from resnetlab.engine.checkpoint import CheckpointError, load_checkpoint
+    from resnetlab.checkpoint import CheckpointError, load_checkpoint
 
     data, words = CHECKPOINT_LOOKALIKES[name]
     f = tmp_path / name
@@ -459,7 +459,7 @@ def test_a_pickle_asking_for_code_is_still_refused_and_says_what_it_asked_for(tm
 
     import torch
 
-    from resnetlab.engine.checkpoint import CheckpointError, load_checkpoint
+    from resnetlab.checkpoint import CheckpointError, load_checkpoint
 
     f = tmp_path / "evil.pt"
     torch.save({"f": os.system}, f)  # unpickling would import os.system
