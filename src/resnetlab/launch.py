@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.config import Config
-from resnetlab.engine.errors import RunFolderGoneError
 
 
 def holds_checkpoints(folder: Path) -> bool:
@@ -56,6 +55,7 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
     replaced by rank 0's inside ``fit`` (which broadcasts it), and only rank 0 removes.
     """
     from resnetlab.engine import fit
+    from resnetlab.engine.errors import RunFolderGoneError
     from resnetlab.engine.fit import default_run_name
 
     if cfg.run.name is None:
