@@ -7,12 +7,17 @@ import sys
 from collections.abc import Callable
 
 
-def _bounded(flag: str) -> Callable[[str], float]:
+def _bounded(flag: str) -> Callable[[str], int | float]:
     """argparse ``type=`` for ``flag``: its bound from resnetlab.serve.options (checked before
-    anything loads; the library call checks the same bounds again)."""
-    from resnetlab.serve.options import BOUNDS
+    anything loads; the library call checks the same bounds again). Imported when a serve flag
+    is parsed, not when the parser is built: other commands never load the server."""
+    def parse(text: str) -> int | float:
+        from resnetlab.serve.options import BOUNDS
 
-    return BOUNDS[flag].argtype()
+        return BOUNDS[flag].argtype()(text)
+
+    parse.__name__ = flag.lstrip("-")
+    return parse
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
