@@ -291,6 +291,9 @@ REPRODUCE_BAD = [  # (argv after `reproduce`, words of the one-line refusal)
     (["cifar-table", "--estimate-steps", "0"], "--estimate-steps must be an integer from 1 to 1,000"),
     (["cifar-table", "--depths", "21"], "--depths: 21 is not a depth of Table 6; choose from 20, 32"),
     (["degradation", "--depths", "20,20"], "--depths: repeated value in 20,20"),
+    # gradients (not an experiment of reproduce) shares the same checks
+    (["gradients", "--steps", "-1"], "--steps must be an integer from 0 to 100,000"),
+    (["gradients", "--models", "resnet20,resnet20"], "--models: 'resnet20' is named twice"),
 ]
 
 
@@ -306,10 +309,11 @@ def test_reproduce_checks_every_argument_before_any_work(argv: list[str], words:
 
     monkeypatch.setattr(degradation, "run_trainings", no_training)
     monkeypatch.setattr(transfer, "run_trainings", no_training)
-    code = cli_main(["reproduce", *argv, f"run.root={tmp_path}"])
+    command = [] if argv[0] == "gradients" else ["reproduce"]
+    code = cli_main([*command, *argv, f"run.root={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err, err
-    assert err.startswith(f"resnetlab reproduce: error: {words}"), err
+    assert err.startswith(f"resnetlab {(command or argv)[0]}: error: {words}"), err
     assert list(tmp_path.iterdir()) == []  # no experiment folder left behind
 
 

@@ -25,6 +25,7 @@ BOUNDS: dict[str, Bound] = {
     "epochs": Bound("--epochs", 1, 10_000, why="the paper's CIFAR runs take 164"),
     "pretrain_epochs": Bound("--pretrain-epochs", 1, 10_000),
     "steps": Bound("--steps", 1, 100_000, why="optimiser steps per run"),
+    "gradient_steps": Bound("--steps", 0, 100_000, why="training steps before the second measurement"),
     "estimate_steps": Bound("--estimate-steps", 1, 1_000),
     "seed": Bound("--seed", 0, 2**64 - 1, why="the config's seed range"),
     "jobs": Bound("--jobs", 1, 256, why="worker processes"),
