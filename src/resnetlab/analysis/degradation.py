@@ -173,17 +173,12 @@ def train_on_digits(kind: str, models: str | Sequence[str], *, epochs: int, seed
 
 def parse_extra_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"densenet_bc100,lesson_resnet18"`` -> registered names trained beside the twins."""
-    if text is None:
+    if text is None or not (text.replace(",", " ").split() if isinstance(text, str) else text):
         return ()
-    names = tuple(n for n in (text.replace(",", " ").split() if isinstance(text, str) else text) if n)
-    known = list_models()
+    names = tuple(args.models(text, "--extra-models"))  # registered, none twice
     for n in names:
-        if n not in known:
-            raise AnalysisError(f"--extra-models: unknown model {n!r}; see `resnetlab models`")
         if re.fullmatch(r"(plain|resnet)\d+", n):
             raise AnalysisError(f"--extra-models: {n!r} is a plain/resnet twin; use --depths")
-    if len(set(names)) != len(names):
-        raise AnalysisError(f"--extra-models: repeated name in {text!r}")
     return names
 
 
