@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.config import Config
-from resnetlab.engine.fit import default_run_name, fit
 
 
 def holds_checkpoints(folder: Path) -> bool:
@@ -57,6 +56,10 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
     The run name is fixed before ``fit`` so the folder is known; under DDP every rank's choice is
     replaced by rank 0's inside ``fit`` (which broadcasts it), and only rank 0 removes.
     """
+    from resnetlab.engine import fit
+    from resnetlab.engine.errors import RunFolderGoneError
+    from resnetlab.engine.fit import default_run_name
+
     if cfg.run.name is None:
         cfg = replace(cfg, run=replace(cfg.run, name=default_run_name(cfg)))
     root = Path(cfg.run.root).expanduser()
@@ -72,6 +75,12 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
 
     try:
         return fit(cfg, on_step=watch)
+    except OSError as e:
+        # A write into a folder deleted mid-run fails on whatever file it was (often a temp file,
+        # `.last.pt.xxxx.tmp`): name the run folder instead. config.yaml exists once a step ran.
+        if stepped[0] and not isinstance(e, RunFolderGoneError) and not (run_dir / "config.yaml").is_file():
+            raise RunFolderGoneError(run_dir) from e
+        raise
     except BaseException:
         if not stepped[0] and discard_untrained(run_dir, existed) and not root_existed:
             with contextlib.suppress(OSError):  # not empty: another run started there meanwhile

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnetlab.analysis import args
 from resnetlab.analysis.degradation import base_config, write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.plots import plot_gradients
@@ -34,7 +35,7 @@ from resnetlab.data import build_datasets, build_loader
 from resnetlab.engine.loop import train_one_epoch
 from resnetlab.engine.metrics import SumMeter
 from resnetlab.engine.optim import build_optimizer, lr_at
-from resnetlab.models import Block, build_model, list_models
+from resnetlab.models import Block, build_model
 from resnetlab.runtime import run_dir, seed_everything, select_device
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
@@ -101,13 +102,8 @@ def gradient_flow(models: str | Sequence[str] = DEFAULT_MODELS, data: str = "dig
     :data:`resnetlab.analysis.degradation.RECIPES`); ``run.root``/``run.name`` place the
     output folder (default ``runs/gradients-<data>-<time>/``).
     """
-    names = [m for m in (models.replace(",", " ").split() if isinstance(models, str) else models) if m]
-    unknown = [m for m in names if m not in list_models()]
-    if not names or unknown:
-        raise AnalysisError(f"--models: unknown model {unknown[0] if unknown else '(none given)'}; "
-                            "see `resnetlab models`")
-    if steps < 0:
-        raise AnalysisError(f"--steps must be >= 0, got {steps}")
+    names = args.models(models)
+    args.check(gradient_steps=steps, seed=seed)
     base = base_config(data, overrides)
     device = select_device(base.train.device)
     # One intra-op thread on CPU unless train.threads says otherwise: these 8x8 convolutions are
