@@ -112,8 +112,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    kind = not_a_checkpoint(path)  # an .onnx model or a damaged file is not "pickled objects"
-    if kind:
+    if kind := not_a_checkpoint(path):  # an .onnx model or a damaged file is not "pickled objects"
         raise CheckpointError(f"{path}: {kind}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -379,10 +378,8 @@ class Checkpoint:
                 f"{path}: checkpoint schema {schema!r} (written by resnetlab {obj.get('version', '?')}) "
                 f"is newer than this resnetlab reads ({SCHEMA_VERSION}); upgrade resnetlab")
 
-        def opt(key: str) -> Any:
-            value = obj.get(key)
-            return dict(value) if isinstance(value, Mapping) else value
-
+        def opt(key: str) -> Any:  # mappings as plain dicts; None or a malformed value as it is
+            return dict(obj[key]) if isinstance(obj.get(key), Mapping) else obj.get(key)
         return cls(model=opt("model"), config=dict(obj["config"]), meta=dict(obj["meta"]),
                    optimizer=opt("optimizer"), ema=opt("ema"), scaler=opt("scaler"), meter=opt("meter"),
                    rng=opt("rng"), state=opt("state"), source=opt("source"),
@@ -451,10 +448,9 @@ def read_training(path: str | Path, map_location: str | torch.device = "cpu") ->
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint (missing {', '.join(missing)}); "
                               f"cannot resume from it")
-    if not isinstance(obj["state"], Mapping):
-        raise CheckpointError(f"{path}: its 'state' entry should be a mapping")
-    if not isinstance(obj["rng"], Mapping):
-        raise CheckpointError(f"{path}: its 'rng' entry should be a mapping")
+    for key in ("state", "rng"):
+        if not isinstance(obj[key], Mapping):
+            raise CheckpointError(f"{path}: its {key!r} entry should be a mapping")
     return Checkpoint.from_dict(obj, path)
 
 
@@ -495,10 +491,9 @@ def read_safetensors_header(path: str | Path) -> dict[str, str]:
 
 __all__ = [
     "BEST", "CHECKPOINT_DIR", "LAST", "SAFETENSORS_ARCH_KEY", "SAFETENSORS_CONFIG_KEY", "SAFETENSORS_META_KEY",
-    "SAFETENSORS_VERSION_KEY", "SCHEMA_VERSION", "TRAINING_KEYS", "Checkpoint", "CheckpointError",
-    "atomic_write", "check_finite", "check_state_dict", "is_resnetlab", "latest", "load_checkpoint",
-    "load_safetensors", "load_weights", "model_state", "non_finite", "pack_rng", "read",
-    "read_safetensors_header", "read_training", "resolve", "rng_state", "safetensors_bytes",
-    "safetensors_header", "save_checkpoint", "save_safetensors", "set_rng_state", "unpack_rng", "write",
-    "write_weights",
+    "SAFETENSORS_VERSION_KEY", "SCHEMA_VERSION", "TRAINING_KEYS", "Checkpoint", "CheckpointError", "atomic_write",
+    "check_finite", "check_state_dict", "is_resnetlab", "latest", "load_checkpoint", "load_safetensors",
+    "load_weights", "model_state", "non_finite", "pack_rng", "read", "read_safetensors_header", "read_training",
+    "resolve", "rng_state", "safetensors_bytes", "safetensors_header", "save_checkpoint", "save_safetensors",
+    "set_rng_state", "unpack_rng", "write", "write_weights",
 ]
