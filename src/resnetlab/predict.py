@@ -238,27 +238,28 @@ def predict_images(model: nn.Module, meta: DataMeta, images: Sequence[Image.Imag
 
 
 def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
-            device: str | torch.device = "cpu", batch_size: int = 64, invert: Invert = "auto") -> PredictResult:
+            device: str | torch.device = "cpu", batch_size: int = 64, invert: Invert = "auto",
+            centre: bool = True, backend: str = "torch", model_file: str | Path | None = None) -> PredictResult:
     """Top-``topk`` predictions of the network at ``path`` (run folder or checkpoint) for
     ``inputs`` (image files and folders). Unreadable files land in ``result.errors``.
-    ``invert``: see :func:`apply_polarity` (digits: dark-on-light images are inverted)."""
+    ``invert``: see :func:`apply_polarity` (digits: dark-on-light images are inverted);
+    ``centre``: see :func:`centre_ink`. ``backend``: ``torch`` or ``onnxruntime`` (the exported
+    ``.onnx``; ``model_file`` picks another, e.g. the int8 one), as ``resnetlab serve`` runs them."""
+    from resnetlab.serve.backends import make_backend
+
     if topk < 1:
         raise DataError(f"--topk must be >= 1, got {topk}")
-    if invert not in INVERT_CHOICES:
-        raise DataError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
-    model, _cfg, meta = load_for_inference(path, device=device)
-    device = next(model.parameters()).device
+    runner = make_backend(path, backend, device=str(device), model_file=model_file, invert=invert,
+                          centre=centre).load()
+    meta = runner.meta
     files, errors = collect_images(inputs)
     result = PredictResult(errors=errors)
     for chunk in _chunks(files, batch_size):  # bounded memory for large folders
         good: list[Path] = []
-        flips: list[bool | None] = []
-        pixels: list[torch.Tensor] = []  # [c, h, w] uint8 each
+        prepared = []
         for f in chunk:
             try:
-                img, inverted = apply_polarity(load_image(f), meta, invert)
-                pixels.append(preprocess([img], meta)[0])
-                flips.append(inverted)
+                prepared.append(runner.preprocess(load_image(f)))
                 good.append(f)
             except DataError as e:  # BadImageError says "<path>: <reason>"
                 result.errors.append((str(f), str(e).removeprefix(f"{f}: ")))
@@ -266,9 +267,11 @@ def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
                 result.errors.append((str(f), f"cannot preprocess image ({e})"))
         if not good:
             continue
-        probs, ids = _topk(model, meta, torch.stack(pixels), topk, device)
-        for f, p, i, inv in zip(good, probs.tolist(), ids.tolist(), flips, strict=True):
-            result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, inv))
+        probs = runner.predict_batch(torch.stack([p.x for p in prepared]))  # [n, classes]
+        top = probs.topk(min(topk, probs.shape[1]), dim=1)
+        for f, p, i, item in zip(good, top.values.tolist(), top.indices.tolist(), prepared, strict=True):
+            result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, item.inverted,
+                                                 item.preprocess))
     return result
 
 
@@ -292,16 +295,18 @@ class Predictor:
     images into the normalised batch the model takes, ``predict`` returns the top-k per image.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, meta: DataMeta, invert: Invert = "auto") -> None:
+    def __init__(self, model: nn.Module, cfg: Config, meta: DataMeta, invert: Invert = "auto",
+                 centre: bool = True) -> None:
         if invert not in INVERT_CHOICES:
             raise DataError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
-        self.model, self.config, self.meta, self.invert = model, cfg, meta, invert
+        self.model, self.config, self.meta, self.invert, self.centre = model, cfg, meta, invert, centre
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", invert: Invert = "auto") -> Predictor:
+    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", invert: Invert = "auto",
+                  centre: bool = True) -> Predictor:
         """Load a run folder, ``.pt`` checkpoint or exported ``.safetensors`` file."""
         model, cfg, meta = load_for_inference(path, device=device)
-        return cls(model, cfg, meta, invert)
+        return cls(model, cfg, meta, invert, centre)
 
     @property
     def classes(self) -> list[str]:
@@ -324,22 +329,26 @@ class Predictor:
         raise DataError(f"expected a PIL image, an image path or a uint8 tensor [c, h, w], got "
                         f"{type(image).__name__}{' ' + str(image.dtype) if isinstance(image, torch.Tensor) else ''}")
 
-    def _batch(self, images: Any) -> tuple[list[Image.Image], list[bool | None]]:
+    def _batch(self, images: Any) -> tuple[torch.Tensor, list[bool | None], list[str]]:
+        """uint8 ``[n, c, h, w]``, polarity flags and what was done, per image."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:  # uint8 [n, c, h, w]
             images = list(images)
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        pairs = [apply_polarity(self._pil(im), self.meta, self.invert) for im in images]
-        return [im for im, _ in pairs], [inv for _, inv in pairs]
+        done = [prepare_image(self._pil(im), self.meta, self.invert, self.centre) for im in images]
+        h, w = self.meta.input_size
+        pixels = (torch.stack([p for p, _, _ in done]) if done
+                  else torch.empty(0, self.meta.in_chans, h, w, dtype=torch.uint8))
+        return pixels, [inv for _, inv, _ in done], [how for _, _, how in done]
 
     def transforms(self, images: Any) -> torch.Tensor:
         """PIL image(s), path(s) or uint8 tensor(s) -> float32 ``[n, c, h, w]``, normalised.
 
-        The run's own evaluation preprocessing (resize/crop, grey or RGB, polarity), then
-        ``(x / 255 - mean) / std`` with the training split's statistics.
+        The run's own evaluation preprocessing (polarity, digit-like framing, resize/crop, grey
+        or RGB), then ``(x / 255 - mean) / std`` with the training split's statistics.
         """
-        pil, _ = self._batch(images)
-        return normalize(preprocess(pil, self.meta), self.meta)
+        pixels, _, _ = self._batch(images)
+        return normalize(pixels, self.meta)
 
     @torch.no_grad()
     def predict(self, images: Any, topk: int = 5) -> list[Prediction]:
@@ -347,20 +356,22 @@ class Predictor:
         or the path given)."""
         if topk < 1:
             raise DataError(f"topk must be >= 1, got {topk}")
-        pil, flips = self._batch(images)
-        if not pil:
+        pixels, flips, steps = self._batch(images)
+        if not len(pixels):
             return []
-        probs, ids = _topk(self.model, self.meta, preprocess(pil, self.meta), topk, self.device)
-        names = images if isinstance(images, (list, tuple)) else [images] * len(pil)
+        probs, ids = _topk(self.model, self.meta, pixels, topk, self.device)
+        names = images if isinstance(images, (list, tuple)) else [images] * len(pixels)
         return [Prediction(str(n) if isinstance(n, (str, Path)) else str(k), [self.meta.classes[j] for j in i],
-                           i, p, inv)
-                for k, (n, p, i, inv) in enumerate(zip(names, probs.tolist(), ids.tolist(), flips, strict=True))]
+                           i, p, inv, how)
+                for k, (n, p, i, inv, how) in enumerate(zip(names, probs.tolist(), ids.tolist(), flips, steps,
+                                                            strict=True))]
 
     def __repr__(self) -> str:
         return (f"Predictor({self.config.model.name}, {len(self.classes)} classes, "
                 f"input {self.meta.in_chans}x{self.meta.input_size[0]}x{self.meta.input_size[1]}, "
-                f"invert={self.invert!r})")
+                f"invert={self.invert!r}, centre={self.centre})")
 
 
-__all__ = ["INVERT_CHOICES", "Prediction", "PredictResult", "Predictor", "apply_polarity", "collect_images",
-           "format_predictions", "light_ground", "predict", "predict_images"]
+__all__ = ["INK_FRAMES", "INVERT_CHOICES", "InkFrame", "Prediction", "PredictResult", "Predictor", "apply_polarity",
+           "centre_ink", "collect_images", "format_predictions", "light_ground", "predict", "predict_images",
+           "prepare_image"]

@@ -42,13 +42,23 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                    help="grey runs (digits: light ink on dark) learned one polarity; auto reads it from "
                         "the image border and inverts dark-on-light images (default auto)")
+    p.add_argument("--no-centre", dest="centre", action="store_false",
+                   help="digit-like runs (digits, MNIST, Fashion-MNIST): do not crop images to their ink "
+                        "and centre it as the dataset was framed (the JSON's preprocess field says what was done)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="what runs the network: torch (default) or onnxruntime (CPU; the .onnx that "
+                        "`resnetlab export --format onnx` wrote, or --model-file)")
+    p.add_argument("--model-file", metavar="FILE.onnx",
+                   help="onnxruntime: the model file (default <run>/<arch>.onnx; e.g. <arch>.int8.onnx "
+                        "from resnetlab quantize)")
 
 def run_predict(args: argparse.Namespace) -> int:
     import json
 
     from resnetlab.predict import format_predictions, predict
 
-    result = predict(args.path, args.inputs, topk=args.topk, device=args.device, invert=args.invert)
+    result = predict(args.path, args.inputs, topk=args.topk, device=args.device, invert=args.invert,
+                     centre=args.centre, backend=args.backend, model_file=args.model_file)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif result.predictions:
@@ -107,6 +117,33 @@ def run_export(args: argparse.Namespace) -> int:
           f"{res.max_abs_diff:.2e} (limit {res.metadata['tolerance']:.0e})")
     return 0
 
+def add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="int8 post-training quantization (onnxruntime) with a top-1/size/latency report",
+                       description="Quantize a run's exported ONNX model to int8 with onnxruntime (exported "
+                                   "first if missing), calibrated on N training images, and compare fp32 "
+                                   "and int8: top-1 on the test split, file size, latency at batch 1 and 64. "
+                                   "Writes <run>/<arch>.int8.onnx and its .json report; serve it with "
+                                   "resnetlab serve RUN --backend onnxruntime --model-file FILE.")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("--method", choices=("static", "dynamic"), default="static",
+                   help="static: activation ranges calibrated on training images, int8 convolutions "
+                        "(default); dynamic: weights only, ranges measured per batch")
+    p.add_argument("--calibration", type=int, default=256, metavar="N",
+                   help="training images to calibrate on (static; default 256)")
+    p.add_argument("--output", metavar="PATH", help="int8 model file (default <run>/<arch>.int8.onnx)")
+    p.add_argument("--threads", type=int, help="CPU threads for the latency measurement (default: torch's)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="data.* changes to the stored config for reading the images, e.g. data.root=~/data/x")
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from resnetlab.quantize import format_report, quantize_run
+
+    report = quantize_run(args.path, args.method, args.calibration, args.output, force=args.force,
+                          threads=args.threads, overrides=args.overrides)
+    print(format_report(report))
+    return 0
+
 def add_import(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="turn torchvision weights on disk into a resnetlab checkpoint",
                        description="Wrap a torchvision state dict (torch.save(model.state_dict())) in a "
@@ -137,5 +174,6 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "predict": (add_predict, run_predict),
     "explain": (add_explain, run_explain),
     "export": (add_export, run_export),
+    "quantize": (add_quantize, run_quantize),
     "import": (add_import, run_import),
 }
