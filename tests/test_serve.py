@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -322,6 +323,200 @@ def test_explain_cli_writes_overlays_and_json(digits_run: Path, digit_files: lis
     assert Image.open(out / f"{digit_files[0].stem}.cam.png").size == (224, 224)
     assert cli_main(["explain", str(digits_run), str(digit_files[0]), "--target", "ten"]) == 2
     assert "target 'ten'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- v2, metrics
+
+
+def _triton(server: Server):
+    import tritonclient.http as triton
+
+    return triton, triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=60.0)
+
+
+def _text(cell: bytes | str) -> str:
+    """A BYTES element as tritonclient returns it: bytes from binary data, str from JSON."""
+    return cell.decode() if isinstance(cell, bytes) else cell
+
+
+def _want(server: Server, files: list[Path]) -> tuple[np.ndarray, list[str]]:
+    """``/v1/predict``'s probabilities ``[n, classes]`` (by class index) and top labels."""
+    body, ctype = multipart([(f.name, f.read_bytes()) for f in files])
+    status, got = http(server.url + "/v1/predict?topk=10", body, ctype)
+    assert status == 200
+    probs = np.zeros((len(files), 10), dtype=np.float32)
+    for row, r in zip(probs, got["results"], strict=True):
+        for t in r["top"]:
+            row[t["index"]] = t["probability"]
+    return probs, [r["top"][0]["label"] for r in got["results"]]
+
+
+def test_v1_answer_says_how_each_image_was_preprocessed_and_batched(server: Server, digit_files: list[Path]) -> None:
+    status, got = http(server.url + "/v1/predict", digit_files[0].read_bytes(), "image/png")
+    r = got["results"][0]
+    assert status == 200 and r["inverted"] is False  # the dataset's own pixels: light ink on dark
+    assert "already at the input size" in r["preprocess"] and r["batch_size"] >= 1
+    dark_on_light = png_bytes(Image.fromarray(255 - np.asarray(Image.open(digit_files[0]))).resize((64, 64)))
+    r = http(server.url + "/v1/predict", dark_on_light, "image/png")[1]["results"][0]
+    assert r["inverted"] is True and "ink box" in r["preprocess"] and "centred" in r["preprocess"]
+
+
+def test_v2_health_and_metadata_through_tritonclient(server: Server, digits_run: Path) -> None:
+    _, client = _triton(server)
+    name = digits_run.name  # the run folder's name
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+    assert client.is_model_ready(name, model_version="1") and not client.is_model_ready("nope")
+    server_meta = client.get_server_metadata()
+    assert server_meta["name"] == "resnetlab" and "binary_tensor_data" in server_meta["extensions"]
+    meta = client.get_model_metadata(name)
+    assert meta["name"] == name and meta["versions"] == ["1"] and meta["platform"] == "pytorch_libtorch"
+    assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 8, 8]},
+                              {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
+        ("probabilities", "FP32", [-1, 10]), ("class_index", "INT64", [-1]), ("class_label", "BYTES", [-1])]
+    assert http(server.url + "/v2/models/nope")[0] == 404
+    assert http(server.url + f"/v2/models/{name}/versions/2")[0] == 404
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_v2_infer_from_tritonclient_equals_v1_and_the_predictor(server: Server, digits_run: Path,
+                                                              digit_files: list[Path], binary: bool) -> None:
+    triton, client = _triton(server)
+    files = digit_files[:4]
+    want, labels = _want(server, files)
+    # Encoded images: raw bytes in binary mode; JSON carries them as base64 text.
+    pngs = [f.read_bytes() for f in files]
+    inp = triton.InferInput("image_bytes", [len(files)], "BYTES")
+    inp.set_data_from_numpy(np.array(pngs if binary else [base64.b64encode(p) for p in pngs], dtype=object),
+                            binary_data=binary)
+    outs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "class_label", "class_index")]
+    res = client.infer(digits_run.name, [inp], outputs=outs, request_id="req-7")
+    assert res.get_response()["id"] == "req-7" and res.get_response()["model_name"] == digits_run.name
+    # Same fused net and preprocessing; the batch composition may differ: a few ulp of the logits.
+    assert np.allclose(res.as_numpy("probabilities"), want, atol=1e-5)
+    assert [_text(b) for b in res.as_numpy("class_label")] == labels
+    assert res.as_numpy("class_index").tolist() == [int(x) for x in labels]
+    # An already preprocessed FP32 tensor (the predictor's own transforms), no outputs named:
+    # tritonclient then asks for every output in binary.
+    x = resnetlab.load(digits_run).transforms(list(files)).numpy()  # [4, 1, 8, 8] normalised
+    assert x.shape == (4, 1, 8, 8)
+    tensor = triton.InferInput("images", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    res = client.infer(digits_run.name, [tensor], model_version="1")
+    assert np.allclose(res.as_numpy("probabilities"), want, atol=1e-5)
+    # Triton's classification extension: "probability:index:label", most probable first.
+    top = client.infer(digits_run.name, [tensor], outputs=[
+        triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)]).as_numpy("probabilities")
+    assert top.shape == (4, 3)
+    for row, p in zip(top, want, strict=True):
+        fields = [_text(cell).split(":") for cell in row]
+        assert [int(i) for _, i, _ in fields] == np.argsort(-p, kind="stable")[:3].tolist()
+        assert all(abs(float(v) - p[int(i)]) < 1e-5 and lab == i for v, i, lab in fields)
+
+
+def test_v2_infer_with_plain_httpx_json(server: Server, digits_run: Path, digit_files: list[Path]) -> None:
+    import httpx
+
+    want, labels = _want(server, digit_files[:2])
+    x = resnetlab.load(digits_run).transforms(digit_files[:2]).numpy()
+    body = {"id": "plain", "inputs": [{"name": "images", "datatype": "FP32", "shape": list(x.shape),
+                                       "data": x.tolist()}],  # nested lists are accepted too
+            "outputs": [{"name": "class_label"}, {"name": "probabilities"}]}
+    r = httpx.post(f"{server.url}/v2/models/{digits_run.name}/infer", json=body, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    got = r.json()
+    assert got["id"] == "plain" and [o["name"] for o in got["outputs"]] == ["class_label", "probabilities"]
+    assert got["outputs"][0]["data"] == labels
+    assert np.allclose(np.array(got["outputs"][1]["data"]).reshape(2, 10), want, atol=1e-5)
+
+
+def _v2_bad(case: str, png: bytes) -> tuple[str, dict[str, str], bytes | None, int, str]:
+    """``(path suffix, headers, body, status, words)`` of one refused v2 request."""
+    def doc(**inp: Any) -> bytes:
+        base = {"name": "images", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}
+        return json.dumps({"inputs": [{**base, **inp}]}).encode()
+
+    raw = struct.pack("<I", len(png)) + png
+    head = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return {
+        "unknown model": ("/v2/models/other/infer", {}, doc(), 404, "unknown model 'other'"),
+        "not json": ("", {}, b"{nope", 400, "not valid JSON"),
+        "no inputs": ("", {}, b'{"inputs": []}', 400, "exactly one input"),
+        "wrong datatype": ("", {}, doc(datatype="INT32"), 400, "expected FP32"),
+        "wrong shape": ("", {}, doc(shape=[1, 3, 8, 8]), 400, "expected [N, 1, 8, 8]"),
+        "too little data": ("", {}, doc(data=[0.0] * 10), 400, "10 values"),
+        "nan": ("", {}, doc(data=[float("nan")] * 64), 400, "NaN"),
+        "unknown output": ("", {}, json.dumps({**json.loads(doc()), "outputs": [{"name": "x"}]}).encode(),
+                           400, "unknown output 'x'"),
+        "header length past body": ("", {"Inference-Header-Content-Length": "99999"}, head + raw, 400,
+                                    "Inference-Header-Content-Length"),
+        "binary size mismatch": ("", {"Inference-Header-Content-Length": str(len(head))}, head + raw[:-3],
+                                 400, "binary_data_size"),
+        "not an image": ("", {}, None, 415, "not an image"),  # built in the test
+        "bad base64": ("", {}, json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                                       "data": ["%%%"]}]}).encode(), 400, "base64"),
+        "too many images": ("", {}, doc(shape=[5, 1, 8, 8], data=[0.0] * 320), 413, "--max-images"),
+    }[case]
+
+
+V2_BAD = ["unknown model", "not json", "no inputs", "wrong datatype", "wrong shape", "too little data", "nan",
+          "unknown output", "header length past body", "binary size mismatch", "not an image", "bad base64",
+          "too many images"]
+
+
+@pytest.mark.parametrize("case", V2_BAD)
+def test_v2_bad_requests_get_4xx_and_the_reason(server: Server, digits_run: Path, digit_files: list[Path],
+                                                case: str) -> None:
+    import httpx
+
+    png = digit_files[0].read_bytes()
+    path, headers, body, want_status, words = _v2_bad(case, png)
+    if case == "not an image":  # a well-formed binary BYTES request whose element is no image
+        junk = b"just text"
+        raw = struct.pack("<I", len(junk)) + junk
+        head = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                       "parameters": {"binary_data_size": len(raw)}}]}).encode()
+        body, headers = head + raw, {"Inference-Header-Content-Length": str(len(head))}
+    url = server.url + (path or f"/v2/models/{digits_run.name}/infer")
+    r = httpx.post(url, content=body, headers=headers, timeout=60)
+    assert r.status_code == want_status and words in r.json()["error"], r.text
+    assert httpx.get(f"{server.url}/v2/models/{digits_run.name}/infer", timeout=60).status_code == 405
+    assert http(server.url + "/v2/health/ready") == (200, {"ready": True})  # still serving
+
+
+def test_metrics_are_prometheus_text_with_batches_and_latency(server: Server, digits_run: Path,
+                                                              digit_files: list[Path]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    data = [f.read_bytes() for f in digit_files]
+    with ThreadPoolExecutor(8) as pool:  # some traffic, concurrent so that batches form
+        assert set(pool.map(lambda i: http(server.url + "/v1/predict", data[i % 6], "image/png")[0],
+                            range(16))) == {200}
+    assert http(server.url + "/v2/models/other/infer", b"{}", "application/json")[0] == 404
+    with urllib.request.urlopen(server.url + "/metrics") as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=")  # Prometheus' text format
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert families["resnetlab_requests"].type == "counter"
+    assert samples[("resnetlab_requests_total", (("method", "POST"), ("route", "/v1/predict"),
+                                                  ("status", "200")))] >= 16
+    assert any(k[0] == "resnetlab_requests_total" and ("route", "/v2/models/{name}/infer") in k[1]
+               and ("status", "404") in k[1] for k in samples)  # route templates, not raw paths
+    assert not any("/v2/models/other" in str(k) for k in samples)
+    images = samples[("resnetlab_images_total", ())]
+    assert samples[("resnetlab_batch_size_sum", ())] == images >= 16  # every image ran in one batch
+    assert samples[("resnetlab_batch_size_count", ())] <= images
+    assert samples[("resnetlab_queue_wait_seconds_count", ())] == images
+    assert samples[("resnetlab_request_duration_seconds_count", (("route", "/v1/predict"),))] >= 16
+    assert samples[("resnetlab_requests_in_flight", ())] >= 1  # this scrape itself
+    assert samples[("resnetlab_model_load_seconds", ())] > 0 and samples[("resnetlab_images_per_second", ())] > 0
+    sha = http(server.url + "/v1/model")[1]["checkpoint_sha256"]
+    assert samples[("resnetlab_model_info", (("backend", "torch"), ("dataset", "digits"), ("model", "resnet20"),
+                                             ("name", digits_run.name), ("sha256", sha)))] == 1
+    stats = http(server.url + "/v1/stats")[1]  # what the page shows: the last minute
+    assert stats["batches"] >= 1 and stats["images"] >= 16 and stats["mean_batch_size"] >= 1
+    assert stats["latency_ms"]["p50"] > 0 and stats["latency_ms"]["p99"] >= stats["latency_ms"]["p50"]
 
 
 # ---------------------------------------------------------------------------------------------- browser

@@ -391,8 +391,8 @@ class ServeApp:
         return JSONResponse({**self.metrics.last_minute(), "max_batch": self.batcher.max_batch,
                              "batches_total": self.batcher.batches, "images_total": self.batcher.images})
 
-    async def prometheus(self, _request: Request) -> Response:
-        body, ctype = self.metrics.exposition()
+    async def prometheus(self, request: Request) -> Response:
+        body, ctype = self.metrics.exposition(request.headers.get("accept", ""))
         return Response(body, media_type=ctype)
 
     async def healthz(self, _request: Request) -> Response:

@@ -28,15 +28,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     Info,
     disable_created_metrics,
-    generate_latest,
 )
+from prometheus_client.exposition import choose_encoder
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -120,9 +119,11 @@ class ServeMetrics:
                 "max_batch_size": max(sizes) if sizes else None,
                 "requests": len(lat), "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99)}}
 
-    def exposition(self) -> tuple[bytes, str]:
-        """``(body, content type)`` of ``GET /metrics``."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """``(body, content type)`` of ``GET /metrics``, in the format the scraper's ``Accept``
+        header asks for (Prometheus text, or OpenMetrics), as prometheus-client negotiates it."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
 
 
 class MetricsMiddleware:
