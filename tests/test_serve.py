@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import resnetlab
@@ -517,6 +518,78 @@ def test_metrics_are_prometheus_text_with_batches_and_latency(server: Server, di
     stats = http(server.url + "/v1/stats")[1]  # what the page shows: the last minute
     assert stats["batches"] >= 1 and stats["images"] >= 16 and stats["mean_batch_size"] >= 1
     assert stats["latency_ms"]["p50"] > 0 and stats["latency_ms"]["p99"] >= stats["latency_ms"]["p50"]
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+@pytest.fixture(scope="module")
+def onnx_file(digits_run: Path, tmp_path_factory) -> Path:
+    """The run exported by ``resnetlab export --format onnx`` (outside the run folder)."""
+    out = tmp_path_factory.mktemp("onnx") / "resnet20.onnx"
+    assert cli_main(["export", str(digits_run), "--format", "onnx", "--output", str(out)]) == 0
+    return out
+
+
+def test_onnxruntime_backend_answers_as_torch_in_predict_and_serve(digits_run: Path, onnx_file: Path,
+                                                                   digit_files: list[Path], capsys) -> None:
+    from starlette.testclient import TestClient
+
+    from resnetlab.export import TOLERANCE
+    from resnetlab.serve.app import ServeApp, load_served_model
+    from resnetlab.serve.backends import make_backend
+
+    torch_b = make_backend(digits_run, "torch").load()
+    ort_b = make_backend(digits_run, "onnxruntime", model_file=onnx_file).load()
+    alone = make_backend(onnx_file, "onnxruntime").load()  # the .onnx by itself: its header has the meta
+    assert alone.meta == torch_b.meta and alone.arch == "resnet20"
+    images = [Image.open(f) for f in digit_files]
+    x = torch.stack([ort_b.preprocess(im).x for im in images])  # the same preprocessing code
+    assert torch.equal(x, torch.stack([torch_b.preprocess(im).x for im in images]))
+    # export checked every logit to TOLERANCE; softmax moves no probability by more than that.
+    assert (ort_b.predict_batch(x) - torch_b.predict_batch(x)).abs().max() <= TOLERANCE
+    args = [str(digits_run), *map(str, digit_files), "--topk", "3", "--json"]
+    assert cli_main(["predict", *args]) == 0
+    want = json.loads(capsys.readouterr().out)["predictions"]
+    assert cli_main(["predict", *args, "--backend", "onnxruntime", "--model-file", str(onnx_file)]) == 0
+    got = json.loads(capsys.readouterr().out)["predictions"]
+    for w, g in zip(want, got, strict=True):
+        assert np.allclose(w["probs"], g["probs"], atol=TOLERANCE) and w["preprocess"] == g["preprocess"]
+    served = load_served_model(digits_run, backend="onnxruntime", model_file=onnx_file, model_name="onnx-digits")
+    with TestClient(ServeApp(served).build()) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/v2/models/onnx-digits").json()["platform"] == "onnxruntime_onnx"
+        r = client.post("/v2/models/onnx-digits/infer", json={"inputs": [{
+            "name": "images", "datatype": "FP32", "shape": list(x.shape), "data": x.flatten().tolist()}]})
+        probs = np.array(r.json()["outputs"][0]["data"]).reshape(len(images), 10)
+        assert np.allclose(probs, torch_b.predict_batch(x).numpy(), atol=TOLERANCE)
+        explain = client.post("/v1/explain", content=digit_files[0].read_bytes(), headers={"content-type": "image/png"})
+        assert explain.status_code == 501 and "--backend torch" in explain.json()["error"]
+
+
+def test_quantize_writes_an_int8_model_and_its_report(digits_run: Path, onnx_file: Path, tmp_path: Path) -> None:
+    from resnetlab.quantize import format_report, quantize_run
+    from resnetlab.serve.backends import make_backend
+
+    out = tmp_path / "resnet20.int8.onnx"
+    r = quantize_run(digits_run, "static", calibration=64, output=out, fp32_file=onnx_file, timing_s=0.02)
+    saved = json.loads(out.with_name(out.name + ".json").read_text())
+    assert saved["int8_bytes"] == out.stat().st_size and saved["calibration_images"] == 64
+    # int8 weights take 1 byte instead of 4; per-channel scales and the graph add a few percent.
+    assert r.size_ratio > 3.0
+    assert set(r.latency_ms) == {"torch_fp32", "onnxruntime_fp32", "onnxruntime_int8"}
+    assert all(v > 0 for engine in r.latency_ms.values() for v in engine.values())
+    assert "smaller" in format_report(r)
+    # The report's int8 top-1 is what the served int8 model gives on the test split.
+    int8 = make_backend(digits_run, "onnxruntime", model_file=out).load()
+    cfg = load(digits_run / "config.yaml")
+    test = build_datasets(cfg.data, seed=cfg.seed, needs=("test",)).test
+    from resnetlab.data import normalize
+
+    pred = int8.predict_batch(normalize(test.images, int8.meta)).argmax(dim=1)
+    assert int((pred == test.labels).sum()) == round(r.top1_int8 * len(test.labels) / 100.0)
 
 
 # ---------------------------------------------------------------------------------------------- browser

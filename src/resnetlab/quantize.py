@@ -142,12 +142,14 @@ class _Calibration:
 
 def quantize_run(path: str | Path, method: str = "static", calibration: int = 256,
                  output: str | Path | None = None, force: bool = False,
-                 threads: int | None = None, overrides: list[str] | None = None) -> QuantizeReport:
+                 threads: int | None = None, overrides: list[str] | None = None,
+                 fp32_file: str | Path | None = None, timing_s: float = 1.0) -> QuantizeReport:
     """Quantize the run at ``path`` to int8 and measure it (see the module docstring).
 
     Writes ``<run>/<arch>.int8.onnx`` (or ``output``) and its ``.json`` report; the fp32
-    ``<run>/<arch>.onnx`` is exported first when missing. ``overrides``: ``data.*`` changes to
-    the stored config (e.g. ``data.root=...``) for reading the calibration and test images.
+    ``<run>/<arch>.onnx`` (or ``fp32_file``) is exported first when missing. ``overrides``:
+    ``data.*`` changes to the stored config (e.g. ``data.root=...``) for reading the calibration
+    and test images. ``timing_s``: seconds of timing per engine and batch size (at least 5 runs).
     """
     try:
         import onnxruntime as ort
@@ -173,13 +175,13 @@ def quantize_run(path: str | Path, method: str = "static", calibration: int = 25
     file, _state, cfg, meta = read_checkpoint(path)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    fp32 = default_output(path, cfg, "onnx")
+    fp32 = Path(fp32_file).expanduser() if fp32_file else default_output(path, cfg, "onnx")
     out = Path(output).expanduser() if output else output_dir(path) / f"{cfg.model.name}.int8.onnx"
     report_path = out.with_name(out.name + ".json")
     for p in (out, report_path):
         check_output(p, force=force, sources=[file, fp32], what="quantize")
     if not fp32.is_file():
-        export_model(path, "onnx")  # checked against PyTorch before it is written
+        export_model(path, "onnx", fp32)  # checked against PyTorch before it is written
 
     data = build_datasets(cfg.data, seed=cfg.seed, needs=("train", "test"))
     if data.test is None:
@@ -221,7 +223,7 @@ def quantize_run(path: str | Path, method: str = "static", calibration: int = 25
         for b in LATENCY_BATCHES:
             x = rng.standard_normal((b, meta.in_chans, *meta.input_size)).astype(np.float32)
             for name, fn in engines.items():  # interleaved per batch size: same machine state
-                latency[name][str(b)] = _median_ms(functools.partial(fn, x))
+                latency[name][str(b)] = _median_ms(functools.partial(fn, x), min_time_s=timing_s)
         top1 = {name: _top1(fn, test_x, labels) for name, fn in engines.items()}
     finally:
         torch.set_num_threads(previous)
