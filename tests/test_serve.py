@@ -520,6 +520,67 @@ def test_metrics_are_prometheus_text_with_batches_and_latency(server: Server, di
     assert stats["latency_ms"]["p50"] > 0 and stats["latency_ms"]["p99"] >= stats["latency_ms"]["p50"]
 
 
+# ---------------------------------------------------------------------------------------------- photos
+
+
+def scans(images: torch.Tensor, labels: torch.Tensor, count: int = 12) -> list[tuple[Image.Image, int]]:
+    """Photos and drawings of digits as people take them, made from the test split's own 8x8
+    digits (upscaled, aspect kept): dark ink on white to grey paper, shaded, noisy, 20 to 55
+    pixels tall on pages of 120 to 280 pixels, off centre."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        tall = int(rng.integers(20, 56))
+        glyph = Image.fromarray(images[i, 0].numpy(), "L").resize((tall, tall), Image.Resampling.BICUBIC)
+        ink = np.asarray(glyph, dtype=np.float64) / 255.0  # 0 paper .. 1 ink
+        w, h = [(160, 160), (240, 160), (280, 280), (120, 200)][i % 4]
+        paper = 255.0 - 25.0 * (i % 3) - np.linspace(0, 12, w)[None, :] * (i % 2)  # white to grey, shaded
+        page = np.broadcast_to(paper, (h, w)).copy() + rng.normal(0, 3, (h, w))  # sensor noise
+        x, y = int(rng.integers(4, w - tall - 4)), int(rng.integers(4, h - tall - 4))
+        page[y : y + tall, x : x + tall] = page[y : y + tall, x : x + tall] * (1 - ink) + 20.0 * ink
+        out.append((Image.fromarray(page.clip(0, 255).astype(np.uint8), "L"), int(labels[i])))
+    return out
+
+
+def test_scans_and_small_drawings_are_framed_as_the_dataset_was(server: Server, digits_run: Path,
+                                                                tmp_path: Path, capsys) -> None:
+    """12 photos: read right by the digits' own nearest neighbour once framed (crop to the ink,
+    fit its height to the frame, centre); unframed, the digit is a blur of a pixel or two.
+
+    The reader is 1-nearest-neighbour over the training split (98% on digits' test split): it
+    measures the preprocessing itself, where the 1-epoch net of this module would measure its
+    own training. ``predict`` and the server give the same answers and say what they did."""
+    from resnetlab.predict import prepare_image
+
+    cfg = load(digits_run / "config.yaml")
+    data = build_datasets(cfg.data, seed=cfg.seed, needs=("train", "test"))
+    train = data.train.images.flatten(1).float()  # [n, 64]
+    items = scans(data.test.images, data.test.labels)
+
+    def read(img: Image.Image, centre: bool) -> int:
+        pixels, inverted, _ = prepare_image(img, data.meta, "auto", centre)
+        assert inverted is True  # dark ink on paper
+        return int(data.train.labels[(train - pixels.flatten().float()).pow(2).sum(dim=1).argmin()])
+
+    framed = sum(read(img, True) == label for img, label in items)
+    unframed = sum(read(img, False) == label for img, label in items)
+    assert framed >= 11 and unframed <= 3, (framed, unframed)
+    files = []
+    for i, (img, label) in enumerate(items[:4]):
+        files.append(tmp_path / f"scan{i}-label{label}.png")
+        img.save(files[-1])
+    assert cli_main(["predict", str(digits_run), *map(str, files), "--topk", "3", "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)["predictions"]
+    assert cli_main(["predict", str(digits_run), *map(str, files), "--json", "--no-centre"]) == 0
+    assert all(p["preprocess"] == "inverted; ink framing off" for p in json.loads(capsys.readouterr().out)["predictions"])
+    body, ctype = multipart([(f.name, f.read_bytes()) for f in files])
+    got = http(server.url + "/v1/predict?topk=3", body, ctype)[1]["results"]
+    for p, r in zip(want, got, strict=True):
+        assert p["inverted"] is True and "ink box" in p["preprocess"] and r["preprocess"] == p["preprocess"]
+        assert [t["index"] for t in r["top"]] == p["indices"]
+        assert np.allclose([t["probability"] for t in r["top"]], p["probs"], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- backends
 
 

@@ -153,7 +153,8 @@ def centre_ink(img: Image.Image, meta: DataMeta) -> tuple[Image.Image, str]:
     """Frame a light-on-dark character as ``meta``'s dataset did: ``(image, what was done)``.
 
     Crops to the bounding box of the ink (pixels above the ground, the median of the border,
-    by :data:`INK_THRESHOLD` of the contrast), scales the box, aspect kept, so its longer side
+    by :data:`INK_THRESHOLD` of the contrast), stretches ground..peak to 0..255, scales the
+    box, aspect kept, so its longer side
     fills the dataset's box, and centres it (by box or by centre of mass) on a dark frame of
     ``scale`` x the input size; the usual resize then brings it to the input size. Datasets not
     in :data:`INK_FRAMES`, images already at the input size and blank images come back as given.
@@ -172,7 +173,8 @@ def centre_ink(img: Image.Image, meta: DataMeta) -> tuple[Image.Image, str]:
     ink = grey > ground + INK_THRESHOLD * (peak - ground)
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    box = np.clip(grey[y0:y1, x0:x1] - ground, 0, 255)  # the ground becomes 0, as in the data
+    # The ground becomes 0 and the darkest ink 255, as in the datasets (full-contrast strokes).
+    box = np.clip((grey[y0:y1, x0:x1] - ground) * (255.0 / (peak - ground)), 0, 255)
     bh, bw = box.shape
     fh, fw = h * frame.scale, w * frame.scale
     k = frame.fill * min(fh, fw) / max(bh, bw)  # longer side of the box -> fill of the frame
