@@ -126,7 +126,7 @@ class TorchBackend(Backend):
     platform = "pytorch_libtorch"
 
     def _load(self) -> None:
-        from resnetlab.engine.checkpoint import resolve
+        from resnetlab.checkpoint import resolve
         from resnetlab.inference import load_for_inference
 
         if self.threads:
