@@ -53,6 +53,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from resnetlab.data import DataError, DataMeta
 from resnetlab.explain import png_data_url, resolve_target
+from resnetlab.predict import INK_FRAMES
 from resnetlab.serve import v2
 from resnetlab.serve.backends import Backend, BackendError, PreparedImage, file_sha256, make_backend
 from resnetlab.serve.batcher import MicroBatcher
@@ -124,7 +125,8 @@ class ServedModel:
                 "classes": list(m.classes), "num_classes": m.num_classes, "in_chans": m.in_chans,
                 "input_size": list(m.input_size), "mean": list(m.mean), "std": list(m.std),
                 "resize": m.resize, "device": b.device if b.name == "torch" else "cpu",
-                **b.describe(), "invert": b.invert, "centre": b.centre}
+                **b.describe(), "invert": b.invert, "centre": b.centre,
+                "digit_like": m.name in INK_FRAMES and m.in_chans == 1}
 
 
 def load_served_model(path: str | Path, device: str = "cpu", backend: str = "torch",
