@@ -754,6 +754,9 @@ READ_PAGE = """(async () => {
            li.querySelector('.fill').getBoundingClientRect().width /
            li.querySelector('.track').getBoundingClientRect().width]),
     overlayWidth: img.naturalWidth,
+    legend: !document.getElementById('legend').hidden &&
+            document.querySelector('#legend .ramp').getBoundingClientRect().width > 50,
+    header: document.getElementById('model').textContent,
     colouredShare: coloured / (c.width * c.height),
   };
 })()"""
@@ -784,6 +787,9 @@ def test_browser_upload_shows_class_bars_and_heatmap(server: Server, digit_files
         for _, p, text, drawn_share in page["bars"]:  # the bar is as long as its probability
             assert text.endswith("%") and abs(drawn_share - p) < 0.02
         assert page["overlayWidth"] == 224 and page["colouredShare"] > 0.2  # a drawn heatmap
+        assert page["legend"] and "10 classes (0, 1, 2, 3, …)" in page["header"]
+        # The last minute's batching and latency, refreshed every 2 s from GET /v1/stats.
+        browser.wait_for("document.getElementById('stats').textContent.includes('forward passes')")
         shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
         assert Image.open(io.BytesIO(shot)).size[0] == 1200
         if os.environ.get("RESNETLAB_SCREENSHOT"):
