@@ -828,13 +828,21 @@ def test_browser_upload_shows_class_bars_and_heatmap(server: Server, digit_files
 # ---------------------------------------------------------------------------------------------- last: SIGTERM
 
 
-def test_sigterm_finishes_the_request_in_flight_and_exits_0(server: Server, digit_files: list[Path]) -> None:
-    """Runs last in this module: it stops the shared server."""
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(server: Server, digits_run: Path,
+                                                            digit_files: list[Path]) -> None:
+    """Runs last in this module: it stops the shared server. A v1 and a v2 request are in flight."""
     data = digit_files[2].read_bytes()
-    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
-        sock.sendall(head + data[:10])  # the request is in flight: half its body still to come
+    v2_body = json.dumps({"id": "late", "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                                     "data": [base64.b64encode(data).decode()]}]}).encode()
+    requests = [(f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data,
+                (f"POST /v2/models/{digits_run.name}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(v2_body)}\r\n"
+                 "Connection: close\r\n\r\n").encode() + v2_body]
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in requests]
+    try:
+        for sock, req in zip(socks, requests, strict=True):
+            sock.sendall(req[: len(req) - 40])  # in flight: the end of the body still to come
         time.sleep(0.5)
         server.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
@@ -846,14 +854,23 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(server: Server, digi
             time.sleep(0.05)
         else:
             pytest.fail("still accepting connections 30 s after SIGTERM")
-        assert server.proc.poll() is None  # ... but still finishing our request
-        sock.sendall(data[10:])
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-    status_line, _, rest = reply.partition(b"\r\n")
-    assert status_line.startswith(b"HTTP/1.1 200"), reply[:300]
-    answer = json.loads(rest.split(b"\r\n\r\n", 1)[1])
-    assert answer["results"][0]["top"][0]["label"] in [str(d) for d in range(10)]
+        assert server.proc.poll() is None  # ... but still finishing our requests
+        replies = []
+        for sock, req in zip(socks, requests, strict=True):
+            sock.sendall(req[len(req) - 40 :])
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+            replies.append(reply)
+    finally:
+        for sock in socks:
+            sock.close()
+    answers = []
+    for reply in replies:
+        status_line, _, rest = reply.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 200"), reply[:300]
+        answers.append(json.loads(rest.split(b"\r\n\r\n", 1)[1]))
+    assert answers[0]["results"][0]["top"][0]["label"] in [str(d) for d in range(10)]
+    assert answers[1]["id"] == "late" and answers[1]["outputs"][2]["data"][0] == answers[0]["results"][0]["top"][0]["label"]
     assert server.proc.wait(timeout=60) == 0, server.output()
     assert "stopped (SIGTERM)" in server.output()
