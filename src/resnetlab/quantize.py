@@ -140,6 +140,59 @@ class _Calibration:
         return None if nxt is None else {INPUT: nxt}
 
 
+def quantize_onnx(fp32: Path, calibration: np.ndarray, method: str = "static") -> bytes:
+    """The int8 model (serialised) of the fp32 graph ``fp32``; ``calibration``: normalised float32
+    images ``[n, c, h, w]`` for ``static`` (ignored by ``dynamic``)."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
+        int8 = Path(tmp) / "int8.onnx"
+        if method == "static":
+            quantize_static(str(prepped), str(int8), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        else:
+            quantize_dynamic(str(prepped), str(int8), per_channel=True, weight_type=QuantType.QInt8)
+        return int8.read_bytes()
+
+
+def time_engines(engines: dict[str, Callable[[np.ndarray], np.ndarray]], shape: tuple[int, ...],
+                 batches: tuple[int, ...] = LATENCY_BATCHES, timing_s: float = 1.0) -> dict[str, dict[str, float]]:
+    """Median ms per call of each engine at each batch size on random inputs ``[b, *shape]``,
+    interleaved per batch size so that all see the same machine state."""
+    latency: dict[str, dict[str, float]] = {name: {} for name in engines}
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = rng.standard_normal((b, *shape)).astype(np.float32)
+        for name, fn in engines.items():
+            latency[name][str(b)] = _median_ms(functools.partial(fn, x), min_time_s=timing_s)
+    return latency
+
+
+def torch_engine(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """Eager torch logits of a float32 batch (channels_last, the fused network's layout)."""
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
+
+    return run
+
+
+def onnx_engine(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """onnxruntime (CPU provider, ``threads`` intra-op threads) logits of a float32 batch."""
+    session = _session(path, threads)
+    return lambda x: session.run([OUTPUT], {INPUT: x})[0]
+
+
 def quantize_run(path: str | Path, method: str = "static", calibration: int = 256,
                  output: str | Path | None = None, force: bool = False,
                  threads: int | None = None, overrides: list[str] | None = None,
@@ -153,14 +206,6 @@ def quantize_run(path: str | Path, method: str = "static", calibration: int = 25
     """
     try:
         import onnxruntime as ort
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_dynamic,
-            quantize_static,
-        )
-        from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as e:
         raise QuantizeError(f"quantize needs onnx, onnxscript and onnxruntime ({e}); install them with: "
                             "pip install 'resnetlab[export]'") from None
@@ -191,39 +236,16 @@ def quantize_run(path: str | Path, method: str = "static", calibration: int = 25
     calib = normalize(calib_u8, meta).numpy()  # [n, c, h, w] float32
     test_x, labels = normalize(test_u8, meta).numpy(), test_labels.numpy()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        prepped = Path(tmp) / "prepped.onnx"
-        quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
-        int8_tmp = Path(tmp) / "int8.onnx"
-        if method == "static":
-            quantize_static(str(prepped), str(int8_tmp), _Calibration(calib), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
-        else:
-            quantize_dynamic(str(prepped), str(int8_tmp), per_channel=True, weight_type=QuantType.QInt8)
-        blob = int8_tmp.read_bytes()
+    blob = quantize_onnx(fp32, calib, method)
     write_output(out, lambda f: f.write(blob))
 
     model, _cfg, _meta = load_for_inference(path)
-    s32, s8 = _session(fp32, threads), _session(out, threads)
-
-    def torch_logits(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
-
-    def ort_logits(session: Any) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda x: session.run([OUTPUT], {INPUT: x})[0]
-
-    engines = {"torch_fp32": torch_logits, "onnxruntime_fp32": ort_logits(s32), "onnxruntime_int8": ort_logits(s8)}
+    engines = {"torch_fp32": torch_engine(model), "onnxruntime_fp32": onnx_engine(fp32, threads),
+               "onnxruntime_int8": onnx_engine(out, threads)}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        latency: dict[str, dict[str, float]] = {name: {} for name in engines}
-        rng = np.random.default_rng(0)
-        for b in LATENCY_BATCHES:
-            x = rng.standard_normal((b, meta.in_chans, *meta.input_size)).astype(np.float32)
-            for name, fn in engines.items():  # interleaved per batch size: same machine state
-                latency[name][str(b)] = _median_ms(functools.partial(fn, x), min_time_s=timing_s)
+        latency = time_engines(engines, (meta.in_chans, *meta.input_size), timing_s=timing_s)
         top1 = {name: _top1(fn, test_x, labels) for name, fn in engines.items()}
     finally:
         torch.set_num_threads(previous)
@@ -254,4 +276,5 @@ def format_report(r: QuantizeReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["METHODS", "QuantizeError", "QuantizeReport", "format_report", "quantize_run"]
+__all__ = ["METHODS", "QuantizeError", "QuantizeReport", "format_report", "onnx_engine", "quantize_onnx",
+           "quantize_run", "time_engines", "torch_engine"]
