@@ -198,7 +198,9 @@ def test_explain_returns_overlay_for_top_or_requested_class(server: Server, digi
     prefix = "data:image/png;base64,"
     assert r["overlay_png"].startswith(prefix)
     img = Image.open(io.BytesIO(base64.b64decode(r["overlay_png"][len(prefix):])))
-    assert img.size == (224, 224) and img.mode == "RGB"  # 8 px * 28, square pixels
+    assert img.size == (224, 224) and img.mode == "RGB"  # over the 8x8 image as given: 8 px * 28
+    net = Image.open(io.BytesIO(base64.b64decode(r["network_overlay_png"][len(prefix):])))
+    assert net.size == (224, 224)  # the network's view: the same 8x8 here
     other = str((r["top"][0]["index"] + 1) % 10)
     body, ctype = multipart([("d.png", data)], {"target": other})
     status, forced = http(server.url + "/v1/explain", body, ctype)

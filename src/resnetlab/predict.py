@@ -149,6 +149,36 @@ INK_THRESHOLD = 0.35
 MIN_CONTRAST = 24
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image's pixels land in the network's input: ``u = sx * x + tx``, ``v = sy * y + ty``
+    (continuous pixel coordinates, 0 at the top-left edge; ``x, y`` in the image as given)."""
+
+    sx: float = 1.0
+    sy: float = 1.0
+    tx: float = 0.0
+    ty: float = 0.0
+
+    def then(self, other: Geometry) -> Geometry:
+        """This mapping followed by ``other``."""
+        return Geometry(other.sx * self.sx, other.sy * self.sy, other.sx * self.tx + other.tx,
+                        other.sy * self.ty + other.ty)
+
+
+def resize_geometry(size: tuple[int, int], meta: DataMeta) -> Geometry:
+    """The geometry of the run's evaluation resize (and centre crop) for an image of ``size`` (w, h),
+    following :func:`resnetlab.data.datasets.eval_transform` (torchvision's resize and crop rounding)."""
+    w0, h0 = size
+    h, w = meta.input_size
+    if meta.resize is not None:
+        short, long_ = min(w0, h0), max(w0, h0)
+        other = int(meta.resize * long_ / short)
+        w1, h1 = (meta.resize, other) if w0 <= h0 else (other, meta.resize)
+        top, left = int(round((h1 - h) / 2.0)), int(round((w1 - w) / 2.0))
+        return Geometry(w1 / w0, h1 / h0, -float(left), -float(top))
+    return Geometry(w / w0, h / h0, 0.0, 0.0)
+
+
 def centre_ink(img: Image.Image, meta: DataMeta) -> tuple[Image.Image, str]:
     """Frame a light-on-dark character as ``meta``'s dataset did: ``(image, what was done)``.
 
@@ -159,17 +189,24 @@ def centre_ink(img: Image.Image, meta: DataMeta) -> tuple[Image.Image, str]:
     ``scale`` x the input size; the usual resize then brings it to the input size. Datasets not
     in :data:`INK_FRAMES`, images already at the input size and blank images come back as given.
     """
+    framed, how, _ = _frame_ink(img, meta)
+    return framed, how
+
+
+def _frame_ink(img: Image.Image, meta: DataMeta) -> tuple[Image.Image, str, Geometry]:
+    """:func:`centre_ink` and where the image's pixels went in the frame."""
     frame = INK_FRAMES.get(meta.name)
     h, w = meta.input_size
+    same = Geometry()
     if frame is None or meta.in_chans != 1:
-        return img, "as given"
+        return img, "as given", same
     if img.size == (w, h):
-        return img, "already at the input size: taken as it is"
+        return img, "already at the input size: taken as it is", same
     grey = np.asarray(to_mode(img, 1), dtype=np.float32)  # [H, W], 0..255
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     ground, peak = float(np.median(border)), float(grey.max())
     if peak - ground < MIN_CONTRAST:
-        return img, "no ink found: taken as it is"
+        return img, "no ink found: taken as it is", same
     ink = grey > ground + INK_THRESHOLD * (peak - ground)
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
@@ -192,8 +229,9 @@ def centre_ink(img: Image.Image, meta: DataMeta) -> tuple[Image.Image, str]:
     canvas = Image.new("L", (fw, fh), 0)
     canvas.paste(glyph, (left, top))
     how = "centre of mass" if frame.by_mass else "box"
+    kx, ky = sw / bw, sh / bh  # the box's pixels -> the glyph's; x0 lands on left
     return canvas, (f"ink box {bw}x{bh} at ({x0},{y0}) fitted to {sw}x{sh} of {fw}x{fh}, "
-                    f"centred by {how}")
+                    f"centred by {how}"), Geometry(kx, ky, left - kx * x0, top - ky * y0)
 
 
 def prepare_image(img: Image.Image, meta: DataMeta, invert: Invert = "auto",
@@ -203,15 +241,25 @@ def prepare_image(img: Image.Image, meta: DataMeta, invert: Invert = "auto",
     Polarity (:func:`apply_polarity`), then for digit-like runs the dataset's framing
     (:func:`centre_ink`, unless ``centre`` is False), then the run's evaluation resize.
     """
+    pixels, inverted, steps, _ = prepare_image_mapped(img, meta, invert, centre)
+    return pixels, inverted, steps
+
+
+def prepare_image_mapped(img: Image.Image, meta: DataMeta, invert: Invert = "auto", centre: bool = True
+                         ) -> tuple[torch.Tensor, bool | None, str, Geometry]:
+    """:func:`prepare_image` and the :class:`Geometry` from ``img`` to the network's input (to
+    draw what the network computed, e.g. a Grad-CAM map, back over the image as given)."""
     img, inverted = apply_polarity(img, meta, invert)
     steps = ["inverted" if inverted else "polarity kept" if inverted is False else "colour"]
+    geometry = Geometry()
     if meta.name in INK_FRAMES and meta.in_chans == 1:
         if centre:
-            img, how = centre_ink(img, meta)
+            img, how, geometry = _frame_ink(img, meta)
             steps.append(how)
         else:
             steps.append("ink framing off")
-    return preprocess([img], meta)[0], inverted, "; ".join(steps)
+    geometry = geometry.then(resize_geometry(img.size, meta))
+    return preprocess([img], meta)[0], inverted, "; ".join(steps), geometry
 
 
 def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
@@ -376,4 +424,4 @@ class Predictor:
 
 __all__ = ["INK_FRAMES", "INVERT_CHOICES", "InkFrame", "Prediction", "PredictResult", "Predictor", "apply_polarity",
            "centre_ink", "collect_images", "format_predictions", "light_ground", "predict", "predict_images",
-           "prepare_image"]
+           "prepare_image", "prepare_image_mapped", "resize_geometry", "Geometry"]

@@ -8,7 +8,8 @@ Routes::
     GET  /v1/model         name, classes, input size, mean/std, parameters, checkpoint SHA-256
     GET  /v1/stats         the last minute: realised batch sizes, images/s, latency (the page)
     POST /v1/predict       top-k per image           (?topk=5)
-    POST /v1/explain       top-k + Grad-CAM overlay  (?topk=5&target=CLASS)
+    POST /v1/explain       top-k + Grad-CAM overlay over the image as given, aligned, and over
+                           the network's view               (?topk=5&target=CLASS)
     GET  /metrics          Prometheus text format (:mod:`resnetlab.serve.metrics`)
     /v2/...                the Open Inference Protocol v2 (:mod:`resnetlab.serve.v2`):
                            health/live, health/ready, server and model metadata, model ready,
@@ -52,13 +53,14 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from resnetlab.data import DataError, DataMeta
-from resnetlab.explain import png_data_url, resolve_target
+from resnetlab.explain import overlay, png_data_url, resolve_target
 from resnetlab.predict import INK_FRAMES
 from resnetlab.serve import v2
-from resnetlab.serve.backends import Backend, BackendError, PreparedImage, file_sha256, make_backend
+from resnetlab.serve.backends import Backend, PreparedImage, file_sha256, make_backend
 from resnetlab.serve.batcher import MicroBatcher
 from resnetlab.serve.errors import ApiError
 from resnetlab.serve.metrics import MetricsMiddleware, ServeMetrics
+from resnetlab.serve.overlay import overlay_on_image
 
 STATIC_DIR = Path(str(resources.files("resnetlab.serve") / "static"))
 # The page loads only its own files; images come back as data: URLs, drawings as blob:.
@@ -227,9 +229,8 @@ class ServeApp:
         blank = torch.zeros(m.in_chans, *m.input_size, dtype=torch.uint8)
         try:
             await self.batcher.predict(torch.zeros(blank.shape))
-            with contextlib.suppress(BackendError):  # a backend without gradients: no explain
-                await asyncio.get_running_loop().run_in_executor(
-                    self.model_pool, self.backend.explain, blank[None], ["warm-up"], None, 1)
+            if self.backend.explains:  # Grad-CAM's first backward pass allocates too
+                await asyncio.get_running_loop().run_in_executor(self.model_pool, self.backend.cams, blank[None], [0])
         except Exception as e:  # stays not ready (503) and says why
             logging.getLogger("resnetlab.serve").error("warm-up failed, not ready: %s: %s",
                                                        type(e).__name__, e)
@@ -363,21 +364,35 @@ class ServeApp:
         return JSONResponse({**self._header(), "results": results})
 
     async def explain(self, request: Request) -> Response:
+        if not self.backend.explains:
+            raise ApiError(501, f"Grad-CAM needs gradients: the {self.backend.name} backend has none; "
+                                "serve with --backend torch to explain")
         names, prepared, fields, k = await self._prepare(request, batched=False)
         try:
             target = resolve_target(fields.get("target"), self.backend.meta)
         except DataError as e:
             raise ApiError(400, str(e)) from None
-        try:
-            explanations = await asyncio.get_running_loop().run_in_executor(
-                self.model_pool, self.backend.explain, torch.stack([p.pixels for p in prepared]), names,
-                target, k)
-        except BackendError as e:
-            raise ApiError(501, str(e)) from None
-        results = [{"name": e.file, "top": self._top(e.probs, e.indices),
-                    "target": {"label": e.target_class, "index": e.target, "probability": e.target_prob},
-                    "overlay_png": png_data_url(e.overlay), "inverted": p.inverted,
-                    "preprocess": p.preprocess} for e, p in zip(explanations, prepared, strict=True)]
+        loop = asyncio.get_running_loop()
+        b = self.backend
+        probs = await loop.run_in_executor(self.model_pool, b.predict_batch, torch.stack([p.x for p in prepared]))
+        top = probs.topk(k, dim=1)
+        targets = [target if target is not None else int(i[0]) for i in top.indices]
+        cams = await loop.run_in_executor(self.model_pool, b.cams, torch.stack([p.pixels for p in prepared]),
+                                          targets)  # [n, h, w]
+
+        def draw(i: int) -> tuple[str, str]:  # over the image as given, and over the network's view
+            p = prepared[i]
+            return (png_data_url(overlay_on_image(p.source, cams[i], p.geometry)),
+                    png_data_url(overlay(p.pixels, cams[i])))
+
+        drawn = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, draw, i) for i in range(len(prepared))))
+        classes = b.meta.classes
+        results = [{"name": n, "top": self._top(vals, ids),
+                    "target": {"label": classes[t], "index": t, "probability": float(probs[i, t])},
+                    "overlay_png": on_image, "network_overlay_png": on_input, "inverted": p.inverted,
+                    "preprocess": p.preprocess}
+                   for i, (n, p, vals, ids, t, (on_image, on_input)) in enumerate(zip(
+                       names, prepared, top.values.tolist(), top.indices.tolist(), targets, drawn, strict=True))]
         return JSONResponse({**self._header(), "results": results})
 
     async def model_info(self, _request: Request) -> Response:

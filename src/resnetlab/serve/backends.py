@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from resnetlab.data import DataError, DataMeta, normalize
-from resnetlab.predict import INVERT_CHOICES, Invert, prepare_image
+from resnetlab.predict import INVERT_CHOICES, Geometry, Invert, prepare_image_mapped
 
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"  # the names resnetlab export gives the graph
@@ -47,6 +47,8 @@ class PreparedImage:
     x: torch.Tensor  # float32 [c, h, w], normalised with the training split's statistics
     inverted: bool | None  # grey runs: whether the polarity was flipped; None: colour run
     preprocess: str  # what was done, e.g. "inverted; ink box 40x52 at (12,8) fitted ..."
+    source: Image.Image  # the decoded image as given (for drawing over it)
+    geometry: Geometry  # where its pixels landed in the network's input
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -67,6 +69,7 @@ class Backend:
 
     name: ClassVar[str] = ""
     platform: ClassVar[str] = ""  # the Open Inference Protocol's platform string
+    explains: ClassVar[bool] = False  # has gradients for Grad-CAM (:meth:`cams`)
 
     def __init__(self, source: str | Path, device: str = "cpu", model_file: str | Path | None = None,
                  invert: Invert = "auto", centre: bool = True, threads: int | None = None) -> None:
@@ -97,8 +100,8 @@ class Backend:
 
     def preprocess(self, img: Image.Image) -> PreparedImage:
         """A decoded image (any mode and size) -> :class:`PreparedImage` (runs in a worker thread)."""
-        pixels, inverted, steps = prepare_image(img, self.meta, self.invert, self.centre)
-        return PreparedImage(pixels, normalize(pixels[None], self.meta)[0], inverted, steps)
+        pixels, inverted, steps, geometry = prepare_image_mapped(img, self.meta, self.invert, self.centre)
+        return PreparedImage(pixels, normalize(pixels[None], self.meta)[0], inverted, steps, img, geometry)
 
     def predict_batch(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float32 ``[n, c, h, w]`` -> softmax probabilities float32 ``[n, classes]`` (CPU)."""
@@ -106,8 +109,9 @@ class Backend:
 
     # ------------------------------------------------------------------ optional
 
-    def explain(self, pixels: torch.Tensor, names: list[str], target: int | None, topk: int) -> list[Any]:
-        """Grad-CAM explanations of uint8 ``[n, c, h, w]``; only backends with gradients have it."""
+    def cams(self, pixels: torch.Tensor, targets: list[int]) -> torch.Tensor:
+        """Grad-CAM maps ``[n, h, w]`` (0..1, the input's size) of uint8 ``[n, c, h, w]`` for one
+        class each; only backends with gradients (``explains``) have them."""
         raise BackendError(f"Grad-CAM needs gradients: the {self.name} backend has none; "
                            "serve with --backend torch to explain")
 
@@ -124,6 +128,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     platform = "pytorch_libtorch"
+    explains = True
 
     def _load(self) -> None:
         from resnetlab.checkpoint import resolve
@@ -145,10 +150,10 @@ class TorchBackend(Backend):
         x = x.to(self.torch_device).contiguous(memory_format=torch.channels_last)  # the fused net's layout
         return self.model(x).float().softmax(dim=1).cpu()
 
-    def explain(self, pixels: torch.Tensor, names: list[str], target: int | None, topk: int) -> list[Any]:
-        from resnetlab.explain import explain_pixels
+    def cams(self, pixels: torch.Tensor, targets: list[int]) -> torch.Tensor:
+        from resnetlab.explain import grad_cam
 
-        return explain_pixels(self.model, self.meta, pixels, names, target, topk)
+        return grad_cam(self.model, self.meta, pixels, targets)
 
 
 class OnnxRuntimeBackend(Backend):
