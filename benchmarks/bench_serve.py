@@ -296,7 +296,9 @@ def _onnx_models(folder: Path, ckpt: Path) -> tuple[Path, Path]:
 
     fp32, int8 = folder / "resnet56.onnx", folder / "resnet56.int8.onnx"
     if not fp32.exists():
-        export_model(ckpt, "onnx", fp32)
+        # Random weights: resnet56's logits reach the hundreds, so the export's absolute 1e-4
+        # check (made for trained nets) is loosened; the benchmark times, it does not predict.
+        export_model(ckpt, "onnx", fp32, tolerance=1e-2)
         meta = read_checkpoint(ckpt)[3]
         rng = np.random.default_rng(1)
         pixels = torch.from_numpy(rng.integers(0, 256, (CALIBRATION_IMAGES, meta.in_chans, *meta.input_size),
