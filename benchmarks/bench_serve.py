@@ -34,6 +34,7 @@ Two more cases (``python -m benchmarks.run --cases backends,quantize``), on resn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import io
 import json
@@ -46,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,17 @@ DISTINCT_IMAGES = 64
 # shared machine OpenMP threads waiting for a busy core stall whole forward passes (measured
 # here under load: the in-process reference fell from ~1,000 to ~20 img/s with 2 threads).
 DEFAULT_THREADS = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block, restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _free_port() -> int:
@@ -226,15 +239,10 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = None) ->
     """
     count = REQUESTS["quick" if quick else "full"]
     threads = threads or DEFAULT_THREADS
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     results = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-            for network in NETWORKS:
-                results.append(_network(Path(tmp), network, count, threads, device))
-    finally:
-        torch.set_num_threads(old_threads)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        for network in NETWORKS:
+            results.append(_network(Path(tmp), network, count, threads, device))
     payload = {"case": "serve", "title": "serve: HTTP images/s at concurrency 8 / in-process predict_images",
                "machine": {**machine_info(torch.device(device)), "torch_threads": threads}, "quick": quick,
                "requests": count,
@@ -332,33 +340,28 @@ def run_backends(quick: bool = False, threads: int | None = None) -> dict[str, A
     """Server images/s at concurrency 8 over in-process, per backend; writes ``backends.json``."""
     count = REQUESTS["quick" if quick else "full"]
     threads = threads or DEFAULT_THREADS
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     rows = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
-            folder = Path(tmp)
-            ckpt = make_checkpoint(folder, BACKEND_NETWORK)
-            fp32, int8 = _onnx_models(folder, ckpt)
-            images = make_images(BACKEND_NETWORK)
-            for name, backend, model_file in (("torch", "torch", None), ("onnxruntime fp32", "onnxruntime", fp32),
-                                              ("onnxruntime int8", "onnxruntime", int8)):
-                extra = ("--backend", backend, *(("--model-file", str(model_file)) if model_file else ()))
-                ref = [_backend_in_process(ckpt, images, count, backend, model_file, threads)]
-                server = ServerProcess(ckpt, MAX_BATCH, folder / f"{backend}-{name[-4:]}.log", threads, "cpu", extra)
-                try:
-                    load(server.port, images, min(count, 64), 8)  # warm-up
-                    served = load(server.port, images, count, 8)
-                finally:
-                    code = server.stop()
-                ref.append(_backend_in_process(ckpt, images, count, backend, model_file, threads))
-                reference = max(ref, key=lambda r: r["images_per_s"])  # before and after: the better
-                rows.append({"backend": name, "in_process": reference, "server": served, "exit_code": code,
-                             "ratio_at_8": served["images_per_s"] / reference["images_per_s"]})
-                print(f"backends {name}: in-process {reference['images_per_s']:.0f} img/s, server at "
-                      f"concurrency 8 {served['images_per_s']:.0f} img/s", flush=True)
-    finally:
-        torch.set_num_threads(old_threads)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
+        folder = Path(tmp)
+        ckpt = make_checkpoint(folder, BACKEND_NETWORK)
+        fp32, int8 = _onnx_models(folder, ckpt)
+        images = make_images(BACKEND_NETWORK)
+        for name, backend, model_file in (("torch", "torch", None), ("onnxruntime fp32", "onnxruntime", fp32),
+                                          ("onnxruntime int8", "onnxruntime", int8)):
+            extra = ("--backend", backend, *(("--model-file", str(model_file)) if model_file else ()))
+            ref = [_backend_in_process(ckpt, images, count, backend, model_file, threads)]
+            server = ServerProcess(ckpt, MAX_BATCH, folder / f"{backend}-{name[-4:]}.log", threads, "cpu", extra)
+            try:
+                load(server.port, images, min(count, 64), 8)  # warm-up
+                served = load(server.port, images, count, 8)
+            finally:
+                code = server.stop()
+            ref.append(_backend_in_process(ckpt, images, count, backend, model_file, threads))
+            reference = max(ref, key=lambda r: r["images_per_s"])  # before and after: the better
+            rows.append({"backend": name, "in_process": reference, "server": served, "exit_code": code,
+                         "ratio_at_8": served["images_per_s"] / reference["images_per_s"]})
+            print(f"backends {name}: in-process {reference['images_per_s']:.0f} img/s, server at "
+                  f"concurrency 8 {served['images_per_s']:.0f} img/s", flush=True)
     payload = {"case": "backends", "title": "serve images/s at concurrency 8 / in-process, per backend",
                "machine": {**machine_info(torch.device("cpu")), "torch_threads": threads}, "quick": quick,
                "model": "resnet56", "input": "3x32x32", "requests": count, "target": TARGET_OVERHEAD,
@@ -378,10 +381,7 @@ def run_quantize(quick: bool = False, threads: int | None = None) -> dict[str, A
     from resnetlab.quantize import LATENCY_BATCHES, onnx_engine, time_engines, torch_engine
 
     threads = threads or DEFAULT_THREADS
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
             folder = Path(tmp)
             ckpt = make_checkpoint(folder, BACKEND_NETWORK)
             fp32, int8 = _onnx_models(folder, ckpt)
@@ -390,8 +390,6 @@ def run_quantize(quick: bool = False, threads: int | None = None) -> dict[str, A
                        "onnxruntime_int8": onnx_engine(int8, threads)}
             latency = time_engines(engines, (meta.in_chans, *meta.input_size), timing_s=0.5 if quick else 2.0)
             sizes = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
-    finally:
-        torch.set_num_threads(old_threads)
     speedup = {b: latency["torch_fp32"][b] / latency["onnxruntime_int8"][b] for b in map(str, LATENCY_BATCHES)}
     print(f"quantize resnet56: int8 {speedup['1']:.2f}x (batch 1), {speedup['64']:.2f}x (batch 64) vs fp32 "
           f"eager torch; {sizes['fp32'] / sizes['int8']:.2f}x smaller", flush=True)

@@ -19,6 +19,19 @@ def _positive(kind: type, name: str) -> Callable[[str], float]:
 
     return parse
 
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """--backend, --model-file and --no-centre: shared by serve and predict."""
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="what runs the network: torch (default) or onnxruntime (CPU; the .onnx that "
+                        "`resnetlab export --format onnx` or `resnetlab quantize` wrote)")
+    p.add_argument("--model-file", metavar="FILE.onnx",
+                   help="onnxruntime: the model file to run (default <run>/<arch>.onnx; e.g. the "
+                        "<arch>.int8.onnx of resnetlab quantize)")
+    p.add_argument("--no-centre", dest="centre", action="store_false",
+                   help="digit-like runs (digits, MNIST, Fashion-MNIST): do not crop images to their "
+                        "ink and centre it as the dataset was framed (the answer's preprocess field "
+                        "says what was done)")
+
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP API + web page for a trained network (127.0.0.1:8000)",
                        description="Serve a run (or checkpoint): POST /v1/predict, POST /v1/explain, "
@@ -47,18 +60,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_positive(int, "--threads"),
                    help="torch CPU threads for the network (default: one per core; 1 is steadier on a "
                         "machine shared with other busy processes)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="what runs the network: torch (default) or onnxruntime (CPU; the .onnx that "
-                        "`resnetlab export --format onnx` or `resnetlab quantize` wrote)")
-    p.add_argument("--model-file", metavar="FILE.onnx",
-                   help="onnxruntime: the model file to run (default <run>/<arch>.onnx; e.g. the "
-                        "<arch>.int8.onnx of resnetlab quantize)")
+    add_backend_options(p)
     p.add_argument("--model-name", metavar="NAME",
                    help="the model's name in the v2 protocol's URLs (/v2/models/NAME/infer; default: "
                         "the run folder's name)")
-    p.add_argument("--no-centre", dest="centre", action="store_false",
-                   help="digit-like runs (digits, MNIST, Fashion-MNIST): do not crop images to their "
-                        "ink and centre it as the dataset was framed")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                    help="uvicorn's log level (default warning; info logs every request)")
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from resnetlab.cli.serve import add_backend_options
+
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="loss, top-1/top-5 error, per-class accuracy/precision/recall/F1, confusion matrix",
@@ -42,15 +44,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                    help="grey runs (digits: light ink on dark) learned one polarity; auto reads it from "
                         "the image border and inverts dark-on-light images (default auto)")
-    p.add_argument("--no-centre", dest="centre", action="store_false",
-                   help="digit-like runs (digits, MNIST, Fashion-MNIST): do not crop images to their ink "
-                        "and centre it as the dataset was framed (the JSON's preprocess field says what was done)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="what runs the network: torch (default) or onnxruntime (CPU; the .onnx that "
-                        "`resnetlab export --format onnx` wrote, or --model-file)")
-    p.add_argument("--model-file", metavar="FILE.onnx",
-                   help="onnxruntime: the model file (default <run>/<arch>.onnx; e.g. <arch>.int8.onnx "
-                        "from resnetlab quantize)")
+    add_backend_options(p)
 
 def run_predict(args: argparse.Namespace) -> int:
     import json

@@ -18,7 +18,6 @@ only ``load`` and ``predict_batch`` differ.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from PIL import Image
 
 from resnetlab.data import DataError, DataMeta, normalize
 from resnetlab.predict import INVERT_CHOICES, Geometry, Invert, prepare_image_mapped
+from resnetlab.weights import file_sha256  # noqa: F401  re-exported: serve's answers carry it
 
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"  # the names resnetlab export gives the graph
@@ -49,15 +49,6 @@ class PreparedImage:
     preprocess: str  # what was done, e.g. "inverted; ink box 40x52 at (12,8) fitted ..."
     source: Image.Image  # the decoded image as given (for drawing over it)
     geometry: Geometry  # where its pixels landed in the network's input
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Backend:
