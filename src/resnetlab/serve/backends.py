@@ -168,20 +168,17 @@ class OnnxRuntimeBackend(Backend):
         src = Path(self.source).expanduser()
         meta: DataMeta | None = None
         if src.suffix == ".onnx":
-            file = src
+            file = self.model_file or src
         else:
             from resnetlab.inference import output_dir, read_checkpoint
 
             _ckpt, _state, cfg, meta = read_checkpoint(src)
             self.arch = cfg.model.name
             file = self.model_file or output_dir(src) / f"{cfg.model.name}.onnx"
-            if not file.is_file():
-                raise BackendError(f"{file}: no ONNX model there; write it with `resnetlab export "
-                                   f"{self.source} --format onnx` (or name one with --model-file)")
-        if self.model_file is not None:
-            file = self.model_file
         if not file.is_file():
-            raise BackendError(f"{file}: no such ONNX model file")
+            hint = ("" if self.model_file or src.suffix == ".onnx" else
+                    f"; write it with `resnetlab export {self.source} --format onnx` (or name one with --model-file)")
+            raise BackendError(f"{file}: no such ONNX model file{hint}")
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = self.threads
