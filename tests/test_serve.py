@@ -306,6 +306,8 @@ def test_serve_cli_refuses_a_missing_run_and_bad_flags_in_one_line(tmp_path: Pat
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["serve", str(tmp_path), "--max-batch", "0"])
     assert exit_info.value.code == 2 and "--max-batch must be > 0" in capsys.readouterr().err
+    assert cli_main(["serve", str(tmp_path / "m.onnx"), "--backend", "onnxruntime"]) == 2
+    assert f"{tmp_path / 'm.onnx'}: no such ONNX model file" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- explain CLI
