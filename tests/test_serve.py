@@ -423,7 +423,10 @@ def test_v2_infer_with_plain_httpx_json(server: Server, digits_run: Path, digit_
     import httpx
 
     want, labels = _want(server, digit_files[:2])
-    x = resnetlab.load(digits_run).transforms(digit_files[:2]).numpy()
+    predictor = resnetlab.load(digits_run)
+    for row, p in zip(want, predictor.predict(digit_files[:2], topk=10), strict=True):  # in process
+        assert np.allclose(row[p.indices], p.probs, atol=1e-5)
+    x = predictor.transforms(digit_files[:2]).numpy()
     body = {"id": "plain", "inputs": [{"name": "images", "datatype": "FP32", "shape": list(x.shape),
                                        "data": x.tolist()}],  # nested lists are accepted too
             "outputs": [{"name": "class_label"}, {"name": "probabilities"}]}
