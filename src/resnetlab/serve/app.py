@@ -126,8 +126,7 @@ class ServedModel:
                 "checkpoint_sha256": b.sha256, "parameters": b.parameters, "dataset": m.name,
                 "classes": list(m.classes), "num_classes": m.num_classes, "in_chans": m.in_chans,
                 "input_size": list(m.input_size), "mean": list(m.mean), "std": list(m.std),
-                "resize": m.resize, "device": b.device if b.name == "torch" else "cpu",
-                **b.describe(), "invert": b.invert, "centre": b.centre,
+                "resize": m.resize, **b.describe(), "invert": b.invert, "centre": b.centre,
                 "digit_like": m.name in INK_FRAMES and m.in_chans == 1}
 
 

@@ -111,7 +111,8 @@ class Backend:
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/model`` reports about the backend."""
-        return {"backend": self.name, "model_file": str(self.file), "load_seconds": self.load_seconds}
+        return {"backend": self.name, "model_file": str(self.file), "load_seconds": self.load_seconds,
+                "device": "cpu"}
 
 
 class TorchBackend(Backend):
@@ -135,6 +136,9 @@ class TorchBackend(Backend):
     @property
     def torch_device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "device": str(self.torch_device)}
 
     @torch.no_grad()
     def predict_batch(self, x: torch.Tensor) -> torch.Tensor:
