@@ -24,38 +24,42 @@ from resnetlab.serve.app import (
     create_app,
     load_served_model,
 )
+from resnetlab.serve.options import ServeOptionError, check_options
+from resnetlab.serve.timeouts import Timeouts, server_config
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           max_batch: int = 16, max_wait_ms: float = 5.0, limits: Limits | None = None,
           log_level: str = "warning", graceful_timeout_s: int | None = 30,
-          threads: int | None = None, backend: str = "torch", model_file: str | Path | None = None,
-          model_name: str | None = None, centre: bool = True) -> int:
+          threads: int | None = None, timeouts: Timeouts | None = None, backend: str = "torch",
+          model_file: str | Path | None = None, model_name: str | None = None, centre: bool = True) -> int:
     """Load the network at ``path`` and serve it until SIGTERM/SIGINT; returns the exit code 0.
 
     Loading errors (a missing run, a broken checkpoint) raise before anything listens.
     ``graceful_timeout_s`` bounds how long shutdown waits for requests in flight (whole seconds,
     as uvicorn takes it; None: no bound). ``threads`` sets the backend's intra-op CPU threads
-    (default: one per core). ``backend``: ``torch`` or ``onnxruntime`` (``model_file``: the
-    ``.onnx`` to run, default ``<run>/<arch>.onnx``). ``model_name``: the v2 protocol's name
-    (default: the run folder's name). ``centre``: digit-like runs frame the ink as their
-    dataset did (see :func:`resnetlab.predict.centre_ink`).
+    (default: one per core). ``timeouts``: the slow-client deadlines
+    (:class:`~resnetlab.serve.timeouts.Timeouts`). Every option is checked first
+    (:func:`~resnetlab.serve.options.check_options`: ``ServeOptionError`` naming the flag).
+    ``backend``: ``torch`` or ``onnxruntime`` (``model_file``: the ``.onnx`` to run, default
+    ``<run>/<arch>.onnx``). ``model_name``: the v2 protocol's name (default: the run folder's
+    name). ``centre``: digit-like runs frame the ink as their dataset did (see
+    :func:`resnetlab.predict.centre_ink`).
     """
     import torch
     import uvicorn
 
+    limits, timeouts = limits or Limits(), timeouts or Timeouts()
+    check_options(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits,
+                  timeouts=timeouts, threads=threads, log_level=log_level)
     if threads:
         torch.set_num_threads(threads)
-    if max_batch < 1:
-        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
-    if max_wait_ms < 0:
-        raise ValueError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
     served = load_served_model(path, device=device, backend=backend, model_file=model_file,
                                model_name=model_name, centre=centre, threads=threads)
     state = ServeApp(served, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits)
     app = state.build()
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout_s, server_header=False)
+    config = server_config(app, host, port, timeouts, log_level=log_level, lifespan="on",
+                           timeout_graceful_shutdown=graceful_timeout_s, server_header=False)
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {served.backend.arch} from {path} as {served.name!r} on http://{shown}:{port} "
@@ -78,4 +82,5 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
     return 0
 
 
-__all__ = ["ApiError", "Limits", "ServeApp", "ServedModel", "create_app", "load_served_model", "serve"]
+__all__ = ["ApiError", "Limits", "ServeApp", "ServeOptionError", "ServedModel", "Timeouts", "create_app",
+           "load_served_model", "serve"]

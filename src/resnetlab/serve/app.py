@@ -53,6 +53,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from resnetlab.data import DataError, DataMeta
+from resnetlab.data.images import NOT_SUPPORTED, ImageTooLargeError, open_image
 from resnetlab.explain import overlay, png_data_url, resolve_target
 from resnetlab.predict import INK_FRAMES
 from resnetlab.serve import v2
@@ -158,9 +159,9 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
         try:
-            img = Image.open(io.BytesIO(data))
+            img = open_image(io.BytesIO(data))  # only the allowed formats, judged by content
         except UnidentifiedImageError:
-            raise ApiError(415, f"{name}: not an image (PNG, JPEG, BMP, GIF, WebP or TIFF expected)") from None
+            raise ApiError(415, f"{name}: {NOT_SUPPORTED}") from None
         except Image.DecompressionBombError as e:
             raise ApiError(400, f"{name}: refused as a decompression bomb ({e})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -182,6 +183,8 @@ def decode_and_prepare(data: bytes, name: str, backend: Backend, max_pixels: int
     img = decode_image(data, name, max_pixels)
     try:
         return backend.preprocess(img)
+    except ImageTooLargeError as e:  # readable, but over a preprocessing limit: like --max-pixels
+        raise ApiError(400, f"{name}: {e}") from None
     except (OSError, ValueError) as e:  # DataError is a ValueError too
         raise ApiError(415, f"{name}: unsupported image mode {img.mode} ({e})") from None
 
