@@ -250,7 +250,8 @@ def quantize_run(path: str | Path, method: str = "static", calibration: int = 25
     finally:
         torch.set_num_threads(previous)
     report = QuantizeReport(
-        run=str(path), arch=cfg.model.name, method=method, calibration_images=len(calib),
+        run=str(path), arch=cfg.model.name, method=method,
+        calibration_images=len(calib) if method == "static" else 0,
         fp32_file=str(fp32), int8_file=str(out), fp32_bytes=fp32.stat().st_size, int8_bytes=out.stat().st_size,
         test_images=len(labels), top1_fp32=top1["torch_fp32"], top1_int8=top1["onnxruntime_int8"],
         top1_fp32_onnxruntime=top1["onnxruntime_fp32"], latency_ms=latency, threads=threads,
