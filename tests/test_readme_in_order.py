@@ -1,5 +1,6 @@
-"""The README's "Evaluate, predict, export" section, run as written and in order: its shell lines
-(the training line with a one-epoch budget added), then its Python blocks, in a fresh folder.
+"""The README's "Evaluate, predict, export" section (up to its first subsection), run as written and
+in order in a fresh folder: its shell lines (the training line with a one-epoch budget added),
+then its Python blocks.
 A file one example writes must not break the next (an export that already exists, an image the
 text uses but never makes)."""
 
@@ -21,7 +22,7 @@ QUICK = ["train.epochs=1", "train.quiet=true", "train.tensorboard=false"]  # app
 def _section_blocks() -> list[tuple[str, list[str]]]:
     text = README.read_text()
     start = text.index(SECTION)
-    end = text.index("\n## ", start + len(SECTION))
+    end = start + len(SECTION) + re.search(r"\n#{2,} ", text[start + len(SECTION):]).start()  # next heading
     blocks, lang, lines = [], None, []
     for line in text[start:end].splitlines():
         fence = re.match(r"^```(\w*)", line)

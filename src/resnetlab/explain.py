@@ -27,7 +27,7 @@ from torch import nn
 
 from resnetlab.data import DataError, DataMeta, load_image, normalize, preprocess
 from resnetlab.inference import load_for_inference, output_dir
-from resnetlab.predict import apply_polarity, collect_images
+from resnetlab.prepare import apply_polarity, collect_images
 
 #: Shorter side of a written overlay, pixels: an 8x8 digit is upscaled (nearest) to be seen.
 OVERLAY_MIN_SIDE = 224

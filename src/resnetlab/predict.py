@@ -10,6 +10,13 @@ drawing is usually dark ink on white, so with ``invert="auto"`` the polarity is 
 image border (the ground): a light border means dark-on-light, and the image is inverted before
 prediction; each prediction says whether it was. ``"yes"``/``"no"`` force it.
 
+Digit-like runs (digits, MNIST, Fashion-MNIST) were trained on characters cropped to their ink,
+scaled into a fixed box and centred. A photo or a drawing is rarely framed like that (a small
+digit in a wide margin, off centre), so by default the same framing is applied to it
+(:func:`centre_ink`): crop to the ink's bounding box, scale it, aspect kept, into the box the
+dataset used, centre it. ``Prediction.preprocess`` says what was done; ``centre=False`` turns
+it off. Images already at the network's input size are taken as they are (a dataset image).
+
 From Python, in three lines::
 
     p = resnetlab.load("runs/digits")              # a Predictor
@@ -19,23 +26,33 @@ From Python, in three lines::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
 from resnetlab.config import Config
 from resnetlab.data import DataError, DataMeta, load_image, normalize, preprocess
-from resnetlab.data.images import is_image_file, to_mode
 from resnetlab.inference import load_for_inference
 from resnetlab.outputs import printable
-
-Invert = Literal["auto", "yes", "no"]
-INVERT_CHOICES = ("auto", "yes", "no")
+from resnetlab.prepare import (
+    INK_FRAMES,
+    INVERT_CHOICES,
+    Geometry,
+    InkFrame,
+    Invert,
+    apply_polarity,
+    centre_ink,
+    collect_images,
+    light_ground,
+    prepare_image,
+    prepare_image_mapped,
+    resize_geometry,
+)
 
 
 @dataclass
@@ -47,6 +64,7 @@ class Prediction:
     indices: list[int]  # label ids
     probs: list[float]  # softmax probabilities, 0..1
     inverted: bool | None = None  # grey runs: whether the image was inverted first; None: not grey
+    preprocess: str | None = None  # what was done before the network: polarity, ink framing
 
 
 @dataclass
@@ -60,60 +78,6 @@ class PredictResult:
         """JSON-ready: ``{"predictions": [...], "errors": [{"file", "error"}]}``."""
         return {"predictions": [asdict(p) for p in self.predictions],
                 "errors": [{"file": f, "error": e} for f, e in self.errors]}
-
-
-def collect_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Expand files and folders (recursively, sorted, image extensions only) into files.
-
-    A file named explicitly is kept whatever its extension (reading it will tell). Missing
-    paths and folders without images come back as ``(path, reason)`` errors.
-    """
-    files: list[Path] = []
-    errors: list[tuple[str, str]] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*")
-                           if f.is_file() and is_image_file(f)
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                errors.append((str(p), "folder holds no image files"))
-            files.extend(found)
-        elif p.exists():
-            files.append(p)
-        else:
-            errors.append((str(p), "no such file or folder"))
-    return files, errors
-
-
-def light_ground(img: Image.Image) -> bool:
-    """True when the image's border (one pixel wide, as grey) is mostly light: dark ink on paper.
-
-    The border is the ground a character sits on; its mean grey level above mid-grey (127.5 of
-    255) says the ground is light.
-    """
-    grey = to_mode(img, 1)
-    w, h = grey.size
-    px = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).view(h, w).float()  # [h, w]
-    border = torch.cat([px[0], px[-1], px[:, 0], px[:, -1]])
-    return bool(border.mean() > 127.5)
-
-
-def apply_polarity(img: Image.Image, meta: DataMeta, invert: Invert = "auto") -> tuple[Image.Image, bool | None]:
-    """``(image, inverted)`` in the polarity the run learned.
-
-    Grey runs (digits: light ink on dark) with ``"auto"`` invert a light-ground image; ``"yes"``
-    and ``"no"`` force it for any run. ``inverted`` is None for a colour run left as it was.
-    """
-    if invert not in INVERT_CHOICES:
-        raise DataError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
-    grey_run = meta.in_chans == 1
-    if invert == "no" or (invert == "auto" and not grey_run):
-        return img, (False if grey_run else None)
-    if invert == "auto" and not light_ground(img):
-        return img, False
-    mode_img = to_mode(img, meta.in_chans)  # invert in the run's own mode (no alpha left)
-    return ImageOps.invert(mode_img), True
 
 
 def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
@@ -142,27 +106,28 @@ def predict_images(model: nn.Module, meta: DataMeta, images: Sequence[Image.Imag
 
 
 def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
-            device: str | torch.device = "cpu", batch_size: int = 64, invert: Invert = "auto") -> PredictResult:
+            device: str | torch.device = "cpu", batch_size: int = 64, invert: Invert = "auto",
+            centre: bool = True, backend: str = "torch", model_file: str | Path | None = None) -> PredictResult:
     """Top-``topk`` predictions of the network at ``path`` (run folder or checkpoint) for
     ``inputs`` (image files and folders). Unreadable files land in ``result.errors``.
-    ``invert``: see :func:`apply_polarity` (digits: dark-on-light images are inverted)."""
+    ``invert``: see :func:`apply_polarity` (digits: dark-on-light images are inverted);
+    ``centre``: see :func:`centre_ink`. ``backend``: ``torch`` or ``onnxruntime`` (the exported
+    ``.onnx``; ``model_file`` picks another, e.g. the int8 one), as ``resnetlab serve`` runs them."""
+    from resnetlab.serve.backends import make_backend
+
     if topk < 1:
         raise DataError(f"--topk must be >= 1, got {topk}")
-    if invert not in INVERT_CHOICES:
-        raise DataError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
-    model, _cfg, meta = load_for_inference(path, device=device)
-    device = next(model.parameters()).device
+    runner = make_backend(path, backend, device=str(device), model_file=model_file, invert=invert,
+                          centre=centre).load()
+    meta = runner.meta
     files, errors = collect_images(inputs)
     result = PredictResult(errors=errors)
     for chunk in _chunks(files, batch_size):  # bounded memory for large folders
         good: list[Path] = []
-        flips: list[bool | None] = []
-        pixels: list[torch.Tensor] = []  # [c, h, w] uint8 each
+        prepared = []
         for f in chunk:
             try:
-                img, inverted = apply_polarity(load_image(f), meta, invert)
-                pixels.append(preprocess([img], meta)[0])
-                flips.append(inverted)
+                prepared.append(runner.preprocess(load_image(f)))
                 good.append(f)
             except DataError as e:  # BadImageError says "<path>: <reason>"
                 result.errors.append((str(f), str(e).removeprefix(f"{f}: ")))
@@ -170,9 +135,11 @@ def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
                 result.errors.append((str(f), f"cannot preprocess image ({e})"))
         if not good:
             continue
-        probs, ids = _topk(model, meta, torch.stack(pixels), topk, device)
-        for f, p, i, inv in zip(good, probs.tolist(), ids.tolist(), flips, strict=True):
-            result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, inv))
+        probs = runner.predict_batch(torch.stack([p.x for p in prepared]))  # [n, classes]
+        top = probs.topk(min(topk, probs.shape[1]), dim=1)
+        for f, p, i, item in zip(good, top.values.tolist(), top.indices.tolist(), prepared, strict=True):
+            result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, item.inverted,
+                                                 item.preprocess))
     return result
 
 
@@ -205,16 +172,18 @@ class Predictor:
     images into the normalised batch the model takes, ``predict`` returns the top-k per image.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, meta: DataMeta, invert: Invert = "auto") -> None:
+    def __init__(self, model: nn.Module, cfg: Config, meta: DataMeta, invert: Invert = "auto",
+                 centre: bool = True) -> None:
         if invert not in INVERT_CHOICES:
             raise DataError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
-        self.model, self.config, self.meta, self.invert = model, cfg, meta, invert
+        self.model, self.config, self.meta, self.invert, self.centre = model, cfg, meta, invert, centre
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", invert: Invert = "auto") -> Predictor:
+    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", invert: Invert = "auto",
+                  centre: bool = True) -> Predictor:
         """Load a run folder, ``.pt`` checkpoint or exported ``.safetensors`` file."""
         model, cfg, meta = load_for_inference(path, device=device)
-        return cls(model, cfg, meta, invert)
+        return cls(model, cfg, meta, invert, centre)
 
     @property
     def classes(self) -> list[str]:
@@ -237,22 +206,26 @@ class Predictor:
         raise DataError(f"expected a PIL image, an image path or a uint8 tensor [c, h, w], got "
                         f"{type(image).__name__}{' ' + str(image.dtype) if isinstance(image, torch.Tensor) else ''}")
 
-    def _batch(self, images: Any) -> tuple[list[Image.Image], list[bool | None]]:
+    def _batch(self, images: Any) -> tuple[torch.Tensor, list[bool | None], list[str]]:
+        """uint8 ``[n, c, h, w]``, polarity flags and what was done, per image."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:  # uint8 [n, c, h, w]
             images = list(images)
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        pairs = [apply_polarity(self._pil(im), self.meta, self.invert) for im in images]
-        return [im for im, _ in pairs], [inv for _, inv in pairs]
+        done = [prepare_image(self._pil(im), self.meta, self.invert, self.centre) for im in images]
+        h, w = self.meta.input_size
+        pixels = (torch.stack([p for p, _, _ in done]) if done
+                  else torch.empty(0, self.meta.in_chans, h, w, dtype=torch.uint8))
+        return pixels, [inv for _, inv, _ in done], [how for _, _, how in done]
 
     def transforms(self, images: Any) -> torch.Tensor:
         """PIL image(s), path(s) or uint8 tensor(s) -> float32 ``[n, c, h, w]``, normalised.
 
-        The run's own evaluation preprocessing (resize/crop, grey or RGB, polarity), then
-        ``(x / 255 - mean) / std`` with the training split's statistics.
+        The run's own evaluation preprocessing (polarity, digit-like framing, resize/crop, grey
+        or RGB), then ``(x / 255 - mean) / std`` with the training split's statistics.
         """
-        pil, _ = self._batch(images)
-        return normalize(preprocess(pil, self.meta), self.meta)
+        pixels, _, _ = self._batch(images)
+        return normalize(pixels, self.meta)
 
     @torch.no_grad()
     def predict(self, images: Any, topk: int = 5) -> list[Prediction]:
@@ -260,19 +233,20 @@ class Predictor:
         is the path given, a PIL image's ``filename`` when it was opened from one, else None)."""
         if topk < 1:
             raise DataError(f"topk must be >= 1, got {topk}")
-        pil, flips = self._batch(images)
-        if not pil:
+        pixels, flips, steps = self._batch(images)
+        if not len(pixels):
             return []
-        probs, ids = _topk(self.model, self.meta, preprocess(pil, self.meta), topk, self.device)
-        names = images if isinstance(images, (list, tuple)) else [images] * len(pil)
-        return [Prediction(_source_name(n), [self.meta.classes[j] for j in i], i, p, inv)
-                for n, p, i, inv in zip(names, probs.tolist(), ids.tolist(), flips, strict=True)]
+        probs, ids = _topk(self.model, self.meta, pixels, topk, self.device)
+        names = images if isinstance(images, (list, tuple)) else [images] * len(pixels)
+        return [Prediction(_source_name(n), [self.meta.classes[j] for j in i], i, p, inv, how)
+                for n, p, i, inv, how in zip(names, probs.tolist(), ids.tolist(), flips, steps, strict=True)]
 
     def __repr__(self) -> str:
         return (f"Predictor({self.config.model.name}, {len(self.classes)} classes, "
                 f"input {self.meta.in_chans}x{self.meta.input_size[0]}x{self.meta.input_size[1]}, "
-                f"invert={self.invert!r})")
+                f"invert={self.invert!r}, centre={self.centre})")
 
 
-__all__ = ["INVERT_CHOICES", "Prediction", "PredictResult", "Predictor", "apply_polarity", "collect_images",
-           "format_predictions", "light_ground", "predict", "predict_images"]
+__all__ = ["INK_FRAMES", "INVERT_CHOICES", "InkFrame", "Prediction", "PredictResult", "Predictor", "apply_polarity",
+           "centre_ink", "collect_images", "format_predictions", "light_ground", "predict", "predict_images",
+           "prepare_image", "prepare_image_mapped", "resize_geometry", "Geometry"]
