@@ -24,8 +24,8 @@ _LAZY = {
     "Config": "resnetlab.config",
     "ConfigError": "resnetlab.config",
     "load_config": "resnetlab.config",
-    "create_model": "resnetlab.models",
-    "list_models": "resnetlab.models",
+    "create_model": "resnetlab.weights",  # the registry's, plus weights= / pretrained=
+    "list_models": "resnetlab.weights",
     "Predictor": "resnetlab.predict",
 }
 

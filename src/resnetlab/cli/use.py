@@ -17,6 +17,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--out", metavar="DIR", help="write the report files here instead of the run folder "
                                                 "(for read-only runs)")
+    p.add_argument("--tta", choices=("flip",), help="also report top-1 with horizontal-flip test-time "
+                                                     "augmentation (mean softmax of the image and its mirror)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="data.*/train.* changes to the stored config, e.g. data.root=~/data/x train.device=cpu")
 
@@ -25,7 +27,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from resnetlab.evaluate import evaluate_checkpoint, format_report
 
-    report = evaluate_checkpoint(args.path, args.split, args.overrides, out_dir=args.out)
+    report = evaluate_checkpoint(args.path, args.split, args.overrides, out_dir=args.out, tta=args.tta)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 

@@ -2,8 +2,9 @@
 
 Accepted sources (the kind is read off the file, not its name):
 
-- a resnetlab run folder (``checkpoints/best.pt``, else ``last.pt``) or checkpoint ``.pt``, or a
-  ``.safetensors`` from ``resnetlab export`` (EMA weights when the run kept them);
+- a resnetlab run folder (``checkpoints/best.pt``, else ``last.pt``) or checkpoint ``.pt``, a
+  ``.safetensors`` from ``resnetlab export`` (EMA weights when the run kept them), or a folder
+  written by ``resnetlab publish`` (its ``model.safetensors``);
 - a torchvision state dict (``torch.save(model.state_dict(), "resnet50.pth")``, as
   ``weights.get_state_dict()`` returns it), also wrapped as ``{"state_dict": ...}`` or with a DDP
   ``module.`` prefix;
@@ -74,7 +75,12 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def resolve_file(path: str | Path) -> Path:
     """The weights file ``path`` names: a run folder's best.pt (else last.pt), or the file."""
+    from resnetlab.inference import published_model
+
     p = Path(path).expanduser()
+    published = published_model(p)  # a `resnetlab publish` folder or a shipped weight
+    if published is not None:
+        return published.resolve()
     if p.is_dir():
         return ckpt.resolve(p).resolve()
     if not p.is_file():
