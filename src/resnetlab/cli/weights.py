@@ -68,7 +68,7 @@ def add_publish(sub: argparse._SubParsersAction) -> None:
                                    "model card with the Hugging Face YAML header and the run's own numbers "
                                    "(measured on its test split), figures and command, and train_config.yaml. "
                                    "resnetlab.load(OUT), model.init_from=OUT and, for timm's architectures, "
-                                   "timm.create_model('local-dir:OUT') read it back.")
+                                   "timm.create_model('local-dir:OUT', pretrained=True) read it back.")
     p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
     p.add_argument("out", metavar="OUT", help="folder to write (its name is the weights' name)")
     p.add_argument("--force", action="store_true", help="overwrite the files of a non-empty OUT")

@@ -51,7 +51,9 @@ RECIPES: dict[str, ZooRecipe] = {r.name: r for r in (
 
 def build(names: Sequence[str] = (), *, runs: str | Path = "runs/zoo", out: str | Path = FILES,
           force: bool = False) -> list[Path]:
-    """Train, calibrate and publish the zoo weights ``names`` (all when empty) into ``out``."""
+    """Train, calibrate and publish the zoo weights ``names`` (all when empty) into ``out``.
+
+    A run that already finished (``runs/<name>/result.json``) is not trained again."""
     from resnetlab import train
     from resnetlab.evaluate import calibrate_checkpoint
     from resnetlab.weights.publish import publish
@@ -62,8 +64,9 @@ def build(names: Sequence[str] = (), *, runs: str | Path = "runs/zoo", out: str 
     written = []
     for name in names or list(RECIPES):
         r = RECIPES[name]
-        result = train(r.recipe, [*r.overrides, f"run.root={runs}", f"run.name={name}"])
-        run_dir = Path(result.run_dir)
+        run_dir = Path(runs) / name
+        if not (run_dir / "result.json").is_file():  # a finished run is reused: publish only
+            run_dir = Path(train(r.recipe, [*r.overrides, f"run.root={runs}", f"run.name={name}"]).run_dir)
         calibrate_checkpoint(run_dir)
         publish(run_dir, Path(out) / name, force=force,
                 command=f"resnetlab zoo build {name}   # = {r.command} + resnetlab calibrate",

@@ -14,7 +14,7 @@
 A temperature fitted by ``resnetlab calibrate`` is folded into the classifier (weight and bias
 divided by T), so every consumer, timm included, gets calibrated probabilities; the card gives
 ECE before and after. Where timm knows the architecture under the same name and parameter names
-(resnet18/34/50/101/152 with torchvision's layout), ``timm.create_model("local-dir:OUT")`` loads
+(resnet18/34/50/101/152 with torchvision's layout), ``timm.create_model("local-dir:OUT", pretrained=True)`` loads
 the folder too.
 """
 
@@ -127,7 +127,7 @@ def card_markdown(name: str, doc: Mapping[str, Any], figures: list[str]) -> str:
               "transforms = resnetlab.weights.get(PATH_OR_NAME).transforms()",
               "probs = model.eval()(transforms(image)[None]).softmax(1)", "```", ""]
     if card.get("timm_compatible"):
-        lines += ["timm reads the folder as it is: `timm.create_model(\"local-dir:PATH\")`.", ""]
+        lines += ["timm reads the folder as it is: `timm.create_model(\"local-dir:PATH\", pretrained=True)`.", ""]
     lines += ["## How it was made", "", "```", card["command"], "```", "",
               f"`{TRAIN_CONFIG}` is the resolved configuration (seed, split, schedule); "
               f"`resnetlab train -c {TRAIN_CONFIG}` trains it again.", ""]

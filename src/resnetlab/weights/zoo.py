@@ -263,7 +263,11 @@ def resolve(arch: str, weights: Weights | str | None, pretrained: bool = False) 
         w = weights
     else:
         text = str(weights)
-        w = _shipped().get(f"{arch}.{text}") or get(text)  # a tag first, then a name or folder
+        tagged = _shipped().get(f"{arch}.{text}")  # a tag first, then a name or a folder
+        if tagged is None and "." not in text and not Path(text).expanduser().is_dir():
+            raise WeightsError(f"no {arch} weights tagged {text!r}; {arch} has: "
+                               f"{', '.join(list_weights(arch)) or 'none'} (all shipped: {_shipped_summary()})")
+        w = tagged or get(text)
     if w.arch != arch:
         raise WeightsError(f"weights {w.name} are for {w.arch}, not {arch}; "
                            f"{arch} has: {', '.join(list_weights(arch)) or 'none shipped'}")
