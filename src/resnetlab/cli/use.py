@@ -115,9 +115,12 @@ def add_import(sub: argparse._SubParsersAction) -> None:
                                    "checkpoint with config and ImageNet-style data meta (resize 256, crop "
                                    "224, ImageNet mean/std) that eval, predict and export accept.")
     p.add_argument("source", choices=("torchvision",), help="where the weights come from")
-    p.add_argument("file", metavar="FILE.pth", help="the state dict file")
+    p.add_argument("file", metavar="FILE.pth", help="the state dict file (.pth, .bin or .safetensors), or a "
+                                                    "timm / Hugging Face folder")
     p.add_argument("--arch", required=True, help="registry name, e.g. resnet50")
-    p.add_argument("--classes", metavar="FILE", help="class names, one per line (default 0..k-1)")
+    p.add_argument("--classes", metavar="FILE", help="class names, one per line (default: the source's "
+                                                      "own: a config.json beside FILE, torchvision's ImageNet "
+                                                      "categories for 1000 classes; else 0..k-1)")
     p.add_argument("--output", metavar="PATH", help="checkpoint to write (default FILE.resnetlab.pt)")
     p.add_argument("--data-root", default="data/imagenet",
                    help="image folder (train/, val/) stored for eval (default data/imagenet)")
