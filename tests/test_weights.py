@@ -109,3 +109,11 @@ def test_verify_remeasures_the_card(tmp_path: Path, capsys) -> None:
     assert "MISMATCH" in capsys.readouterr().out
     assert main(["weights", "verify", "resnet20.digits"]) == 0
     assert ": OK" in capsys.readouterr().out
+
+
+def test_readme_table_is_read_from_the_cards() -> None:
+    from resnetlab.weights.zoo import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- weights-table -->\n")[1].split("<!-- /weights-table -->")[0]
+    assert block.strip() == markdown_table(), "regenerate: python -c 'from resnetlab.weights.zoo import markdown_table; print(markdown_table())'"

@@ -287,5 +287,21 @@ def describe(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def markdown_table() -> str:
+    """The README's table of shipped weights, read from their cards (never typed by hand)."""
+    lines = ["| weights | test top-1 | ECE before -> after T | parameters | file | budget |",
+             "|---|---|---|---|---|---|"]
+    for name in list_weights():
+        m = _shipped()[name].meta
+        test = m.get("metrics", {}).get("test", {})
+        b = m.get("budget", {})
+        per_class = f", {b['train_per_class']:,} images per class" if b.get("train_per_class") else ""
+        lines.append(f"| `{name}` | {test.get('top1_acc', float('nan')):.2f}% of {test.get('count', 0):,} | "
+                     f"{test.get('ece_before', test.get('ece', float('nan'))):.2f}% -> {test.get('ece', float('nan')):.2f}% | "
+                     f"{m['num_params']:,} | {m['file_size'] / 2**20:.2f} MB | "
+                     f"{b.get('epochs_run', b.get('epochs'))} epochs{per_class} |")
+    return "\n".join(lines)
+
+
 __all__ = ["DEFAULT", "ImageTransforms", "Weights", "WeightsError", "default_weights", "describe", "get",
-           "list_weights", "pretrained_cfg", "read_config_json", "resolve"]
+           "list_weights", "markdown_table", "pretrained_cfg", "read_config_json", "resolve"]

@@ -1,0 +1,179 @@
+"""Installing as a user: every import a command needs is covered by the core dependencies plus
+the extra README.md names for that command (its "Install with pip" table), and every extra the
+table names exists in pyproject.toml and is shown in a `pip install` line.
+
+The imports are found statically: from the command's ``run_<name>`` function, every resnetlab
+module it imports (at any depth, inside functions too) is followed; third-party top-level
+imports are collected, except those guarded by ``except ImportError`` (optional features that
+say how to enable themselves) and ``if TYPE_CHECKING:`` blocks. Import names are mapped to their
+distributions with ``importlib.metadata.packages_distributions()``.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import sys
+import textwrap
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+from resnetlab.cli import COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(req: str) -> str:
+    return _norm(re.split(r"[\s\[<>=!~;]", req.strip(), maxsplit=1)[0])
+
+
+def _dependencies() -> tuple[set[str], dict[str, set[str]]]:
+    """Core distribution names and, per extra, the names it installs (self-references resolved)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_requirement_name(r) for r in project["dependencies"]}
+    raw = project["optional-dependencies"]
+
+    def expand(extra: str) -> set[str]:
+        out = set()
+        for req in raw[extra]:
+            m = re.match(r"resnetlab\[([\w,]+)\]", req.replace(" ", ""))
+            if m:
+                for inner in m.group(1).split(","):
+                    out |= expand(inner)
+            else:
+                out.add(_requirement_name(req))
+        return out
+
+    return core, {extra: expand(extra) for extra in raw}
+
+
+def _readme_extras() -> dict[str, str]:
+    """``command -> extra`` from the README's table of rows ``| `resnetlab CMD ...` | `[extra]` |``."""
+    rows = re.findall(r"^\|\s*`resnetlab (\w+)[^`]*`\s*\|\s*`\[(\w+)\]`", (ROOT / "README.md").read_text(), re.M)
+    return dict(rows)
+
+
+def _module_file(module: str) -> Path | None:
+    base = SRC / Path(*module.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _guarded(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    """Inside ``try: ... except ImportError`` or ``if TYPE_CHECKING:``."""
+    while node in parents:
+        parent = parents[node]
+        if isinstance(parent, ast.Try) and node in parent.body and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                or isinstance(h.type, ast.Tuple) and any(getattr(e, "id", "") == "ImportError" for e in h.type.elts)
+                for h in parent.handlers):
+            return True
+        if isinstance(parent, ast.If) and "TYPE_CHECKING" in ast.unparse(parent.test):
+            return True
+        node = parent
+    return False
+
+
+def _imports(tree: ast.AST, package: str) -> set[str]:
+    """Dotted names of everything ``tree`` imports, guarded imports left out."""
+    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+    found = set()
+    for node in ast.walk(tree):
+        if _guarded(node, parents):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return found
+
+
+def _called_functions(run: object) -> list[object]:
+    """``run`` and the functions of its module it names, transitively (also through module-level
+    tables such as ``REPRODUCE = {"degradation": run_degradation, ...}``)."""
+    module = sys.modules[run.__module__]  # type: ignore[attr-defined]
+    out, todo = [], [run]
+    while todo:
+        fn = todo.pop()
+        if fn in out:
+            continue
+        out.append(fn)
+        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn)))):
+            value = getattr(module, node.id, None) if isinstance(node, ast.Name) else None
+            values = list(value.values()) if isinstance(value, dict) else [value]
+            todo += [v for v in values if inspect.isfunction(v) and v.__module__ == module.__name__]
+    return out
+
+
+def third_party_imports(command: str) -> set[str]:
+    """Top-level third-party modules ``resnetlab COMMAND`` may import."""
+    run = COMMANDS[command][1]
+    todo: set[str] = set()
+    for fn in _called_functions(run):
+        todo |= _imports(ast.parse(textwrap.dedent(inspect.getsource(fn))), run.__module__.rsplit(".", 1)[0])
+    seen: set[str] = set()
+    outside = set()
+    while todo:
+        name = todo.pop()
+        top = name.split(".")[0]
+        if top != "resnetlab":
+            if top not in sys.stdlib_module_names and top != "__future__":
+                outside.add(top)
+            continue
+        file = _module_file(name)
+        if file is None or str(file) in seen:
+            continue
+        seen.add(str(file))
+        package = name if file.name == "__init__.py" else name.rsplit(".", 1)[0]
+        todo |= _imports(ast.parse(file.read_text()), package)
+    return outside
+
+
+def test_every_command_import_is_covered_by_its_readme_extra() -> None:
+    core, extras = _dependencies()
+    named = _readme_extras()
+    assert named, "README.md has no `| `resnetlab CMD` | `[extra]` |` table"
+    dists = {k: {_norm(d) for d in v} for k, v in packages_distributions().items()}
+    problems = []
+    for command in COMMANDS:
+        allowed = core | extras.get(named.get(command, ""), set())
+        for module in sorted(third_party_imports(command)):
+            providers = dists.get(module, {_norm(module)})
+            if not providers & allowed:
+                where = f"the [{named[command]}] extra" if command in named else "the core dependencies"
+                problems.append(f"resnetlab {command} imports {module} ({', '.join(sorted(providers))}), "
+                                f"not in {where}")
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_extras_exist_and_are_shown() -> None:
+    _, extras = _dependencies()
+    readme = (ROOT / "README.md").read_text()
+    for command, extra in _readme_extras().items():
+        assert command in COMMANDS, f"README names an extra for an unknown command {command!r}"
+        assert extra in extras, f"README names [{extra}] for {command}; pyproject has no such extra"
+        assert f"resnetlab[{extra}]" in readme, f"no `pip install 'resnetlab[{extra}]'` in README.md"
+    # the dev extra installs every extra the tests exercise
+    assert extras["export"] | extras["serve"] | extras["tensorboard"] <= extras["dev"]
+
+
+def test_serve_and_explain_need_their_extra() -> None:
+    """The check has teeth: the serving stack is outside the core dependencies."""
+    core, extras = _dependencies()
+    assert "starlette" in third_party_imports("serve") and "captum" in third_party_imports("explain")
+    assert not {"starlette", "uvicorn", "captum", "python-multipart"} & core
+    assert {"starlette", "uvicorn", "captum"} <= extras["serve"]
