@@ -16,11 +16,15 @@ import inspect
 import re
 import sys
 import textwrap
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
 from resnetlab.cli import COMMANDS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser as the tomli package (a dev dependency there)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
