@@ -19,9 +19,9 @@ from resnetlab.cli import analysis, info, serve, train, use, weights
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from resnetlab.calibration import CalibrationError
+    from resnetlab.checkpoint import CheckpointError
     from resnetlab.config import ConfigError
     from resnetlab.data import DataError
-    from resnetlab.engine.checkpoint import CheckpointError
     from resnetlab.engine.errors import TrainingError
     from resnetlab.weights.zoo import WeightsError
 

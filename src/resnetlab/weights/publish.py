@@ -169,14 +169,9 @@ def publish(path: str | Path, out: str | Path, *, force: bool = False, command: 
     """
     import tempfile
 
+    from resnetlab import checkpoint as ckpt
     from resnetlab.calibration import apply_temperature, read_temperature
-    from resnetlab.engine import checkpoint as ckpt
-    from resnetlab.inference import (
-        SAFETENSORS_CONFIG_KEY,
-        SAFETENSORS_META_KEY,
-        build_inference_model,
-        read_checkpoint,
-    )
+    from resnetlab.inference import build_inference_model, read_checkpoint
     from resnetlab.models import count_macs, count_params
 
     dest = Path(out).expanduser()
@@ -217,8 +212,7 @@ def publish(path: str | Path, out: str | Path, *, force: bool = False, command: 
                                   "license": LICENSE},
                "model_args": {"in_chans": meta.in_chans},
                "resnetlab": card}
-        header = {SAFETENSORS_CONFIG_KEY: json.dumps(to_dict(cfg)), SAFETENSORS_META_KEY: json.dumps(meta.to_dict()),
-                  "arch": cfg.model.name, "resnetlab_version": __version__, "format": "pt"}
+        header = {**ckpt.safetensors_header(cfg, meta.to_dict()), "format": "pt"}  # "pt": timm's loader
         dest.mkdir(parents=True, exist_ok=True)
         written = [dest / MODEL_FILE, dest / CONFIG_FILE, dest / TRAIN_CONFIG, dest / CARD_FILE]
         ckpt.save_safetensors(model, dest / MODEL_FILE, metadata=header)

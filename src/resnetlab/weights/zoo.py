@@ -170,14 +170,14 @@ class Weights:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights, under the model's parameter names (read as safetensors: no code runs)."""
-        from resnetlab.engine import checkpoint as ckpt
+        from resnetlab import checkpoint as ckpt
 
         return ckpt.load_safetensors(self.file)
 
     def load_into(self, model: nn.Module, num_classes: int | None = None) -> nn.Module:
         """Load into ``model`` strictly; with another ``num_classes`` the classifier keeps the
         model's fresh initialisation (fine-tuning, as timm does for ``num_classes=``)."""
-        from resnetlab.engine import checkpoint as ckpt
+        from resnetlab import checkpoint as ckpt
 
         state = self.state_dict()
         if num_classes is not None and num_classes != self.num_classes:
