@@ -31,6 +31,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "weights":  # resnetlab.weights.get("resnet20.digits") after a bare `import resnetlab`
+        return importlib.import_module("resnetlab.weights")
     if name in _LAZY:
         module = importlib.import_module(_LAZY[name])
         value = getattr(module, "load" if name == "load_config" else name)

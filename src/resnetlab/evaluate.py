@@ -308,12 +308,13 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
     return report
 
 
-def calibrate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def calibrate_checkpoint(path: str | Path, overrides: Sequence[str] = (),
+                         report_on: Sequence[str] = ("val", "test")) -> dict[str, Any]:
     """``resnetlab calibrate``: fit a temperature on ``path``'s validation split (Guo et al. 2017)
     and store it in the run's ``calibration.json``; returns the document written.
 
     The document holds ``temperature``, the checkpoint it was fitted for, and ECE/NLL before and
-    after on val (and on test where the data have one). Loading the run afterwards
+    after on ``report_on`` (test only where the data have one). Loading the run afterwards
     (predict, serve, explain, export, ``resnetlab.load``) divides the logits by it.
     """
     from resnetlab.calibration import calibration_metrics, calibration_path, fit_temperature
@@ -325,9 +326,10 @@ def calibrate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dic
     doc: dict[str, Any] = {"temperature": t, "fitted_on": "val", "count": len(val.labels),
                            "checkpoint": str(file), "method": "temperature scaling (Guo et al. 2017), "
                                                              "NLL minimised by L-BFGS", "bins": 15}
-    splits = {"val": val}
-    with contextlib.suppress(DataError):  # no test split (an image folder without test/): val only
-        splits["test"] = split_pass(path, "test", overrides)[5]
+    splits = {"val": val} if "val" in report_on else {}
+    if "test" in report_on:
+        with contextlib.suppress(DataError):  # no test split (an image folder without test/): val only
+            splits["test"] = split_pass(path, "test", overrides)[5]
     for name, seen in splits.items():
         before, after = calibration_metrics(seen.logits, seen.labels), calibration_metrics(seen.logits, seen.labels, t)
         doc[name] = {"ece_before": before["ece"], "ece_after": after["ece"],

@@ -39,13 +39,17 @@ RECIPES: dict[str, ZooRecipe] = {r.name: r for r in (
     ZooRecipe("resnet20.digits", "digits_resnet20", ("seed=0",),
               notes="The `make train` recipe: 30 epochs on 1,258 training images."),
     ZooRecipe("resnet20.fashion_mnist", "fashion_mnist",
-              ("model.name=resnet20", "data.train_per_class=1000", "train.epochs=5", "seed=0"),
-              notes="A CPU budget: 1,000 seeded training images per class (10,000 of 54,000) for 5 "
-                    "epochs, not the recipe's 30 epochs on all of them; measured on all 10,000 test images."),
+              ("model.name=resnet20", "data.train_per_class=300", "data.val_fraction=0.02", "train.epochs=3",
+               "train.test_at_end=false", "seed=0"),
+              notes="A CPU budget: 300 seeded training images per class (3,000 of the 58,800 left after "
+                    "a 1,200-image validation split) for 3 epochs, not the recipe's 30 epochs on all of "
+                    "them; measured on all 10,000 test images."),
     ZooRecipe("resnet56.fashion_mnist", "fashion_mnist",
-              ("model.name=resnet56", "data.train_per_class=500", "train.epochs=4", "seed=0"),
-              notes="A CPU budget: 500 seeded training images per class (5,000 of 54,000) for 4 "
-                    "epochs, not the recipe's 30 epochs on all of them; measured on all 10,000 test images."),
+              ("model.name=resnet56", "data.train_per_class=100", "data.val_fraction=0.02", "train.epochs=3",
+               "train.test_at_end=false", "seed=0"),
+              notes="A CPU budget: 100 seeded training images per class (1,000 of the 58,800 left after "
+                    "a 1,200-image validation split) for 3 epochs, not the recipe's 30 epochs on all of "
+                    "them; measured on all 10,000 test images."),
 )}
 
 
@@ -67,7 +71,7 @@ def build(names: Sequence[str] = (), *, runs: str | Path = "runs/zoo", out: str 
         run_dir = Path(runs) / name
         if not (run_dir / "result.json").is_file():  # a finished run is reused: publish only
             run_dir = Path(train(r.recipe, [*r.overrides, f"run.root={runs}", f"run.name={name}"]).run_dir)
-        calibrate_checkpoint(run_dir)
+        calibrate_checkpoint(run_dir, report_on=("val",))  # publish measures test, calibrated and not
         publish(run_dir, Path(out) / name, force=force,
                 command=f"resnetlab zoo build {name}   # = {r.command} + resnetlab calibrate",
                 extra_card={"recipe": r.recipe, "overrides": list(r.overrides), "notes": r.notes,
