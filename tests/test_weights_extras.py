@@ -181,3 +181,29 @@ def test_serve_and_explain_need_their_extra() -> None:
     assert "starlette" in third_party_imports("serve") and "captum" in third_party_imports("explain")
     assert not {"starlette", "uvicorn", "captum", "python-multipart"} & core
     assert {"starlette", "uvicorn", "captum"} <= extras["serve"]
+
+
+def test_without_tensorboard_a_run_says_so_once(tmp_path: Path, monkeypatch, caplog) -> None:
+    import logging
+
+    from resnetlab.config import Config
+    from resnetlab.engine.dist import DistInfo
+    from resnetlab.engine.fit import _tensorboard
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    with caplog.at_level(logging.INFO, logger="resnetlab"):
+        assert _tensorboard(Config(), tmp_path, DistInfo()) is None
+    said = [r.getMessage() for r in caplog.records if "TensorBoard logging is off" in r.getMessage()]
+    assert len(said) == 1 and "pip install 'resnetlab[tensorboard]'" in said[0]
+    assert not (tmp_path / "tb").exists()
+
+
+def test_lesson_ships_and_copies(tmp_path: Path, capsys) -> None:
+    from resnetlab.cli import main
+
+    assert main(["lesson", str(tmp_path)]) == 0
+    assert (tmp_path / "lesson.ipynb").read_bytes() == (ROOT / "docs" / "lesson.ipynb").read_bytes()
+    assert main(["lesson", str(tmp_path)]) == 2  # never overwritten without --force
+    assert "exists" in capsys.readouterr().err
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "notebooks/*.ipynb" in project["tool"]["setuptools"]["package-data"]["resnetlab"]
