@@ -89,6 +89,8 @@ def test_timm_loads_the_published_folder(tmp_path: Path, imported_resnet18) -> N
     publish(ckpt, out, measure=False)
     head = _header(out / "README.md")
     assert head["library_name"] == "timm" and "timm" in head["tags"]
+    card = (out / "README.md").read_text()  # imported, not trained here: the import is the command
+    assert "resnetlab import torchvision" in card and "--arch resnet18" in card and "training budget" not in card
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # [b, c, h, w]
     ours = resnetlab.create_model("resnet18", weights=str(out)).eval()
     by_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()

@@ -102,7 +102,9 @@ def card_markdown(name: str, doc: Mapping[str, Any], figures: list[str]) -> str:
     cfg = doc["pretrained_cfg"]
     lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
              f"# {name}", "",
-             f"{doc['architecture']} trained by resnetlab {card['version']} on {dataset} "
+             (f"{doc['architecture']} imported from {card['origin'].get('kind')} weights by resnetlab {card['version']}"
+              if card.get("origin") else f"{doc['architecture']} trained by resnetlab {card['version']} on {dataset}")
+             + " "
              f"({doc['num_classes']} classes: {', '.join(doc['label_names'][:10])}"
              f"{', ...' if len(doc['label_names']) > 10 else ''}).", "",
              "## Numbers", "",
@@ -121,16 +123,18 @@ def card_markdown(name: str, doc: Mapping[str, Any], figures: list[str]) -> str:
     if card.get("calibration"):
         lines.append(f"| temperature (fitted on val, folded into the classifier) | {card['calibration']['temperature']:.3f} |")
     budget = card.get("budget", {})
-    lines.append("| training budget | " + ", ".join(f"{k} {v}" for k, v in budget.items()) + " |")
+    if budget:  # imported weights were not trained here: no budget to state
+        lines.append("| training budget (seconds: wall clock) | " + ", ".join(f"{k} {v}" for k, v in budget.items()) + " |")
     lines += ["", "## Use", "", "```python", "import resnetlab", "",
               f"model = resnetlab.create_model({doc['architecture']!r}, weights=PATH_OR_NAME)  # or resnetlab.load(PATH)",
               "transforms = resnetlab.weights.get(PATH_OR_NAME).transforms()",
               "probs = model.eval()(transforms(image)[None]).softmax(1)", "```", ""]
     if card.get("timm_compatible"):
         lines += ["timm reads the folder as it is: `timm.create_model(\"local-dir:PATH\", pretrained=True)`.", ""]
-    lines += ["## How it was made", "", "```", card["command"], "```", "",
-              f"`{TRAIN_CONFIG}` is the resolved configuration (seed, split, schedule); "
-              f"`resnetlab train -c {TRAIN_CONFIG}` trains it again.", ""]
+    lines += ["## How it was made", "", "```", card["command"], "```", ""]
+    if not card.get("origin"):
+        lines += [f"`{TRAIN_CONFIG}` is the resolved configuration (seed, split, schedule); "
+                  f"`resnetlab train -c {TRAIN_CONFIG}` trains it again.", ""]
     if card.get("notes"):
         lines += [card["notes"], ""]
     for fig in figures:
@@ -180,6 +184,9 @@ def publish(path: str | Path, out: str | Path, *, force: bool = False, command: 
                               "its files or name another folder")
     file, state, cfg, meta = read_checkpoint(path)
     run = Path(path).expanduser() if Path(path).expanduser().is_dir() else None
+    origin = ckpt.read(file).source if file.suffix == ".pt" else None  # set by `resnetlab import`
+    if command is None and origin and origin.get("kind") == "torchvision":
+        command = f"resnetlab import torchvision {origin.get('file')} --arch {origin.get('arch')}"
     model = build_inference_model(state, cfg, meta, source=str(file))
     temperature = read_temperature(path, file)
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,9 +205,9 @@ def publish(path: str | Path, out: str | Path, *, force: bool = False, command: 
         card: dict[str, Any] = {
             "name": name, "version": __version__, "dataset": meta.name, "source": str(file),
             "num_params": count_params(model), "macs": count_macs(model, (meta.in_chans, *meta.input_size)),
-            "metrics": metrics, "budget": _budget(run, cfg), "timm_compatible": timm_ok,
+            "metrics": metrics, "budget": _budget(run, cfg) if origin is None else {}, "timm_compatible": timm_ok,
             "command": command or f"resnetlab train -c {TRAIN_CONFIG}",
-            "calibration": calibration, "data_meta": meta.to_dict(), "config": to_dict(cfg),
+            "calibration": calibration, "origin": origin, "data_meta": meta.to_dict(), "config": to_dict(cfg),
             **dict(extra_card or {}),
         }
         doc = {"architecture": cfg.model.name, "num_classes": len(meta.classes),

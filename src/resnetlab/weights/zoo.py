@@ -105,7 +105,10 @@ def pretrained_cfg(meta: DataMeta) -> dict[str, Any]:
     """
     h, w = meta.input_size
     crop_pct = round(min(h, w) / meta.resize, 4) if meta.resize else 1.0
-    interpolation = "box" if meta.name == "digits" else "bilinear"
+    from resnetlab.data.sources import find_source
+
+    source = find_source(meta.name)  # the dataset declares how evaluation resamples
+    interpolation = "box" if source is not None and source.eval_resample == "box" else "bilinear"
     return {"input_size": [meta.in_chans, h, w], "interpolation": interpolation, "crop_pct": crop_pct,
             "crop_mode": "center", "mean": [round(m, 6) for m in meta.mean],
             "std": [round(s, 6) for s in meta.std]}
