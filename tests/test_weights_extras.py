@@ -6,12 +6,14 @@ The imports are found statically: from the command's ``run_<name>`` function, ev
 module it imports (at any depth, inside functions too) is followed; third-party top-level
 imports are collected, except those guarded by ``except ImportError`` (optional features that
 say how to enable themselves) and ``if TYPE_CHECKING:`` blocks. Import names are mapped to their
-distributions with ``importlib.metadata.packages_distributions()``.
+distributions with ``importlib.metadata.packages_distributions()``; a distribution counts as
+covered when the extra (or the core) installs it, directly or as a dependency of one it names.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import re
 import sys
@@ -123,6 +125,31 @@ def _called_functions(run: object) -> list[object]:
     return out
 
 
+@functools.cache
+def _file_imports(file: Path, package: str) -> frozenset[str]:
+    return frozenset(_imports(ast.parse(file.read_text()), package))
+
+
+@functools.cache
+def _installed_closure(dist: str) -> frozenset[str]:
+    """``dist`` and what it requires (installed, without its own extras), transitively: an
+    extra that installs uvicorn also installs h11."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    out, todo = set(), [_norm(dist)]
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        out.add(name)
+        try:
+            reqs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        todo += [_requirement_name(r) for r in reqs if "extra ==" not in r]
+    return frozenset(out)
+
+
 def third_party_imports(command: str) -> set[str]:
     """Top-level third-party modules ``resnetlab COMMAND`` may import."""
     run = COMMANDS[command][1]
@@ -143,7 +170,7 @@ def third_party_imports(command: str) -> set[str]:
             continue
         seen.add(str(file))
         package = name if file.name == "__init__.py" else name.rsplit(".", 1)[0]
-        todo |= _imports(ast.parse(file.read_text()), package)
+        todo |= _file_imports(file, package)
     return outside
 
 
@@ -154,7 +181,7 @@ def test_every_command_import_is_covered_by_its_readme_extra() -> None:
     dists = {k: {_norm(d) for d in v} for k, v in packages_distributions().items()}
     problems = []
     for command in COMMANDS:
-        allowed = core | extras.get(named.get(command, ""), set())
+        allowed = set().union(*(_installed_closure(d) for d in core | extras.get(named.get(command, ""), set())))
         for module in sorted(third_party_imports(command)):
             providers = dists.get(module, {_norm(module)})
             if not providers & allowed:
