@@ -21,6 +21,7 @@ from resnetlab.calibration import (
 )
 from resnetlab.cli import main
 from resnetlab.evaluate import calibrate_checkpoint, evaluate_checkpoint
+from resnetlab.export import export_model
 from resnetlab.weights import get
 
 
@@ -86,6 +87,10 @@ def test_calibrate_stores_a_temperature_predict_and_eval_use(digits_copy: Path, 
     with torch.no_grad():
         want, got = raw.model(x) / 2.0, calibrated.model(x)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    exported = export_model(digits_copy, "safetensors", digits_copy / "exported.safetensors").path
+    with torch.no_grad():  # the export carries the temperature in its classifier, applied once
+        assert torch.allclose(resnetlab.load(exported, invert="no").model(x), want, rtol=1e-5,
+                              atol=1e-5 * float(want.abs().max()))
     report = evaluate_checkpoint(digits_copy, "test", tta="flip", out_dir=digits_copy / "eval")
     m = report.metrics
     assert m["temperature"] == 2.0 and m["ece_calibrated"] >= 0 and m["nll_calibrated"] > 0
