@@ -20,7 +20,7 @@ from resnetlab.calibration import (
     nll,
 )
 from resnetlab.cli import main
-from resnetlab.evaluate import calibrate_checkpoint, evaluate_checkpoint
+from resnetlab.evaluate import evaluate_checkpoint
 from resnetlab.export import export_model
 from resnetlab.weights import get
 
@@ -73,8 +73,10 @@ def digits_copy(tmp_path: Path) -> Path:
 
 
 def test_calibrate_stores_a_temperature_predict_and_eval_use(digits_copy: Path, capsys) -> None:
-    doc = calibrate_checkpoint(digits_copy)
-    stored = json.loads((digits_copy / "calibration.json").read_text())
+    assert main(["calibrate", str(digits_copy)]) == 0
+    assert "ECE" in capsys.readouterr().out
+    doc = json.loads((digits_copy / "calibration.json").read_text())
+    stored = dict(doc)
     assert stored["temperature"] == doc["temperature"] > 0 and stored["fitted_on"] == "val"
     assert doc["val"]["nll_after"] <= doc["val"]["nll_before"] + 1e-12  # fitted there: cannot be worse
     assert {"ece_before", "ece_after"} <= set(doc["test"])

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 import resnetlab
+from resnetlab.cli import main
 from resnetlab.config import from_dict
 from resnetlab.importers import import_torchvision
 from resnetlab.weights import WeightsError, get, read_init_from, resolve_init_from
@@ -27,7 +28,7 @@ def _header(card: Path) -> dict:
     return yaml.safe_load(text.split("---\n")[1])
 
 
-def test_publish_digits_layout_and_card(tmp_path: Path) -> None:
+def test_publish_digits_layout_and_card(tmp_path: Path, capsys) -> None:
     src = get("resnet20.digits").folder
     out = tmp_path / "resnet20.mine"
     res = publish(src, out)
@@ -63,6 +64,8 @@ def test_publish_digits_layout_and_card(tmp_path: Path) -> None:
     assert source.meta.classes == tuple(str(i) for i in range(10))
     with pytest.raises(WeightsError, match="not an empty folder"):
         publish(src, out)
+    assert main(["publish", str(src), str(out)]) == 2  # the CLI says the same in one line
+    assert "pass --force" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

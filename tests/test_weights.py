@@ -91,6 +91,9 @@ def test_list_models_pretrained_and_cli(capsys) -> None:
     assert main(["models", "--pretrained"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in list_weights())
+    assert main(["zoo", "recipes"]) == 0
+    recipes = capsys.readouterr().out
+    assert all(f"{name:<26} {RECIPES[name].command}" in recipes for name in list_weights())
     assert main(["weights", "show", "resnet20.digits"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["metrics"] == get("resnet20.digits").meta["metrics"]
