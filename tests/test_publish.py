@@ -62,6 +62,8 @@ def test_publish_digits_layout_and_card(tmp_path: Path, capsys) -> None:
     source = read_init_from(run_cfg)
     assert source is not None and source.kind == "resnetlab" and source.meta is not None
     assert source.meta.classes == tuple(str(i) for i in range(10))
+    shipped = resolve_init_from(from_dict({"model": {"name": "resnet20", "init_from": "resnet20.digits"}}))
+    assert shipped.model.init_from == str(get("resnet20.digits").file.resolve())  # a shipped name works too
     with pytest.raises(WeightsError, match="not an empty folder"):
         publish(src, out)
     assert main(["publish", str(src), str(out)]) == 2  # the CLI says the same in one line
