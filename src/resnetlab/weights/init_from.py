@@ -88,8 +88,8 @@ def resolve_file(path: str | Path) -> Path:
     if not p.exists() and str(path) in list_weights():  # a name from `resnetlab weights`
         return get_weights(str(path)).file.resolve()
     if not p.is_file():
-        raise ConfigError(f"model.init_from: {p} is neither a file, a run folder nor shipped weights "
-                          f"({', '.join(list_weights()) or 'none ship'})")
+        raise ConfigError(f"model.init_from: {p} is neither a file nor a run folder, nor the name of "
+                          f"shipped weights ({', '.join(list_weights()) or 'none ship'})")
     return p.resolve()
 
 
