@@ -15,18 +15,35 @@ from resnetlab.config import TrainConfig
 from resnetlab.engine.optim import ModelEMA
 from resnetlab.runtime import apply_speed_flags
 
-ARMED_STEPS = range(2, 8)  # steps 2..7 of the first epoch (9 steps): the first step may build caches
+# steps 2..17 of the first epoch (19 steps of 64): the first step may build caches; before the
+# bar and TensorBoard read the loss at sync steps, each read it every 10 steps (steps 10, 11)
+ARMED_STEPS = range(2, 18)
+SYNC_EVERY = 4  # the guard reads its flags at steps 4, 8, 12, 16: inside the armed steps
 
 
-def test_steps_after_the_first_make_no_host_sync(quick: list[str], monkeypatch) -> None:
+def test_steps_after_the_first_make_no_host_sync(tmp_path, monkeypatch) -> None:
     # On a GPU each of these waits for the device (or copies host memory to it): the step loop
     # must not call them. On the CPU they are free, so the test traps the entry points instead.
-    armed, calls = [False], []
+    # Default settings (progress bar on, TensorBoard on), with the sync interval a GPU gets by
+    # default, shortened so that the armed steps hold one sync step: the only host reads allowed
+    # are the guard's, at that step (the bar's and TensorBoard's losses are read there too).
+    import importlib
+
+    fit_module = importlib.import_module("resnetlab.engine.fit")  # the module (the package exports fit())
+    from resnetlab.runtime import SYNC_EVERY_AUTO
+
+    monkeypatch.setitem(SYNC_EVERY_AUTO, "cpu", SYNC_EVERY)
+    monkeypatch.setattr(fit_module, "_someone_watches", lambda stream: True)  # the bar is shown
+    armed, step, calls, at_sync = [False], [0], [], []
 
     def trap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if armed[0]:
-                calls.append(f"{name} at\n" + "".join(traceback.format_stack(limit=6)[:-1]))
+                frames = traceback.extract_stack()[:-1]
+                if any(f.name == "sync" and f.filename.endswith("guard.py") for f in frames):
+                    at_sync.append((step[0], name))
+                else:
+                    calls.append(f"{name} at step {step[0]}\n" + "".join(traceback.format_list(frames[-6:])))
             return original(*args, **kwargs)
         return wrapper
 
@@ -37,21 +54,25 @@ def test_steps_after_the_first_make_no_host_sync(quick: list[str], monkeypatch) 
     cuda = torch.cuda.is_available()
 
     def on_step(info: dict[str, Any]) -> bool:
+        step[0] = info["step"]
         armed[0] = info["step"] + 1 in ARMED_STEPS  # arm after step 1, disarm during the last
         if cuda:
             torch.cuda.set_sync_debug_mode("error" if armed[0] else "default")
         return False
 
-    # sync_every beyond the armed steps: the flag reads are the only syncs a step may have
-    cfg = resnetlab.load(None, [*quick, "run.name=nosync", "train.epochs=1", "train.sync_every=100",
-                                "optim.ema_decay=0.9"])
+    cfg = resnetlab.load(None, [f"run.root={tmp_path / 'runs'}", "run.name=nosync", "train.epochs=1",
+                                "train.batch_size=64", "optim.ema_decay=0.9"])
+    assert not cfg.train.quiet and cfg.train.tensorboard and cfg.train.sync_every == 0  # defaults
     try:
         result = resnetlab.train(cfg, on_step=on_step)
     finally:
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
-    assert result.steps == 9
-    assert not calls, "host syncs inside steps 2..7:\n" + "\n".join(calls[:3])
+    assert result.steps == 19
+    assert not calls, "host syncs inside steps 2..17:\n" + "\n".join(calls[:3])
+    # one read of the flags per sync step, and nothing else
+    assert at_sync == [(s, "Tensor.tolist") for s in range(SYNC_EVERY, 18, SYNC_EVERY)]
+    assert (tmp_path / "runs" / "nosync" / "tb").is_dir()
 
 
 def test_ema_updates_with_one_fused_kernel_and_equals_the_formula(monkeypatch) -> None:

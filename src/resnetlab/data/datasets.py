@@ -145,13 +145,16 @@ class Datasets:
 SPLITS = ("train", "val", "test")
 
 
-def build_datasets(cfg: DataConfig, seed: int, needs: Collection[str] = SPLITS) -> Datasets:
+def build_datasets(cfg: DataConfig, seed: int, needs: Collection[str] = SPLITS,
+                   check: Callable[[Sequence[str]], list[str | None]] | None = None) -> Datasets:
     """Load the source named by ``cfg.name`` and split it; the split depends only on ``seed``
     and the fractions in ``cfg``. Raises :class:`DataError` naming the file or folder at fault.
 
     ``needs``: the splits the caller will read. Image folders decode only the files of those
     splits up front (evaluating test/ does not decode train/), plus train/ when a needed val
     split is held out of it, so that the held-out files are the ones training held out.
+    ``check`` decodes the files for ``data.check_images`` (default :func:`check_images`; training
+    under DDP passes one that splits the work over the ranks).
     """
     unknown = set(needs) - set(SPLITS)
     if unknown:
@@ -161,7 +164,7 @@ def build_datasets(cfg: DataConfig, seed: int, needs: Collection[str] = SPLITS) 
     elif cfg.name in ("cifar10", "cifar100"):
         data = _build_cifar(cfg, seed)
     elif cfg.name == "folder":
-        data = _build_folder(cfg, seed, set(needs))
+        data = _build_folder(cfg, seed, set(needs), check or check_images)
     else:
         raise DataError(f"data.name: unknown data source {cfg.name!r}")
     from resnetlab.data.subset import select_subset  # data.classes / data.train_per_class
@@ -718,14 +721,15 @@ def check_images(paths: Sequence[str]) -> list[str | None]:
 
 
 def _check_up_front(
-    scanned: dict[str, tuple[list[str], list[int]]], needs: set[str], cfg: DataConfig, root: Path
+    scanned: dict[str, tuple[list[str], list[int]]], needs: set[str], cfg: DataConfig, root: Path,
+    check: Callable[[Sequence[str]], list[str | None]],
 ) -> list[tuple[str, str]]:
     """data.check_images=true: decode every needed file now; drop (skip) or stop on bad ones."""
     skipped: list[tuple[str, str]] = []
     for split, (paths, labels) in scanned.items():
         if split not in needs:
             continue
-        reasons = check_images(paths)
+        reasons = check(paths)
         bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
         if bad and cfg.on_bad_image == "error":
             listed = "; ".join(f"{p}: {r}" for p, r in bad[:5])
@@ -740,7 +744,8 @@ def _check_up_front(
     return skipped
 
 
-def _build_folder(cfg: DataConfig, seed: int, needs: set[str]) -> Datasets:
+def _build_folder(cfg: DataConfig, seed: int, needs: set[str],
+                  check: Callable[[Sequence[str]], list[str | None]]) -> Datasets:
     """List and label the files (no decoding: 100,000 files take about a second); bad files
     are found as the loaders read them, or all up front with ``data.check_images=true``."""
     if cfg.root is None:
@@ -762,7 +767,7 @@ def _build_folder(cfg: DataConfig, seed: int, needs: set[str]) -> Datasets:
     if cfg.check_images:
         if "val" in needs and "val" not in scanned:
             needs = needs | {"train"}  # val is held out of the checked train files
-        skipped += _check_up_front(scanned, needs, cfg, root)
+        skipped += _check_up_front(scanned, needs, cfg, root, check)
 
     def as_split(paths: list[str], labels: list[int]) -> FileSplit:
         return FileSplit(paths=list(paths), labels=torch.tensor(labels, dtype=torch.int64))

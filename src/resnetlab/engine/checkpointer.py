@@ -12,7 +12,8 @@ Schema of a training checkpoint (``checkpoints/last.pt``, ``best.pt``)::
     optimizer  optimizer.state_dict()
     ema        EMA weights (state dict) or None
     scaler     GradScaler state or None (fp16 AMP)
-    meter      the epoch's running sums so far (mid-epoch resume)
+    meter      the epoch's running sums so far, summed over the ranks (mid-epoch resume; restored
+               on rank 0, zeros elsewhere, so the epoch's all-reduce counts each sample once)
     rng        {"world_size": W, "ranks": [per-rank Python/numpy/torch/device states]}
     state      TrainState.state_dict(): epoch, batch, step, best_val_err, best_epoch
     config     the resolved config (to_dict)
@@ -38,7 +39,13 @@ from torch import nn
 from resnetlab.config import Config, to_dict
 from resnetlab.data.augment import derive_seed
 from resnetlab.engine import checkpoint as ckpt
-from resnetlab.engine.dist import DistInfo, all_gather_object, barrier, broadcast_object
+from resnetlab.engine.dist import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+)
 from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
 from resnetlab.engine.metrics import SumMeter
 from resnetlab.engine.optim import ModelEMA
@@ -166,6 +173,7 @@ class Checkpointer:
         weights = parts.model.state_dict()
         bad = ckpt.non_finite(weights) + [f"ema.{k}" for k in
                                           (ckpt.non_finite(parts.ema.state_dict()) if parts.ema else [])]
+        meter_sums = all_reduce_sum(parts.meter.sums.clone())  # every rank's samples, in any process count
         gathered = all_gather_object((ckpt.rng_state(self.device), bad))
         bad_anywhere = sorted({k for _, b in gathered for k in b})
         if bad_anywhere:
@@ -181,7 +189,7 @@ class Checkpointer:
                 "optimizer": parts.optimizer.state_dict(),
                 "ema": parts.ema.state_dict() if parts.ema is not None else None,
                 "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
-                "meter": parts.meter.state_dict(),
+                "meter": {"sums": meter_sums.cpu()},
                 "rng": ckpt.pack_rng([r for r, _ in gathered]),
                 "state": state.state_dict(),
                 "config": to_dict(cfg),
@@ -227,6 +235,8 @@ class Checkpointer:
             if parts.scaler is not None and loaded.get("scaler") is not None:
                 parts.scaler.load_state_dict(loaded["scaler"])
             parts.meter.load_state_dict(loaded["meter"])
+            if not self.dist.is_main:  # the saved sums are every rank's: counted once, on rank 0
+                parts.meter.sums.zero_()
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"{path}: cannot restore the training state "
                                        f"({type(e).__name__}: {str(e)[:200]})") from None
