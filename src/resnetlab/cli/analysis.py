@@ -1,0 +1,242 @@
+"""Experiments and analyses: reproduce, gradients, plot, landscape and responses."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+
+def add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="experiments: degradation (Fig. 6), cifar-table (Table 6), landscape, "
+                                         "responses (Fig. 7), transfer (fine-tuning)",
+                       description="Reproduce an experiment of He et al. 2015.")
+    exp = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    d = exp.add_parser("degradation", help="plain vs residual nets: figure + table of final errors",
+                       description="Train plain<d> and resnet<d> with one recipe and the same seeds; "
+                                   "write runs/degradation-<data>-<time>/ with degradation.png (Figure 6 "
+                                   "style), table.md, table.csv; print the table.")
+    d.add_argument("--data", default="digits", choices=("digits", "cifar10", "cifar100"),
+                   help="data source (cifar: pass data.root=DIR)")
+    d.add_argument("--depths", default="20,56", help="depths with a plain and a resnet twin (default 20,56)")
+    d.add_argument("--seeds", default="0,1,2", help="seeds per net (default 0,1,2)")
+    d.add_argument("--epochs", type=int, help="epochs per run (default 20 on digits, 164 on CIFAR)")
+    d.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
+    d.add_argument("--extra-models", metavar="NAME,...",
+                   help="other registered nets trained with the same recipe and seeds (e.g. densenet_bc100, "
+                        "lesson_resnet18); in the table and in depth.png at their weighted depth")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. optim.lr=0.05")
+    ls = exp.add_parser("landscape", help="loss landscapes of plain56 and resnet56 on digits, side by side",
+                        description="Train the models on digits (degradation recipe, one seed), then draw "
+                                    "their loss landscapes along the same kind of filter-normalised random "
+                                    "directions on the same contour levels; print the roughness numbers. "
+                                    "Writes runs/landscape-digits-<time>/landscape.png, landscape.csv, "
+                                    "roughness.md, roughness.csv.")
+    ls.add_argument("--models", default="plain56,resnet56", help="registry names (default plain56,resnet56)")
+    ls.add_argument("--epochs", type=int, default=10, help="training epochs per net (default 10)")
+    ls.add_argument("--seed", type=int, default=0, help="training seed and direction seed (default 0)")
+    _landscape_options(ls, images=128)
+    ls.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
+    ls.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
+    rs = exp.add_parser("responses", help="layer responses (Fig. 7) of plain20/56, resnet20/56/110 on digits",
+                        description="Train the models on digits (degradation recipe, one seed), then write "
+                                    "the std of every 3x3 layer's response on the test split: "
+                                    "runs/responses-digits-<time>/responses.png, responses.csv, summary.md.")
+    rs.add_argument("--models", default="plain20,plain56,resnet20,resnet56,resnet110",
+                    help="registry names (default plain20,plain56,resnet20,resnet56,resnet110)")
+    rs.add_argument("--epochs", type=int, default=10, help="training epochs per net (default 10)")
+    rs.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    rs.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
+    rs.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
+    t = exp.add_parser("transfer", help="pretrain on digits 0-4, then learn 5-9 from N images per class four ways",
+                       description="Pretrain resnet20 on digits 0-4 (one net per seed), then train on digits "
+                                   "5-9 with N labelled images per class: from scratch, linear probe, full "
+                                   "fine-tune, stem frozen. Writes runs/transfer-digits-<time>/ with table.md, "
+                                   "table.csv, transfer.png; prints the table.")
+    t.add_argument("--n", default="5,10,20,50", help="labelled images per class (default 5,10,20,50)")
+    t.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
+    t.add_argument("--ways", default="scratch,probe,finetune,stem-frozen", help="which ways (default all four)")
+    t.add_argument("--steps", type=int, default=100, help="optimiser steps per fine-tuning run (default 100)")
+    t.add_argument("--pretrain-epochs", type=int, default=30, help="epochs of pretraining (default 30)")
+    t.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. run.root=out")
+    c = exp.add_parser("cifar-table", help="Table 6: resnet20..110 on local CIFAR-10, ours vs the paper's",
+                       description="Train the packaged recipes cifar10_resnet{20,32,44,56,110} on local CIFAR-10 "
+                                   "files and print our test error next to the paper's. For GPUs: prints "
+                                   "its estimated time first; on CPU it trains only with --yes.")
+    c.add_argument("--depths", default="20,32,44,56,110", help="which of Table 6's nets (default all five)")
+    c.add_argument("--seeds", default="0", help="seeds per net (default 0)")
+    c.add_argument("--yes", action="store_true", help="train even on a CPU")
+    c.add_argument("--configs", metavar="DIR", help="folder with cifar10_resnet<d>.yaml (default: the packaged recipes)")
+    c.add_argument("--estimate-steps", type=int, default=5, help="optimiser steps timed per net (default 5)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=~/data/cifar10")
+
+def _reproduce_landscape(args: argparse.Namespace) -> int:
+    from resnetlab.analysis.landscape import reproduce_landscape
+
+    res = reproduce_landscape(args.models, epochs=args.epochs, seed=args.seed, grid=args.grid,
+                              span=args.span, dims=args.dims, images=args.images, bn=args.bn,
+                              chunk=args.chunk, hessian_iters=args.hessian_iters,
+                              overrides=args.overrides, jobs=args.jobs, on_progress=print)
+    print(res.markdown)
+    print(" | ".join(str(f) for f in res.files))
+    return 0
+
+
+def _reproduce_responses(args: argparse.Namespace) -> int:
+    from resnetlab.analysis.responses import reproduce_responses
+
+    rr = reproduce_responses(args.models, epochs=args.epochs, seed=args.seed, overrides=args.overrides,
+                             jobs=args.jobs)
+    print(rr.responses.markdown)
+    print("final training error (%): " + ", ".join(f"{m} {e:.2f}" for m, e in rr.train_err.items()))
+    print(" | ".join(str(f) for f in rr.responses.files))
+    return 0
+
+
+def _reproduce_degradation(args: argparse.Namespace) -> int:
+    from resnetlab.analysis import run_degradation
+
+    deg = run_degradation(args.data, args.depths, args.seeds, args.epochs, args.overrides, args.jobs,
+                          extra_models=args.extra_models)
+    print(deg.markdown)
+    print(f"{deg.figure} | {deg.out_dir / 'depth.png'} | {deg.out_dir / 'table.md'} | "
+          f"{deg.out_dir / 'table.csv'} | {deg.seconds:.0f} s")
+    return deg.exit_code
+
+
+def _reproduce_transfer(args: argparse.Namespace) -> int:
+    from resnetlab.analysis.transfer import run_transfer
+
+    tr = run_transfer(args.n, args.seeds, args.ways, steps=args.steps, pretrain_epochs=args.pretrain_epochs,
+                      overrides=args.overrides, jobs=args.jobs)
+    print(tr.markdown)
+    print(f"{tr.figure} | {tr.out_dir / 'table.md'} | {tr.out_dir / 'table.csv'} | {tr.seconds:.0f} s")
+    return tr.exit_code
+
+
+def _reproduce_cifar_table(args: argparse.Namespace) -> int:
+    from resnetlab.analysis import run_cifar_table
+
+    table = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs,
+                            estimate_steps=args.estimate_steps, on_estimate=print)
+    if not table.ran:
+        print("resnetlab reproduce cifar-table: this is meant for a GPU; on this CPU it would take the "
+              "time above. Add --yes to train anyway.", file=sys.stderr)
+        return 1
+    print(table.markdown)
+    print(f"{table.out_dir / 'table.md'} | {table.out_dir / 'table.csv'}")
+    return 0
+
+
+# `reproduce EXPERIMENT`: the experiment's name -> the function that runs it and prints its result
+REPRODUCE: dict[str, Callable[[argparse.Namespace], int]] = {
+    "degradation": _reproduce_degradation,
+    "landscape": _reproduce_landscape,
+    "responses": _reproduce_responses,
+    "transfer": _reproduce_transfer,
+    "cifar-table": _reproduce_cifar_table,
+}
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    return REPRODUCE[args.experiment](args)
+
+
+def add_gradients(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gradients", help="gradient norm per layer at init and after K steps (plain vs resnet)",
+                       description="Gradient L2 norm of every conv weight and every block output, at "
+                                   "initialisation and after K training steps; writes gradients.csv and "
+                                   "gradients.png (log scale) to runs/gradients-<data>-<time>/ and prints "
+                                   "the first-block / last-block ratio per model.")
+    p.add_argument("--models", default="plain20,plain56,resnet20,resnet56", help="comma-separated registry names")
+    p.add_argument("--data", default="digits", choices=("digits", "cifar10", "cifar100"))
+    p.add_argument("--steps", type=int, default=100, help="training steps before the second measurement")
+    p.add_argument("--seed", type=int, default=0, help="init, split and probe batch")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.batch_size=64")
+
+def run_gradients(args: argparse.Namespace) -> int:
+    from resnetlab.analysis.gradients import format_ratios, gradient_flow
+
+    res = gradient_flow(args.models, args.data, args.steps, args.overrides, seed=args.seed)
+    print(format_ratios(res))
+    print(" | ".join(str(f) for f in res.files))
+    return 0
+
+def add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="training/validation curves and learning rate of run folders",
+                       description="Curves from metrics.jsonl of one or more runs on one figure "
+                                   "(PNG and SVG): training dashed, validation solid, plus the learning rate.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    p.add_argument("--metric", default="err", choices=("err", "loss"), help="top-1 error or loss (default err)")
+    p.add_argument("--output", metavar="FILE", help="figure path; .png and .svg are written "
+                                                    "(default RUN/curves_<metric>.png)")
+
+def run_plot(args: argparse.Namespace) -> int:
+    from resnetlab.analysis import plot_runs
+
+    print(" | ".join(str(f) for f in plot_runs(args.runs, args.metric, args.output)))
+    return 0
+
+def _landscape_options(p: argparse.ArgumentParser, images: int = 256) -> None:
+    p.add_argument("--grid", type=int, default=21, help="points per direction (default 21)")
+    p.add_argument("--span", type=float, default=1.0, help="offsets from -span to +span (default 1.0)")
+    p.add_argument("--dims", type=int, default=2, choices=(1, 2), help="1-D curve or 2-D surface (default 2)")
+    p.add_argument("--images", type=int, default=images,
+                   help=f"fixed images the loss is taken over (default {images})")
+    p.add_argument("--bn", default="batch", choices=("batch", "eval"),
+                   help="BatchNorm: statistics of the evaluated images (batch, default) or running ones (eval)")
+    p.add_argument("--chunk", type=int, default=16, help="grid points per batched forward pass (default 16)")
+    p.add_argument("--hessian-iters", type=int, default=20,
+                   help="power-iteration steps per Hessian eigenvalue; 0 skips them (default 20)")
+
+def add_landscape(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("landscape", help="loss landscape around a trained net (filter-normalised directions)",
+                       description="Loss and accuracy at w + a*d1 (+ b*d2) for random filter-normalised "
+                                   "directions (Li et al. 2018), many grid points per forward pass; prints "
+                                   "the roughness numbers. Writes landscape.csv, landscape.png and "
+                                   "landscape.json to RUN/landscape/ (or --out).")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"), help="images from (default train)")
+    p.add_argument("--seed", type=int, default=0, help="direction seed (default 0)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default RUN/landscape)")
+    p.add_argument("--device", default="cpu", help="torch device, or auto (default cpu)")
+    _landscape_options(p)
+
+def run_landscape(args: argparse.Namespace) -> int:
+    from resnetlab.analysis.landscape import roughness_markdown
+    from resnetlab.analysis.landscape import run_landscape as landscape
+
+    res = landscape(args.path, grid=args.grid, span=args.span, dims=args.dims, split=args.split,
+                    images=args.images, bn=args.bn, seed=args.seed, chunk=args.chunk,
+                    hessian_iters=args.hessian_iters, out=args.out, device=args.device)
+    print(roughness_markdown([res]))
+    print(f"loss at w: {res.loss_at_zero:.4f} | {res.info['grid_points']} points in "
+          f"{res.info['grid_seconds']:.1f} s | " + " | ".join(str(f) for f in res.files))
+    return 0
+
+def add_responses(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("responses", help="std of every 3x3 layer's response (the paper's Fig. 7)",
+                       description="For each run, the standard deviation of every 3x3 layer's response "
+                                   "(after BN, before the ReLU and the addition) over a split. Writes "
+                                   "responses.csv, responses.png and summary.md to --out.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or checkpoints")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="default test")
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/responses-<time>)")
+
+def run_responses(args: argparse.Namespace) -> int:
+    from resnetlab.analysis.responses import run_responses as responses
+
+    res = responses(args.runs, split=args.split, out=args.out)
+    print(res.markdown)
+    print(" | ".join(str(f) for f in res.files))
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "reproduce": (add_reproduce, run_reproduce),
+    "gradients": (add_gradients, run_gradients),
+    "plot": (add_plot, run_plot),
+    "landscape": (add_landscape, run_landscape),
+    "responses": (add_responses, run_responses),
+}
