@@ -172,6 +172,79 @@ def test_sync_batchnorm_conversion_keeps_the_optimisers_parameters() -> None:
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
 
 
+SYNC_BN_RANK = textwrap.dedent("""
+    import os, sys
+    import torch
+    import torch.distributed as tdist
+    import torch.multiprocessing as mp
+
+    from resnetlab.engine.dist import SyncBatchNorm2d
+
+    def rank_main(rank, out, port):
+        torch.set_num_threads(1)
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        x, g = torch.load(out + ".in")  # the global batch [8, c, h, w] and the upstream gradient
+        bn = SyncBatchNorm2d(x.shape[1], momentum=0.3)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+            bn.bias.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
+        mine = slice(4 * rank, 4 * rank + 4)  # this rank's half of the batch
+        xr = x[mine].clone().requires_grad_(True)
+        y = bn(xr)
+        (y * g[mine]).sum().backward()
+        for p in (bn.weight, bn.bias):  # DDP sums the parameters' gradients over the ranks
+            tdist.all_reduce(p.grad)
+        torch.save({"y": y.detach(), "dx": xr.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
+                    "rm": bn.running_mean, "rv": bn.running_var}, f"{out}.{rank}")
+        tdist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.start_processes(rank_main, args=(sys.argv[1], int(sys.argv[2])), nprocs=2, start_method="fork")
+""")
+
+
+def test_sync_batchnorm_on_two_ranks_is_batchnorm_of_the_global_batch(tmp_path: Path) -> None:
+    # What torch's SyncBatchNorm computes by definition: BatchNorm2d over the global batch (forward,
+    # the input's and the affine parameters' gradients, the running statistics). torch's own
+    # SyncBatchNorm refuses CPU tensors, so here the reference is BatchNorm2d on the whole batch in
+    # one process; benchmarks/gpu_check.py compares with torch's SyncBatchNorm on CUDA.
+    # Inputs are offset (mean 3, std 2) so that E[x^2] - E[x]^2 style cancellation would show.
+    # Tolerance: float32 rounding of O(1) outputs through a few operations and a sum over
+    # 4 * 5 * 5 = 100 elements per channel and rank is ~1e-6; per-shard statistics differ by ~0.1.
+    import socket
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 5, 5, generator=gen) * 2 + 3
+    g = torch.randn(8, 3, 5, 5, generator=gen)
+    out = tmp_path / "sbn"
+    torch.save((x, g), f"{out}.in")
+    script = tmp_path / "sbn.py"
+    script.write_text(SYNC_BN_RANK)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, str(script), str(out), str(port)], capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(f"{out}.{r}") for r in (0, 1)]
+
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        bn.bias.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
+    xr = x.clone().requires_grad_(True)
+    y = bn(xr)
+    (y * g).sum().backward()
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), **tol)
+    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), xr.grad, **tol)
+    for r in ranks:
+        torch.testing.assert_close(r["dw"], bn.weight.grad, **tol)
+        torch.testing.assert_close(r["db"], bn.bias.grad, **tol)
+        torch.testing.assert_close(r["rm"], bn.running_mean, **tol)
+        torch.testing.assert_close(r["rv"], bn.running_var, **tol)  # unbiased, as BatchNorm2d keeps it
+
+
 def _ok(launch: dict) -> None:
     proc = launch["proc"]
     assert proc.returncode == 0, f"torchrun exit {proc.returncode}:\n{proc.stderr[-4000:]}"

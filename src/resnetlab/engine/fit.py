@@ -114,7 +114,7 @@ class Run:
     checkpoint_every: int  # mid-epoch save interval in steps (a multiple of the sync interval), 0 = off
     writer: Any = None
     val: dict[str, float] = field(default_factory=dict)
-    next_loss_point: int = 0  # first step at which train/loss_step gets its next point
+    next_loss_point: int = 10  # train/loss_step's next point: the first sync step at or after it
 
     @property
     def eval_net(self) -> nn.Module:
@@ -344,7 +344,7 @@ def _after_step(run: Run, info: dict[str, Any], progress: _Progress) -> bool:
     progress.update(info, loss)
     if loss is not None and run.writer is not None and info["step"] >= run.next_loss_point:
         run.writer.add_scalar("train/loss_step", loss, info["step"])  # mean over the sync window
-        run.next_loss_point = info["step"] + LOSS_POINT_EVERY
+        run.next_loss_point = (info["step"] // LOSS_POINT_EVERY + 1) * LOSS_POINT_EVERY
     if verdict == STOP:
         return True
     if (verdict == SYNCED and run.checkpoint_every and info["step"] % run.checkpoint_every == 0
