@@ -3,6 +3,7 @@ DDP/compile wrappers, and the speed switches (cuDNN autotuning, TF32)."""
 
 from __future__ import annotations
 
+import math
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -181,3 +182,47 @@ def test_train_step_is_one_sgd_step_on_the_batch_loss(clip: float | None) -> Non
     # the EMA saw the updated weights: halfway from its copy of w0 to w1
     for e, p, w in zip(ema.module.parameters(), model.parameters(), w0, strict=True):
         torch.testing.assert_close(e.detach(), (0.5 * w + 0.5 * p.detach()).to(e.dtype), rtol=0, atol=1e-6)
+
+
+def test_fit_compiled_through_freeze_and_unfreeze(tmp_path) -> None:
+    # train.compile=true through fit() itself, on aot_eager (AOTAutograd's tracing of forward and
+    # backward, as inductor sees them, without generating code): the frozen BN layers' forward
+    # pre-hooks, the recompilation when layers unfreeze at epoch 2, and the optimiser/EMA around it.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from resnetlab.engine.dist import unwrap
+
+    torch._dynamo.reset()
+    counters.clear()
+    seen: dict[str, Any] = {}
+
+    def on_step(info: dict[str, Any]) -> bool:
+        model = unwrap(info["model"])
+        seen.setdefault("compiled", type(info["model"]).__name__)
+        if info["step"] == 1:  # after the first step of epoch 1: the backbone is frozen
+            seen["conv1"] = model.conv1.weight.detach().clone()
+            seen["bn1_mean"] = model.bn1.running_mean.clone()
+            seen["fc"] = model.fc.weight.detach().clone()
+        if info["step"] == 2:  # the last step of epoch 1
+            seen["conv1_end1"] = model.conv1.weight.detach().clone()
+            seen["bn1_mean_end1"] = model.bn1.running_mean.clone()
+            seen["fc_end1"] = model.fc.weight.detach().clone()
+        seen["conv1_last"] = model.conv1.weight.detach().clone()
+        return False
+
+    cfg = resnetlab.load(None, [f"run.root={tmp_path / 'runs'}", "train.quiet=true", "train.tensorboard=false",
+                                "model.name=resnet20", "data.name=digits", "data.train_per_class=8",
+                                "train.batch_size=32", "train.epochs=2", "train.test_at_end=false",
+                                "train.compile=true", "train.compile_backend=aot_eager",
+                                "train.freeze=[backbone]", "train.unfreeze_at_epoch=1", "optim.ema_decay=0.9"])
+    result = resnetlab.train(cfg, on_step=on_step)
+    assert result.steps == 4  # 80 images, batch 32: 2 steps per epoch
+    assert seen["compiled"] == "OptimizedModule"
+    assert torch.equal(seen["conv1_end1"], seen["conv1"])  # frozen: no update in epoch 1
+    assert torch.equal(seen["bn1_mean_end1"], seen["bn1_mean"])  # frozen BN kept its statistics
+    assert not torch.equal(seen["fc_end1"], seen["fc"])  # the head trained
+    assert not torch.equal(seen["conv1_last"], seen["conv1"])  # unfrozen in epoch 2: trains
+    # one graph per phase: the unfrozen parameters (requires_grad) made dynamo compile again
+    assert counters["stats"]["unique_graphs"] >= 2
+    assert all(math.isfinite(v) for v in (result.val["loss"],))
