@@ -189,6 +189,30 @@ def map_sharded(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> lis
     return out
 
 
+def _world() -> tdist.ProcessGroup:
+    group = tdist.group.WORLD
+    assert group is not None  # only called inside an initialised process group
+    return group
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks whose backward sums the gradients over the ranks, built on the
+    functional collectives, which torch.compile traces into its graph (the autograd-aware
+    ``torch.distributed.nn.functional.all_reduce`` is deprecated and unsupported under compile)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(x, "sum", _world()))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", _world()))
+
+
 class SyncBatchNorm2d(torch.nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the global batch of every rank.
 
@@ -205,14 +229,12 @@ class SyncBatchNorm2d(torch.nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, c, h, w]
         if not (self.training and tdist.is_available() and tdist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         var_l, mean_l = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)  # [c] each, this rank
         n_l = x.numel() // c  # samples per channel on this rank: a Python int, no transfer
         local = torch.cat([mean_l.double() * n_l, (var_l.double() + mean_l.double() ** 2) * n_l,
                            mean_l.new_full((1,), float(n_l), dtype=torch.float64)])  # [2c + 1]
-        stats = all_reduce(local)
+        stats = _AllReduceSum.apply(local)
         n = stats[-1]
         mean = stats[:c] / n  # [c]
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # [c], biased: used to normalise
