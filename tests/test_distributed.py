@@ -178,7 +178,7 @@ SYNC_BN_RANK = textwrap.dedent("""
     import torch.distributed as tdist
     import torch.multiprocessing as mp
 
-    from resnetlab.engine.dist import SyncBatchNorm2d
+    from resnetlab.engine.dist import SyncBatchNorm2d, map_sharded
 
     def rank_main(rank, out, port):
         torch.set_num_threads(1)
@@ -194,8 +194,16 @@ SYNC_BN_RANK = textwrap.dedent("""
         (y * g[mine]).sum().backward()
         for p in (bn.weight, bn.bias):  # DDP sums the parameters' gradients over the ranks
             tdist.all_reduce(p.grad)
+        mine_seen = []  # data.check_images' split: each rank decodes its share, all get every answer
+
+        def check(paths):
+            mine_seen.extend(paths)
+            return [p.upper() for p in paths]
+
+        answers = map_sharded(check, [f"img{i}" for i in range(7)])
         torch.save({"y": y.detach(), "dx": xr.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
-                    "rm": bn.running_mean, "rv": bn.running_var}, f"{out}.{rank}")
+                    "rm": bn.running_mean, "rv": bn.running_var, "answers": answers, "seen": mine_seen},
+                   f"{out}.{rank}")
         tdist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -203,7 +211,8 @@ SYNC_BN_RANK = textwrap.dedent("""
 """)
 
 
-def test_sync_batchnorm_on_two_ranks_is_batchnorm_of_the_global_batch(tmp_path: Path) -> None:
+def test_sync_batchnorm_on_two_ranks_is_batchnorm_of_the_global_batch_and_work_is_sharded(
+        tmp_path: Path) -> None:
     # What torch's SyncBatchNorm computes by definition: BatchNorm2d over the global batch (forward,
     # the input's and the affine parameters' gradients, the running statistics). torch's own
     # SyncBatchNorm refuses CPU tensors, so here the reference is BatchNorm2d on the whole batch in
@@ -243,6 +252,10 @@ def test_sync_batchnorm_on_two_ranks_is_batchnorm_of_the_global_batch(tmp_path: 
         torch.testing.assert_close(r["db"], bn.bias.grad, **tol)
         torch.testing.assert_close(r["rm"], bn.running_mean, **tol)
         torch.testing.assert_close(r["rv"], bn.running_var, **tol)  # unbiased, as BatchNorm2d keeps it
+    # map_sharded: every rank has every answer in order; the work was split, nothing done twice
+    assert all(r["answers"] == [f"IMG{i}" for i in range(7)] for r in ranks)
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == [f"img{i}" for i in range(7)]
+    assert len(ranks[0]["seen"]) == 4 and len(ranks[1]["seen"]) == 3
 
 
 def _ok(launch: dict) -> None:
