@@ -23,11 +23,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from resnetlab import checkpoint as ckpt
 from resnetlab import weights  # module import: weights imports engine.checkpoint, a cycle otherwise
 from resnetlab.config import Config, ConfigError, to_dict, validate
 from resnetlab.data import DataMeta, build_datasets, build_loader
-from resnetlab.data.datasets import check_images
-from resnetlab.engine import checkpoint as ckpt
+from resnetlab.data.sources.folder import check_images, images_checked_with
 from resnetlab.engine.checkpointer import Checkpointer, TrainParts
 from resnetlab.engine.dist import (
     DistInfo,
@@ -188,7 +188,8 @@ def build_loaders(cfg: Config, dist: DistInfo, device: torch.device, resume_from
     from ``resume_from``, the init weights are not read: the checkpoint holds the weights and
     the preprocessing they were normalised with."""
     # data.check_images decodes every file: each rank decodes its share, all drop the same files
-    data = build_datasets(cfg.data, seed=cfg.seed, check=lambda paths: map_sharded(check_images, paths))
+    with images_checked_with(lambda paths: map_sharded(check_images, paths)):
+        data = build_datasets(cfg.data, seed=cfg.seed)
     _check_model_fits_data(cfg, data.meta)
     if resume_from is None:
         init_source = weights.read_init_from(cfg)
