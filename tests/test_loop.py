@@ -226,3 +226,17 @@ def test_fit_compiled_through_freeze_and_unfreeze(tmp_path) -> None:
     # one graph per phase: the unfrozen parameters (requires_grad) made dynamo compile again
     assert counters["stats"]["unique_graphs"] >= 2
     assert all(math.isfinite(v) for v in (result.val["loss"],))
+
+
+def test_fp16_with_an_unfused_optimiser_on_a_gpu_warns() -> None:
+    # GradScaler.step reads found_inf on the host unless the optimiser is fused; only a GPU pays.
+    from resnetlab.engine.fit import fp16_sync_warning
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    plain, fused = torch.optim.SGD(params, lr=0.1), torch.optim.SGD(params, lr=0.1, fused=True)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    fp16, bf16 = resnetlab.load(None, ["train.amp=fp16"]), resnetlab.load(None, ["train.amp=bf16"])
+    assert "optim.fused=true" in (fp16_sync_warning(fp16, plain, cuda) or "")
+    assert fp16_sync_warning(fp16, fused, cuda) is None
+    assert fp16_sync_warning(bf16, plain, cuda) is None
+    assert fp16_sync_warning(fp16, plain, cpu) is None

@@ -240,12 +240,21 @@ def build_training(cfg: Config, loaders: Loaders, device: torch.device, *,
     optimizer = build_optimizer(model, cfg.optim, build_param_groups(model, cfg.optim, cfg.train))
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
-    if scaler is not None and device.type == "cuda" and not optimizer.defaults.get("fused"):
-        log.warning("train.amp=fp16 with an unfused optimiser: GradScaler reads its inf/NaN check on "
-                    "the host every step (a device sync); optim.fused=true (float parameters on one "
-                    "GPU) keeps the check on the device, or use train.amp=bf16, which needs no scaler")
+    if (warning := fp16_sync_warning(cfg, optimizer, device)) is not None:
+        log.warning("%s", warning)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     return TrainParts(model, optimizer, ema, scaler, SumMeter(device)), criterion
+
+
+def fp16_sync_warning(cfg: Config, optimizer: torch.optim.Optimizer, device: torch.device) -> str | None:
+    """The warning for fp16 AMP with an unfused optimiser on a GPU (None when it does not apply):
+    GradScaler then unscales and reads the inf/NaN check on the host every step, a device sync;
+    torch's fused SGD/AdamW take the scaler's state and keep that check on the device."""
+    if cfg.train.amp != "fp16" or device.type != "cuda" or optimizer.defaults.get("fused"):
+        return None
+    return ("train.amp=fp16 with an unfused optimiser: GradScaler reads its inf/NaN check on the host "
+            "every step (a device sync); optim.fused=true (float parameters on one GPU) keeps the check "
+            "on the device, or use train.amp=bf16, which needs no scaler")
 
 
 def resume(ckpts: Checkpointer, parts: TrainParts, state: TrainState, cfg: Config) -> None:
