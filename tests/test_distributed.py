@@ -258,6 +258,44 @@ def test_sync_batchnorm_on_two_ranks_is_batchnorm_of_the_global_batch_and_work_i
     assert len(ranks[0]["seen"]) == 4 and len(ranks[1]["seen"]) == 3
 
 
+def test_sync_batchnorm_compiles_into_one_graph() -> None:
+    # torch's SyncBatchNorm breaks a compiled graph at every BN (its boolean-mask select);
+    # SyncBatchNorm2d's collectives are functional ones that torch.compile traces: one graph,
+    # forward and backward, the same numbers as eager. A 1-process gloo group suffices to trace.
+    import socket
+
+    import torch.distributed as tdist
+    from torch._dynamo.utils import counters
+
+    from resnetlab.engine.dist import SyncBatchNorm2d
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), SyncBatchNorm2d(8), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 8, 3), SyncBatchNorm2d(8))
+        x = torch.randn(4, 3, 12, 12)
+        compiled = torch.compile(model, backend="aot_eager")
+        y = compiled(x)
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        y_eager = model(x)
+        y_eager.square().sum().backward()
+        assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+        torch.testing.assert_close(y, y_eager)  # the same kernels, eager or traced
+        for g, p in zip(grads, model.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad)
+    finally:
+        tdist.destroy_process_group()
+        torch._dynamo.reset()
+
+
 def _ok(launch: dict) -> None:
     proc = launch["proc"]
     assert proc.returncode == 0, f"torchrun exit {proc.returncode}:\n{proc.stderr[-4000:]}"
