@@ -3,7 +3,8 @@ an elastic restart after a rank dies.
 
 One in-process check that SyncBN conversion keeps the optimiser's parameters, then two torchrun
 launches in all (each costs seconds of start-up on two cores), shared by the tests through
-module-scoped fixtures; the one-process references train in this process:
+module-scoped fixtures; the one-process references are the session's (conftest.ddp_reference, shared with
+tests/test_multinode.py: one 3-epoch run, its folder copied at each epoch end):
 
 - ``two``: a fresh 2-process SyncBN run through the CLI (``-m resnetlab train``), with
   activation checkpointing on (its recomputation repeats the BN all-reduces in backward);
@@ -117,16 +118,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(root: Path) -> dict[int, Path]:
-    """One-process runs of 1, 2 and 3 epochs (the 1-epoch one is also resumed under DDP)."""
-    runs = {}
-    for epochs in (1, 2, 3):
-        cfg = resnetlab.load(None, [*COMMON, f"run.root={root / 'runs'}", f"run.name=one-{epochs}",
-                                    f"train.epochs={epochs}"])
-        result = resnetlab.train(cfg)
-        assert result.steps == epochs * STEPS_PER_EPOCH
-        runs[epochs] = result.run_dir
-    return runs
+def reference(ddp_reference: dict[int, Path], ddp_common: list[str]) -> dict[int, Path]:
+    """One process with the same global batch: 1, 2 and 3 epochs (conftest's session runs)."""
+    assert ddp_common == COMMON  # the runs compared with are made with these very settings
+    return ddp_reference
 
 
 @pytest.fixture(scope="module")
