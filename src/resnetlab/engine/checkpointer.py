@@ -32,7 +32,12 @@ from resnetlab.engine.dist import (
     barrier,
     broadcast_object,
 )
-from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
+from resnetlab.engine.errors import (
+    NonFiniteLossError,
+    RunFolderBusyError,
+    RunFolderGoneError,
+    TrainingError,
+)
 from resnetlab.engine.metrics import SumMeter
 from resnetlab.engine.optim import ModelEMA
 from resnetlab.engine.state import TrainState
@@ -157,9 +162,14 @@ class Checkpointer:
         weights = parts.model.state_dict()
         bad = ckpt.non_finite(weights) + [f"ema.{k}" for k in
                                           (ckpt.non_finite(parts.ema.state_dict()) if parts.ema else [])]
+        # rank 0 writes: it alone looks for the run folder, and every rank learns the answer here
+        # (one rank raising alone would leave the others waiting in the next collective)
         meter_sums = all_reduce_sum(parts.meter.sums.clone())  # every rank's samples, in any process count
-        gathered = all_gather_object((ckpt.rng_state(self.device), bad))
-        bad_anywhere = sorted({k for _, b in gathered for k in b})
+        gone = self.dist.is_main and not self.run_dir.is_dir()  # saving would re-create a stub
+        gathered = all_gather_object((ckpt.rng_state(self.device), bad, gone))
+        if any(g for _, _, g in gathered):
+            raise RunFolderGoneError(self.run_dir)
+        bad_anywhere = sorted({k for _, b, _ in gathered for k in b})
         if bad_anywhere:
             raise NonFiniteLossError(
                 f"weights or statistics are not finite at epoch {state.epoch + 1}, step {state.step} "
@@ -176,7 +186,7 @@ class Checkpointer:
                 # summed over the ranks: restored on rank 0 and zeros elsewhere (restore), so the
                 # epoch's all-reduce counts each sample once with any number of processes
                 meter={"sums": meter_sums.cpu()},
-                rng=ckpt.pack_rng([r for r, _ in gathered]),
+                rng=ckpt.pack_rng([r for r, _, _ in gathered]),
                 state=state.state_dict(),
                 config=to_dict(cfg),
                 meta=dict(meta),
