@@ -212,6 +212,9 @@ def test_download_fetches_checks_md5_and_reads(http_server, tmp_path: Path, monk
     assert len(ds.train) + len(ds.val) == 60 and len(ds.test) == 20
     raw = root / "MNIST" / "raw"
     assert sorted(p.name for p in raw.iterdir()) == sorted(names)  # torchvision's layout, no .part
+    (raw / names[3]).unlink()  # an interrupted download: the missing file is fetched again
+    assert len(build_datasets(cfg.data, seed=0).test) == 20
+    assert sorted(p.name for p in raw.iterdir()) == sorted(names)
 
 
 def test_download_refuses_a_wrong_checksum_and_leaves_nothing(http_server, tmp_path: Path,
