@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import ast
 import functools
-import inspect
 import re
 import sys
-import textwrap
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -108,26 +106,105 @@ def _imports(tree: ast.AST, package: str) -> set[str]:
     return found
 
 
-def _called_functions(run: object) -> list[object]:
-    """``run`` and the functions of its module it names, transitively (also through module-level
-    tables such as ``REPRODUCE = {"degradation": run_degradation, ...}``)."""
-    module = sys.modules[run.__module__]  # type: ignore[attr-defined]
-    out, todo = [], [run]
-    while todo:
-        fn = todo.pop()
-        if fn in out:
-            continue
-        out.append(fn)
-        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(fn)))):
-            value = getattr(module, node.id, None) if isinstance(node, ast.Name) else None
-            values = list(value.values()) if isinstance(value, dict) else [value]
-            todo += [v for v in values if inspect.isfunction(v) and v.__module__ == module.__name__]
-    return out
-
-
 @functools.cache
-def _file_imports(file: Path, package: str) -> frozenset[str]:
-    return frozenset(_imports(ast.parse(file.read_text()), package))
+def _parsed(file: Path) -> ast.Module:
+    return ast.parse(file.read_text())
+
+
+def _function_node(tree: ast.Module, name: str) -> ast.AST | None:
+    """The module-level function or class ``name``, or the method ``Class.method``."""
+    body: list[ast.stmt] = tree.body
+    node: ast.AST | None = None
+    for part in name.split("."):
+        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                     and n.name == part), None)
+        if node is None:
+            return None
+        body = node.body  # type: ignore[attr-defined]
+    return node
+
+
+def _module_names(tree: ast.Module) -> set[str]:
+    """Module-level statements only (function bodies left out), as an ast.Module."""
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+
+
+def _targets(node: ast.AST, package: str, module: str, top_only: bool) -> tuple[set[str], set[tuple[str, str | None]]]:
+    """(third-party top-level modules, resnetlab (module, function-or-None) items) that ``node``
+    imports; with ``top_only`` function and class bodies are skipped."""
+    if top_only:
+        body = [n for n in node.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]  # type: ignore[attr-defined]
+        node = ast.Module(body=body, type_ignores=[])
+    outside: set[str] = set()
+    items: set[tuple[str, str | None]] = set()
+    for name in _imports(node, package):
+        top = name.split(".")[0]
+        if top != "resnetlab":
+            if top not in sys.stdlib_module_names and top != "__future__":
+                outside.add(top)
+        elif _module_file(name) is not None:
+            items.add((name, None))
+        elif _module_file(name.rsplit(".", 1)[0]) is not None:  # `from resnetlab.x import f`
+            items.add((name.rsplit(".", 1)[0], name.rsplit(".", 1)[1]))
+    # functions and classes of the same module a function names run with it (a module's own
+    # top level, tables of commands say, only defines them)
+    if not top_only:
+        tree = _parsed(_module_file(module))  # type: ignore[arg-type]
+        local = _module_names(tree)
+        items |= {(module, n.id) for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in local}
+    return outside, items
+
+
+def third_party_imports(command: str) -> set[str]:
+    """Top-level third-party modules ``resnetlab COMMAND`` may import: module-level imports of
+    every resnetlab module reached, and the imports inside the functions it can reach (the
+    command's own, then those it imports by name and what they name in their module). A class
+    reached brings its methods whose names the reached code uses as attributes (``.predict_batch``)
+    or that Python calls itself (dunders), not the others (a backend's ``explain`` stays out of
+    ``predict``)."""
+    run = COMMANDS[command][1]
+    todo: set[tuple[str, str | None]] = {(run.__module__, run.__name__)}
+    seen: set[tuple[str, str | None]] = set()
+    outside: set[str] = set()
+    attrs: set[str] = set()  # attribute names used by the code reached
+    methods: set[tuple[str, str]] = set()  # (module, "Class.method") of the classes reached
+    while todo:
+        while todo:
+            item = todo.pop()
+            if item in seen:
+                continue
+            seen.add(item)
+            module, func = item
+            file = _module_file(module)
+            if file is None:
+                continue
+            package = module if file.name == "__init__.py" else module.rsplit(".", 1)[0]
+            tree = _parsed(file)
+            node = tree if func is None else _function_node(tree, func)
+            if node is None:  # a name the module re-exports or defines by assignment: its top level
+                node, func = tree, None
+            if isinstance(node, ast.ClassDef):  # its bases and class attributes now, methods on use
+                methods |= {(module, f"{func}.{m.name}") for m in node.body
+                            if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))}
+                node = ast.Module(body=[m for m in node.body
+                                        if not isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))],
+                                  type_ignores=[])
+            found, items = _targets(node, package, module, top_only=func is None)
+            outside |= found
+            todo |= items | {(module, None)}
+            attrs |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+            # module-level tables (REPRODUCE = {...}) of functions count when a function names them
+            if func is not None:
+                names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+                for stmt in tree.body:
+                    if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and any(
+                            isinstance(t, ast.Name) and t.id in names
+                            for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target])):
+                        todo |= {(module, n.id) for n in ast.walk(stmt) if isinstance(n, ast.Name)
+                                 and n.id in _module_names(tree)}
+        todo = {(m, f) for m, f in methods if (m, f) not in seen
+                and (f.rsplit(".", 1)[1] in attrs or f.rsplit(".", 1)[1].startswith("__"))}
+    return outside
 
 
 @functools.cache
@@ -148,30 +225,6 @@ def _installed_closure(dist: str) -> frozenset[str]:
             continue
         todo += [_requirement_name(r) for r in reqs if "extra ==" not in r]
     return frozenset(out)
-
-
-def third_party_imports(command: str) -> set[str]:
-    """Top-level third-party modules ``resnetlab COMMAND`` may import."""
-    run = COMMANDS[command][1]
-    todo: set[str] = set()
-    for fn in _called_functions(run):
-        todo |= _imports(ast.parse(textwrap.dedent(inspect.getsource(fn))), run.__module__.rsplit(".", 1)[0])
-    seen: set[str] = set()
-    outside = set()
-    while todo:
-        name = todo.pop()
-        top = name.split(".")[0]
-        if top != "resnetlab":
-            if top not in sys.stdlib_module_names and top != "__future__":
-                outside.add(top)
-            continue
-        file = _module_file(name)
-        if file is None or str(file) in seen:
-            continue
-        seen.add(str(file))
-        package = name if file.name == "__init__.py" else name.rsplit(".", 1)[0]
-        todo |= _file_imports(file, package)
-    return outside
 
 
 def test_every_command_import_is_covered_by_its_readme_extra() -> None:
