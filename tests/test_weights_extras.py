@@ -125,7 +125,7 @@ def _function_node(tree: ast.Module, name: str) -> ast.AST | None:
 
 
 def _module_names(tree: ast.Module) -> set[str]:
-    """Module-level statements only (function bodies left out), as an ast.Module."""
+    """Names of the module's own functions and classes."""
     return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
 
 
@@ -155,6 +155,39 @@ def _targets(node: ast.AST, package: str, module: str, top_only: bool) -> tuple[
     return outside, items
 
 
+@functools.cache
+def _visit(module: str, func: str | None) -> tuple[frozenset[str], frozenset[tuple[str, str | None]],
+                                                 frozenset[str], frozenset[tuple[str, str]]]:
+    """What reaching ``func`` of ``module`` (None: its top level) brings: third-party modules,
+    resnetlab items, attribute names used, and the methods of a class (used on demand)."""
+    file = _module_file(module)
+    if file is None:
+        return frozenset(), frozenset(), frozenset(), frozenset()
+    package = module if file.name == "__init__.py" else module.rsplit(".", 1)[0]
+    tree = _parsed(file)
+    node = tree if func is None else _function_node(tree, func)
+    if node is None:  # a name the module re-exports or defines by assignment: its top level
+        node, func = tree, None
+    methods: set[tuple[str, str]] = set()
+    if isinstance(node, ast.ClassDef):  # its bases and class attributes now, methods on use
+        methods = {(module, f"{func}.{m.name}") for m in node.body
+                   if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        node = ast.Module(body=[m for m in node.body if not isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))],
+                          type_ignores=[])
+    found, items = _targets(node, package, module, top_only=func is None)
+    items.add((module, None))
+    attrs = {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+    if func is not None:  # module-level tables (REPRODUCE = {...}) of functions a function names
+        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        local = _module_names(tree)
+        for stmt in tree.body:
+            if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and any(
+                    isinstance(t, ast.Name) and t.id in names
+                    for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target])):
+                items |= {(module, n.id) for n in ast.walk(stmt) if isinstance(n, ast.Name) and n.id in local}
+    return frozenset(found), frozenset(items), frozenset(attrs), frozenset(methods)
+
+
 def third_party_imports(command: str) -> set[str]:
     """Top-level third-party modules ``resnetlab COMMAND`` may import: module-level imports of
     every resnetlab module reached, and the imports inside the functions it can reach (the
@@ -166,42 +199,19 @@ def third_party_imports(command: str) -> set[str]:
     todo: set[tuple[str, str | None]] = {(run.__module__, run.__name__)}
     seen: set[tuple[str, str | None]] = set()
     outside: set[str] = set()
-    attrs: set[str] = set()  # attribute names used by the code reached
-    methods: set[tuple[str, str]] = set()  # (module, "Class.method") of the classes reached
+    attrs: set[str] = set()
+    methods: set[tuple[str, str]] = set()
     while todo:
         while todo:
             item = todo.pop()
             if item in seen:
                 continue
             seen.add(item)
-            module, func = item
-            file = _module_file(module)
-            if file is None:
-                continue
-            package = module if file.name == "__init__.py" else module.rsplit(".", 1)[0]
-            tree = _parsed(file)
-            node = tree if func is None else _function_node(tree, func)
-            if node is None:  # a name the module re-exports or defines by assignment: its top level
-                node, func = tree, None
-            if isinstance(node, ast.ClassDef):  # its bases and class attributes now, methods on use
-                methods |= {(module, f"{func}.{m.name}") for m in node.body
-                            if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))}
-                node = ast.Module(body=[m for m in node.body
-                                        if not isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))],
-                                  type_ignores=[])
-            found, items = _targets(node, package, module, top_only=func is None)
+            found, items, used, more = _visit(*item)
             outside |= found
-            todo |= items | {(module, None)}
-            attrs |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
-            # module-level tables (REPRODUCE = {...}) of functions count when a function names them
-            if func is not None:
-                names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-                for stmt in tree.body:
-                    if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and any(
-                            isinstance(t, ast.Name) and t.id in names
-                            for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target])):
-                        todo |= {(module, n.id) for n in ast.walk(stmt) if isinstance(n, ast.Name)
-                                 and n.id in _module_names(tree)}
+            todo |= items - seen
+            attrs |= used
+            methods |= more
         todo = {(m, f) for m, f in methods if (m, f) not in seen
                 and (f.rsplit(".", 1)[1] in attrs or f.rsplit(".", 1)[1].startswith("__"))}
     return outside
