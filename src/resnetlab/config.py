@@ -51,9 +51,9 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "cifar10", "cifar100", "folder"] = "digits"
+    name: Literal["digits", "cifar10", "cifar100", "folder", "fashion_mnist", "mnist", "kmnist"] = "digits"
     root: str | None = None  # folder with the files; cifar: batches or the official .tar.gz
-    download: bool = False  # cifar only: let torchvision fetch the archive (needs network)
+    download: bool = False  # cifar, fashion_mnist, mnist, kmnist: fetch the official files (needs network)
     val_fraction: float = 0.1  # share of the training set held out for model choice (cifar: 5k/50k)
     test_fraction: float = 0.2  # digits only: share held out as the test split
     image_size: int = 224  # folder data: training crop and evaluation crop, pixels
@@ -344,7 +344,8 @@ RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 # data.name -> the packaged recipe applied before any -c file, so that every dataset trains with
 # settings that fit it (no 4-pixel shifts or flips on 8x8 digits) whatever the user passes.
 DATASET_RECIPES: dict[str, str] = {"digits": "digits", "cifar10": "cifar10", "cifar100": "cifar100",
-                                   "folder": "folder"}
+                                   "folder": "folder", "fashion_mnist": "fashion_mnist",
+                                   "mnist": "mnist", "kmnist": "kmnist"}
 
 
 def recipe_names() -> list[str]:

@@ -162,6 +162,10 @@ def build_datasets(cfg: DataConfig, seed: int, needs: Collection[str] = SPLITS) 
         data = _build_cifar(cfg, seed)
     elif cfg.name == "folder":
         data = _build_folder(cfg, seed, set(needs))
+    elif cfg.name in ("fashion_mnist", "mnist", "kmnist"):
+        from resnetlab.data.sources.idx import build_idx
+
+        data = build_idx(cfg, seed)
     else:
         raise DataError(f"data.name: unknown data source {cfg.name!r}")
     from resnetlab.data.subset import select_subset  # data.classes / data.train_per_class
@@ -245,6 +249,26 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 def _take(images: torch.Tensor, labels: torch.Tensor, idx: np.ndarray) -> ArraySplit:
     index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
     return ArraySplit(images=images[index].contiguous(), labels=labels[index].contiguous())
+
+
+def from_train_test(
+    cfg: DataConfig, seed: int, train_x: torch.Tensor, train_y: torch.Tensor,
+    test_x: torch.Tensor, test_y: torch.Tensor, *, classes: Sequence[str],
+) -> Datasets:
+    """Splits of a source with an official train/test split: a stratified, seeded share
+    ``data.val_fraction`` of the training set is held out for validation; the test set stays
+    whole. Images are uint8 ``[n, c, h, w]``; normalisation comes from the kept training part."""
+    n_val = _held_count(cfg.val_fraction, len(train_y), "data.val_fraction")
+    keep, val_idx = stratified_split(
+        train_y.numpy(), n_val, derive_seed(seed, cfg.name, "val")
+    )
+    train = _take(train_x, train_y, keep)
+    val = _take(train_x, train_y, val_idx) if n_val else None
+    mean, std = channel_stats(train.images)
+    _, c, h, w = train_x.shape
+    meta = DataMeta(name=cfg.name, classes=tuple(classes), in_chans=int(c),
+                    input_size=(int(h), int(w)), mean=mean, std=std)
+    return Datasets(train=train, val=val, test=ArraySplit(test_x, test_y), meta=meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,17 +585,7 @@ def _build_cifar(cfg: DataConfig, seed: int) -> Datasets:
     train_x, train_y = load_split(spec.train_files)  # [50000, 3, 32, 32] uint8, [50000]
     test_x, test_y = load_split(spec.test_files)  # [10000, 3, 32, 32] uint8, [10000]
 
-    n_val = _held_count(cfg.val_fraction, len(train_y), "data.val_fraction")
-    keep, val_idx = stratified_split(
-        train_y.numpy(), n_val, derive_seed(seed, cfg.name, "val")
-    )
-    train = _take(train_x, train_y, keep)
-    val = _take(train_x, train_y, val_idx) if n_val else None
-    mean, std = channel_stats(train.images)
-    meta = DataMeta(
-        name=cfg.name, classes=classes, in_chans=3, input_size=(32, 32), mean=mean, std=std
-    )
-    return Datasets(train=train, val=val, test=ArraySplit(test_x, test_y), meta=meta)
+    return from_train_test(cfg, seed, train_x, train_y, test_x, test_y, classes=classes)
 
 
 # ----------------------------------------------------------------------------------------------
