@@ -218,6 +218,26 @@ def summary_row(p: dict[str, Any], r: dict[str, Any]) -> list[str]:
             ("; shortened run: the accuracy target is not expected" if r["reduced"] else "")]
 
 
+def command(r: dict[str, Any]) -> str:
+    """The command line that measures ``r`` again (its seeds and any shortening)."""
+    args = [] if r["seeds"] == [0, 1, 2] else [f"--seeds {','.join(map(str, r['seeds']))}"]
+    if r["reduced"]:
+        args += [f"--epochs {r['epochs']}", f"--train-images {r['train_images']}"]
+    return " ".join(["python -m benchmarks.bench_speedrun", *args])
+
+
+def readme_sentence(p: dict[str, Any]) -> str:
+    """What the README says about the latest ``speedrun.json`` (tests/test_readme.py compares)."""
+    r = p["results"][0]
+    a, b = r["resnetlab"], r["torchvision"]
+    n = len(r["seeds"])
+    return (f"`{command(r)}` ({r['model']}, {r['epochs']} epoch{'s' if r['epochs'] > 1 else ''} of "
+            f"{r['train_images']:,} training images, {n} seed{'s' if n > 1 else ''}) took "
+            f"{a['mean_seconds']:.0f} s with resnetlab ({a['mean_test_acc']:.2f}% test accuracy) and "
+            f"{b['mean_seconds']:.0f} s in the torchvision loop ({b['mean_test_acc']:.2f}%): "
+            f"**{r['ratio']:.2f}x**.")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_speedrun", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"1 seed, {QUICK['epochs']} epoch on "
@@ -240,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = run(args.quick, args.device, seeds, args.epochs, args.train_images, args.data_root, args.workers)
     row = summary_row(payload, payload["results"][0])
     print(" | ".join(row))
+    print(readme_sentence(payload))
     return 0
 
 

@@ -7,6 +7,13 @@ import sys
 from collections.abc import Callable
 
 
+def _sources() -> tuple[str, ...]:
+    """``--data`` choices: every data source with a packaged recipe (config's registry)."""
+    from resnetlab.config import DATASET_RECIPES
+
+    return tuple(DATASET_RECIPES)
+
+
 def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="experiments: degradation (Fig. 6), cifar-table (Table 6), landscape, "
                                          "responses (Fig. 7), transfer (fine-tuning), fashion-table",
@@ -16,8 +23,8 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                        description="Train plain<d> and resnet<d> with one recipe and the same seeds; "
                                    "write runs/degradation-<data>-<time>/ with degradation.png (Figure 6 "
                                    "style), table.md, table.csv; print the table.")
-    d.add_argument("--data", default="digits", choices=("digits", "cifar10", "cifar100"),
-                   help="data source (cifar: pass data.root=DIR)")
+    d.add_argument("--data", default="digits", choices=_sources(),
+                   help="data source (cifar, folder: pass data.root=DIR; a subset: data.train_per_class=N)")
     d.add_argument("--depths", default="20,56", help="depths with a plain and a resnet twin (default 20,56)")
     d.add_argument("--seeds", default="0,1,2", help="seeds per net (default 0,1,2)")
     d.add_argument("--epochs", type=int, help="epochs per run (default 20 on digits, 164 on CIFAR)")
@@ -35,6 +42,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--models", default="plain56,resnet56", help="registry names (default plain56,resnet56)")
     ls.add_argument("--epochs", type=int, default=10, help="training epochs per net (default 10)")
     ls.add_argument("--seed", type=int, default=0, help="training seed and direction seed (default 0)")
+    ls.add_argument("--data", default="digits", choices=_sources(), help="data source (default digits)")
     _landscape_options(ls, images=128)
     ls.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
     ls.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
@@ -46,6 +54,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                     help="registry names (default plain20,plain56,resnet20,resnet56,resnet110)")
     rs.add_argument("--epochs", type=int, default=10, help="training epochs per net (default 10)")
     rs.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    rs.add_argument("--data", default="digits", choices=_sources(), help="data source (default digits)")
     rs.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
     rs.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
     t = exp.add_parser("transfer", help="pretrain on digits 0-4, then learn 5-9 from N images per class four ways",
@@ -58,6 +67,11 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--ways", default="scratch,probe,finetune,stem-frozen", help="which ways (default all four)")
     t.add_argument("--steps", type=int, default=100, help="optimiser steps per fine-tuning run (default 100)")
     t.add_argument("--pretrain-epochs", type=int, default=30, help="epochs of pretraining (default 30)")
+    t.add_argument("--source", default="digits", choices=_sources(),
+                   help="pretraining data (default digits: classes 0-4; another source: all its classes)")
+    t.add_argument("--target", default="digits", choices=_sources(),
+                   help="fine-tuning data (default digits: classes 5-9 when --source is digits, else all)")
+    t.add_argument("--pretrain-images", type=int, metavar="N", help="pretrain on a seeded draw of N images")
     t.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. run.root=out")
     c = exp.add_parser("cifar-table", help="Table 6: resnet20..110 on local CIFAR-10, ours vs the paper's",
@@ -89,7 +103,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
 def _reproduce_landscape(args: argparse.Namespace) -> int:
     from resnetlab.analysis.landscape import reproduce_landscape
 
-    res = reproduce_landscape(args.models, epochs=args.epochs, seed=args.seed, grid=args.grid,
+    res = reproduce_landscape(args.models, epochs=args.epochs, seed=args.seed, data=args.data, grid=args.grid,
                               span=args.span, dims=args.dims, images=args.images, bn=args.bn,
                               chunk=args.chunk, hessian_iters=args.hessian_iters,
                               overrides=args.overrides, jobs=args.jobs, on_progress=print)
@@ -101,8 +115,8 @@ def _reproduce_landscape(args: argparse.Namespace) -> int:
 def _reproduce_responses(args: argparse.Namespace) -> int:
     from resnetlab.analysis.responses import reproduce_responses
 
-    rr = reproduce_responses(args.models, epochs=args.epochs, seed=args.seed, overrides=args.overrides,
-                             jobs=args.jobs)
+    rr = reproduce_responses(args.models, epochs=args.epochs, seed=args.seed, data=args.data,
+                             overrides=args.overrides, jobs=args.jobs)
     print(rr.responses.markdown)
     print("final training error (%): " + ", ".join(f"{m} {e:.2f}" for m, e in rr.train_err.items()))
     print(" | ".join(str(f) for f in rr.responses.files))
@@ -124,7 +138,8 @@ def _reproduce_transfer(args: argparse.Namespace) -> int:
     from resnetlab.analysis.transfer import run_transfer
 
     tr = run_transfer(args.n, args.seeds, args.ways, steps=args.steps, pretrain_epochs=args.pretrain_epochs,
-                      overrides=args.overrides, jobs=args.jobs)
+                      overrides=args.overrides, jobs=args.jobs, source=args.source, target=args.target,
+                      pretrain_images=args.pretrain_images)
     print(tr.markdown)
     print(f"{tr.figure} | {tr.out_dir / 'table.md'} | {tr.out_dir / 'table.csv'} | {tr.seconds:.0f} s")
     return tr.exit_code
@@ -176,7 +191,7 @@ def add_gradients(sub: argparse._SubParsersAction) -> None:
                                    "gradients.png (log scale) to runs/gradients-<data>-<time>/ and prints "
                                    "the first-block / last-block ratio per model.")
     p.add_argument("--models", default="plain20,plain56,resnet20,resnet56", help="comma-separated registry names")
-    p.add_argument("--data", default="digits", choices=("digits", "cifar10", "cifar100"))
+    p.add_argument("--data", default="digits", choices=_sources(), help="data source (default digits)")
     p.add_argument("--steps", type=int, default=100, help="training steps before the second measurement")
     p.add_argument("--seed", type=int, default=0, help="init, split and probe batch")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.batch_size=64")
