@@ -15,11 +15,11 @@ from resnetlab.analysis.degradation import (
     DEEP_WARMUP_FACTOR,
     DEEP_WARMUP_STEPS,
     base_config,
-    data_sources,
+    data_choices,
     deep_warmup,
-    experiment_recipe,
+    recipe_for,
 )
-from resnetlab.config import DATASET_RECIPES, load
+from resnetlab.config import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,8 +93,10 @@ def test_readme_block_round_trip(tmp_path: Path) -> None:
 
 
 def test_data_choices_are_the_registry_and_fashion_uses_its_recipe() -> None:
-    assert set(data_sources()) == set(DATASET_RECIPES) and "fashion_mnist" in data_sources()
-    rec = experiment_recipe("fashion_mnist")
+    from resnetlab.data.sources import source_names
+
+    assert data_choices() == source_names(split_folders=False) and "fashion_mnist" in data_choices()
+    rec = recipe_for("fashion_mnist")
     assert rec["data"]["name"] == "fashion_mnist" and rec["train"]["test_every_epoch"] is True
     cfg = base_config("fashion_mnist", ["data.train_per_class=20"], epochs=2)
     packaged = load("fashion_mnist")
@@ -147,9 +149,8 @@ def test_gradients_on_fashion_mnist_tiny(tmp_path: Path) -> None:
 def test_speedrun_recipe() -> None:
     cfg = load("fashion_speedrun")
     assert (cfg.data.name, cfg.data.val_fraction, cfg.train.test_at_end) == ("fashion_mnist", 0.0, True)
-    from benchmarks.bench_speedrun import per_class_indices
-
     import torch
+    from benchmarks.bench_speedrun import per_class_indices
 
     labels = torch.arange(100) % 10
     idx = per_class_indices(labels, 3, seed=1)

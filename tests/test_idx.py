@@ -158,3 +158,95 @@ def test_real_fashion_mnist_from_debian() -> None:
     # Fashion-MNIST normalisation uses; computed exactly in integers.
     total = int(ds.train.images.sum(dtype=torch.int64)) + int(ds.val.images.sum(dtype=torch.int64))
     assert round(total / (60000 * 784 * 255), 4) == 0.2860
+
+
+# ---------------------------------------------------------------------------------------------- data.download
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """A local HTTP server on 127.0.0.1 serving ``tmp_path / "www"``; yields its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", www
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens
+
+
+def _official(monkeypatch, mirrors: list[str], resources: list[tuple[str, str]]) -> None:
+    from resnetlab.data.sources import idx
+
+    monkeypatch.setattr(idx.IdxDataset, "official_files", lambda self: (mirrors, resources))
+
+
+def test_download_fetches_checks_md5_and_reads(http_server, tmp_path: Path, monkeypatch) -> None:
+    from resnetlab.data.download import md5_of
+
+    url, www = http_server
+    _write_dataset(www)
+    names = [f"{b}.gz" for pair in FILES.values() for b in pair]
+    dead = f"http://127.0.0.1:{_closed_port()}/"  # the first mirror is down: the next is used
+    _official(monkeypatch, [dead, url], [(n, md5_of(www / n)) for n in names])
+    root = tmp_path / "data"
+    cfg = load(None, ["data.name=mnist", f"data.root={root}", "data.download=true"])
+    ds = build_datasets(cfg.data, seed=0)
+    assert len(ds.train) + len(ds.val) == 60 and len(ds.test) == 20
+    raw = root / "MNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(names)  # torchvision's layout, no .part
+
+
+def test_download_refuses_a_wrong_checksum_and_leaves_nothing(http_server, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    url, www = http_server
+    _write_dataset(www)
+    names = [f"{b}.gz" for pair in FILES.values() for b in pair]
+    _official(monkeypatch, [url], [(n, "0" * 32) for n in names])
+    root = tmp_path / "data"
+    cfg = load(None, ["data.name=kmnist", f"data.root={root}", "data.download=true"])
+    with pytest.raises(DataError, match=r"could not fetch train-images-idx3-ubyte\.gz: .*MD5 \w+ does "
+                                        r"not match the published 0{32}"):
+        build_datasets(cfg.data, seed=0)
+    assert not root.exists()  # no half-written file, no empty folder
+
+
+def test_download_without_network_leaves_no_empty_folder(tmp_path: Path, monkeypatch) -> None:
+    from torchvision.datasets import CIFAR10
+
+    dead = f"http://127.0.0.1:{_closed_port()}/"
+    _official(monkeypatch, [dead], [("train-images-idx3-ubyte.gz", "0" * 32)])
+    root = tmp_path / "new" / "fm"
+    cfg = load(None, ["data.name=fashion_mnist", f"data.root={root}", "data.download=true"])
+    with pytest.raises(DataError, match="data.download=true could not fetch"):
+        build_datasets(cfg.data, seed=0)
+    assert not (tmp_path / "new").exists()
+    # CIFAR too: its archive URL is torchvision's; point it at the closed port
+    monkeypatch.setattr(CIFAR10, "url", dead + CIFAR10.filename)
+    cfg = load(None, ["data.name=cifar10", f"data.root={root}", "data.download=true"])
+    with pytest.raises(DataError, match="data.download=true could not fetch"):
+        build_datasets(cfg.data, seed=0)
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "mine"  # a folder the user made stays, even empty
+    existing.mkdir()
+    cfg = load(None, ["data.name=cifar10", f"data.root={existing}", "data.download=true"])
+    with pytest.raises(DataError):
+        build_datasets(cfg.data, seed=0)
+    assert existing.is_dir() and not any(existing.iterdir())

@@ -36,6 +36,7 @@ from typing import Any
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, apply_overrides, from_dict, validate
+from resnetlab.data.sources import get_source, source_names
 from resnetlab.launch import discard_untrained, removed_on_failure
 from resnetlab.models import list_models, model_defaults
 
@@ -126,37 +127,32 @@ def twin_depths() -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def data_sources() -> tuple[str, ...]:
-    """The ``--data`` choices: every data source that has a packaged recipe
-    (:data:`resnetlab.config.DATASET_RECIPES`, which each source registers)."""
-    from resnetlab.config import DATASET_RECIPES
-
-    return tuple(DATASET_RECIPES)
+def data_choices() -> list[str]:
+    """The data sources the experiments accept (``--data``): every registered source that is one
+    labelled set split by the seed, i.e. all but image folders (whose splits are folders)."""
+    return source_names(split_folders=False)
 
 
-def experiment_recipe(data: str) -> dict[str, Any]:
-    """The experiments' recipe for ``data`` as typed values: :data:`RECIPES` where the experiment
-    tunes it (digits, CIFAR), else the source's own packaged recipe with the test split scored
-    after every epoch (for the figures; models are still chosen on validation)."""
+def recipe_for(data: str) -> dict[str, Any]:
+    """The experiment's recipe for ``data``: the tuned one of :data:`RECIPES` with its
+    :data:`DEFAULT_EPOCHS`, else the source's own recipe (the registry's; the nets come from
+    the experiment) testing after every epoch."""
     if data in RECIPES:
         return {**RECIPES[data], "train": {**RECIPES[data]["train"], "epochs": DEFAULT_EPOCHS[data]}}
-    if data not in data_sources():
-        raise AnalysisError(f"--data must be one of {', '.join(data_sources())}, got {data!r}")
+    if data not in data_choices():
+        raise AnalysisError(f"--data must be one of {', '.join(data_choices())}, got {data!r}")
     import yaml
 
-    from resnetlab.config import DATASET_RECIPES, RECIPE_DIR
+    from resnetlab.config import recipe_path
 
-    # the YAML's values only (not validated: data.root may still come with the overrides)
-    recipe = yaml.safe_load((RECIPE_DIR / f"{DATASET_RECIPES[data]}.yaml").read_text()) or {}
-    recipe = {k: v for k, v in recipe.items() if k not in ("model", "seed", "run")}
-    recipe["train"] = {**recipe.get("train", {}), "test_every_epoch": True}
-    return recipe
+    recipe = dict(yaml.safe_load(recipe_path(get_source(data).default_recipe)[0].read_text()) or {})
+    recipe.pop("model", None)  # the nets are the experiment's
+    return {**recipe, "train": {**recipe.get("train", {}), "test_every_epoch": True}}
 
 
 def base_config(data: str, overrides: Sequence[str] = (), epochs: int | None = None) -> Config:
-    """The shared recipe for ``data`` (:func:`experiment_recipe`), then the user's ``overrides``,
-    then ``epochs``."""
-    recipe = experiment_recipe(data)
+    """The shared recipe for ``data``, then the user's ``overrides``, then ``epochs``."""
+    recipe = recipe_for(data)
     for o in overrides:
         if o.split("=", 1)[0].strip() in ("model.name", "seed"):
             raise AnalysisError(f"{o!r}: the model and seed are set by --depths and --seeds")
@@ -464,7 +460,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
         "extra_models": list(extras), "steps_per_epoch": steps,
         "deep_warmup": {m: {"warmup": "constant", "warmup_lr": base.optim.lr * DEEP_WARMUP_FACTOR,
                             "warmup_epochs": e} for m, e in deep.items()},
-        "jobs": jobs, "recipe": experiment_recipe(data), "overrides": list(overrides),
+        "jobs": jobs, "recipe": recipe_for(data), "overrides": list(overrides),
         "wall_seconds": seconds, "interrupted": interrupted, "failed": failed,
         "curves": {"training": "train_err per epoch (running mean over the epoch, augmented)",
                    "held_out": f"{held_out} top-1 error after each epoch"},

@@ -173,15 +173,15 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
     the table and the figure. digits -> digits (the default) pretrains on digits 0-4 and
     fine-tunes on 5-9; another pair (e.g. fashion_mnist -> digits) uses every class of both.
     ``overrides`` (``key=value``) apply to every run; ``run.root`` places the experiment folder."""
-    from resnetlab.analysis.degradation import data_sources
+    from resnetlab.analysis.degradation import data_choices
 
     t0 = time.perf_counter()
     ns, seeds, ways = parse_ns(ns), parse_seeds(seeds), parse_ways(ways)
     if steps < 1 or pretrain_epochs < 1:
         raise AnalysisError("--steps and --pretrain-epochs must be >= 1")
     for flag, d in (("--source", source), ("--target", target)):
-        if d not in data_sources():
-            raise AnalysisError(f"{flag} must be one of {', '.join(data_sources())}, got {d!r}")
+        if d not in data_choices():
+            raise AnalysisError(f"{flag} must be one of {', '.join(data_choices())}, got {d!r}")
     if pretrain_images is not None and (pretrain_images < 10 or pretrain_images % 10):
         raise AnalysisError(f"--pretrain-images must be a positive multiple of 10, got {pretrain_images}")
     _check_overrides(overrides)

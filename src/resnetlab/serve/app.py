@@ -104,7 +104,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def load_served_model(path: str | Path, device: str = "cpu") -> ServedModel:
     """Load the network at ``path`` (run folder or checkpoint) as ``predict`` does, fused."""
-    from resnetlab.engine.checkpoint import resolve
+    from resnetlab.checkpoint import resolve
     from resnetlab.inference import load_for_inference
 
     file = resolve(path)

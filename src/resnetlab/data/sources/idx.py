@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from resnetlab.data.images import DataError
+from resnetlab.data.errors import DataError
+from resnetlab.data.sources.registry import Source, register_source
 
 if TYPE_CHECKING:
     from resnetlab.config import DataConfig
@@ -223,20 +224,22 @@ def locate(ds: IdxDataset, cfg: DataConfig) -> dict[str, Path]:
                     f"{', '.join(str(p) + '/' for p in tried)}; " + "; ".join(hints))
 
 
-def build_idx(cfg: DataConfig, seed: int) -> Datasets:
-    """Train (minus a stratified, seeded validation share) and the official test split."""
+def load(cfg: DataConfig, seed: int, needs: frozenset[str]) -> Datasets:
+    """Train (minus a stratified, seeded validation share) and the official test split, as
+    uint8 ``[n, 1, 28, 28]`` in memory (``needs`` is ignored: the whole set is 55 MB)."""
     import torch
 
-    from resnetlab.data.datasets import from_train_test
+    from resnetlab.data.splits import from_train_test
 
     ds = IDX_DATASETS[cfg.name]
     files = locate(ds, cfg)
     n_classes = len(ds.classes)
     train_x, train_y = read_pair(files[FILES["train"][0]], files[FILES["train"][1]], n_classes)
     test_x, test_y = read_pair(files[FILES["test"][0]], files[FILES["test"][1]], n_classes)
-    if train_x.shape[1:] != test_x.shape[1:]:
-        raise DataError(f"{files[FILES['test'][0]]}: images are {test_x.shape[1]}x{test_x.shape[2]} "
-                        f"but the training images are {train_x.shape[1]}x{train_x.shape[2]}")
+    for split, x in (("train", train_x), ("test", test_x)):
+        if x.shape[1:] != (28, 28):
+            raise DataError(f"{files[FILES[split][0]]}: images are {x.shape[1]}x{x.shape[2]} pixels; "
+                            f"{ds.name}'s are 28x28: is it the right file?")
 
     def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(x.copy())[:, None], torch.from_numpy(y)  # [n, 1, h, w] uint8, [n]
@@ -245,5 +248,21 @@ def build_idx(cfg: DataConfig, seed: int) -> Datasets:
                            classes=ds.classes)
 
 
-__all__ = ["FASHION_MNIST", "FILES", "IDX_DATASETS", "KMNIST", "MNIST", "IdxDataset",
-           "build_idx", "locate", "read_idx", "read_pair", "write_idx"]
+_FILES = ("IDX files ({names}, gzip or not) in data.root or <data.root>/{tv}/raw/; with no root "
+          "{system}./data/{tv}/raw/; data.download=true fetches them")
+for _ds, _summary in (
+    (FASHION_MNIST, "Zalando's 70k 28x28 grey clothing images, 10 classes"),
+    (MNIST, "LeCun's 70k 28x28 grey handwritten digits, 10 classes"),
+    (KMNIST, "70k 28x28 grey cursive Japanese characters (Kuzushiji), 10 classes"),
+):
+    register_source(Source(
+        name=_ds.name, summary=_summary, load=load, can_download=True, in_chans=1,
+        image_size=(28, 28), classes=_ds.classes, eval_resample="bilinear",
+        files=_FILES.format(names="train-/t10k-images-idx3-ubyte, train-/t10k-labels-idx1-ubyte",
+                            tv=_ds.torchvision,
+                            system="".join(f"{d}/, then " for d in _ds.system_dirs)),
+    ))
+
+
+__all__ = ["FASHION_MNIST", "FILES", "IDX_DATASETS", "KMNIST", "MNIST", "IdxDataset", "load",
+           "locate", "read_idx", "read_pair", "write_idx"]
