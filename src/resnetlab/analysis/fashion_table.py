@@ -217,6 +217,7 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
     experiment = {"models": list(names), "seeds": list(seed_list), "epochs": epochs, "train_images": train_images,
                   "overrides": list(overrides), "jobs": jobs, "wall_seconds": seconds,
                   "interrupted": interrupted, "machine": machine_line(jobs, where.train.device),
+                  "load_average_1min_at_end": _load_average(),
                   "published_source": SOURCE, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (out_dir / "experiment.json").write_text(json.dumps(experiment, indent=2) + "\n")
     markdown = table_markdown(rows, published, experiment)
@@ -228,6 +229,16 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
 def _kept_training_images(val_fraction: float, n: int = 60000) -> int:
     """Training images left after the validation hold-out (the data source's rounding)."""
     return n - (max(1, round(val_fraction * n)) if val_fraction > 0 else 0)
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (how shared the machine was), None where the OS has none."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def machine_line(jobs: int, device: str = "auto") -> str:
@@ -349,7 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("results", nargs="?", default="docs/results/fashion-table", type=Path)
     p.add_argument("--readme", default="README.md", type=Path)
     args = p.parse_args(argv)
-    changed = render_readme(args.readme, args.results)
+    for need in (args.results / "experiment.json", args.results / "table.md", args.readme):
+        if not need.is_file():
+            p.error(f"{need} does not exist; RESULTS is a folder written by `resnetlab reproduce fashion-table`")
+    try:
+        changed = render_readme(args.readme, args.results)
+    except (AnalysisError, ValueError, KeyError) as e:
+        p.error(f"{args.results}: {e}")
     print(f"{args.readme}: {'updated' if changed else 'already up to date'} from {args.results}")
     return 0
 
