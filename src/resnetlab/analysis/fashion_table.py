@@ -25,12 +25,13 @@ import platform
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
+from resnetlab.analysis.transfer import TransferResult
 
 log = logging.getLogger("resnetlab")
 
@@ -109,24 +110,9 @@ def count_parameters(model: str, in_chans: int = 1, num_classes: int = 10) -> in
     return sum(p.numel() for p in net.parameters())
 
 
-@dataclass
-class FashionTableResult:
-    """What :func:`run_fashion_table` returns."""
-
-    out_dir: Path
-    rows: list[dict[str, Any]]  # ours, one per net (means over seeds), then the published rows
-    runs: list[dict[str, Any]]  # one per finished run
-    markdown: str
-    figure: Path
-    seconds: float
-    interrupted: str | None = None
-
-    @property
-    def exit_code(self) -> int:
-        """0, or the shell's code for the signal that stopped a run (130 Ctrl-C, 143 SIGTERM)."""
-        from resnetlab.runtime import EXIT_CODES
-
-        return EXIT_CODES.get(self.interrupted or "", 1 if self.interrupted else 0)
+class FashionTableResult(TransferResult):
+    """What :func:`run_fashion_table` returns (the fields of every experiment's result): ``rows``
+    are ours, one per net (means over seeds), then the published rows; ``runs`` one per run."""
 
 
 def plan(models: Sequence[str], seeds: Sequence[int], out_dir: Path, *, epochs: int | None,

@@ -14,11 +14,12 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                                          "responses (Fig. 7), transfer (fine-tuning), fashion-table",
                        description="Reproduce an experiment of He et al. 2015.")
     exp = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    sources = source_names(split_folders=False)  # --data choices: the registry's labelled sets
     d = exp.add_parser("degradation", help="plain vs residual nets: figure + table of final errors",
                        description="Train plain<d> and resnet<d> with one recipe and the same seeds; "
                                    "write runs/degradation-<data>-<time>/ with degradation.png (Figure 6 "
                                    "style), table.md, table.csv; print the table.")
-    d.add_argument("--data", default="digits", choices=source_names(split_folders=False),
+    d.add_argument("--data", default="digits", choices=sources,
                    help="data source (cifar: pass data.root=DIR; a subset: data.train_per_class=N)")
     d.add_argument("--depths", default="20,56", help="depths with a plain and a resnet twin (default 20,56)")
     d.add_argument("--seeds", default="0,1,2", help="seeds per net (default 0,1,2)")
@@ -37,7 +38,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--models", default="plain56,resnet56", help="registry names (default plain56,resnet56)")
     ls.add_argument("--epochs", type=int, default=10, help="training epochs per net (default 10)")
     ls.add_argument("--seed", type=int, default=0, help="training seed and direction seed (default 0)")
-    ls.add_argument("--data", default="digits", choices=source_names(split_folders=False), help="data source (default digits)")
+    ls.add_argument("--data", default="digits", choices=sources, help="data source (default digits)")
     _landscape_options(ls, images=128)
     ls.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
     ls.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
@@ -49,7 +50,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                     help="registry names (default plain20,plain56,resnet20,resnet56,resnet110)")
     rs.add_argument("--epochs", type=int, default=10, help="training epochs per net (default 10)")
     rs.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    rs.add_argument("--data", default="digits", choices=source_names(split_folders=False), help="data source (default digits)")
+    rs.add_argument("--data", default="digits", choices=sources, help="data source (default digits)")
     rs.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
     rs.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
     t = exp.add_parser("transfer", help="pretrain on digits 0-4, then learn 5-9 from N images per class four ways",
@@ -62,9 +63,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--ways", default="scratch,probe,finetune,stem-frozen", help="which ways (default all four)")
     t.add_argument("--steps", type=int, default=100, help="optimiser steps per fine-tuning run (default 100)")
     t.add_argument("--pretrain-epochs", type=int, default=30, help="epochs of pretraining (default 30)")
-    t.add_argument("--source", default="digits", choices=source_names(split_folders=False),
+    t.add_argument("--source", default="digits", choices=sources,
                    help="pretraining data (default digits: classes 0-4; another source: all its classes)")
-    t.add_argument("--target", default="digits", choices=source_names(split_folders=False),
+    t.add_argument("--target", default="digits", choices=sources,
                    help="fine-tuning data (default digits: classes 5-9 when --source is digits, else all)")
     t.add_argument("--pretrain-images", type=int, metavar="N", help="pretrain on a seeded draw of N images")
     t.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
