@@ -231,8 +231,11 @@ def readme_sentence(p: dict[str, Any]) -> str:
     r = p["results"][0]
     a, b = r["resnetlab"], r["torchvision"]
     n = len(r["seeds"])
+    m = p["machine"]
+    load = m.get("load_average_1min")
+    where = f"{m['cores']}-core {m['cpu']}" + ("" if load is None else f", 1-minute load average {load:.1f} at its start")
     return (f"`{command(r)}` ({r['model']}, {r['epochs']} epoch{'s' if r['epochs'] > 1 else ''} of "
-            f"{r['train_images']:,} training images, {n} seed{'s' if n > 1 else ''}) took "
+            f"{r['train_images']:,} training images, {n} seed{'s' if n > 1 else ''}; {where}) took "
             f"{a['mean_seconds']:.0f} s with resnetlab ({a['mean_test_acc']:.2f}% test accuracy) and "
             f"{b['mean_seconds']:.0f} s in the torchvision loop ({b['mean_test_acc']:.2f}%): "
             f"**{r['ratio']:.2f}x**.")

@@ -403,9 +403,9 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
         raise AnalysisError(f"--jobs must be >= 1, got {jobs}")
     name = base.run.name or f"degradation-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(base.run.root).expanduser() / name
+    steps = steps_per_epoch(base)  # reads the data: a missing dataset fails before any folder exists
     existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = steps_per_epoch(base)
     cfgs = plan(base, depths, seeds, out_dir, jobs, extras, steps=steps, overrides=overrides)
     deep = {c.model.name: c.optim.warmup_epochs for c in cfgs if c.optim.warmup == "constant"
             and c.optim != base.optim}
