@@ -156,3 +156,24 @@ def test_speedrun_recipe() -> None:
     idx = per_class_indices(labels, 3, seed=1)
     assert len(idx) == 30 and sorted(labels[idx].tolist()) == sorted(list(range(10)) * 3)
     assert idx == per_class_indices(labels, 3, seed=1) != per_class_indices(labels, 3, seed=2)
+
+
+def test_transfer_table_says_what_pretraining_gains() -> None:
+    from resnetlab.analysis.transfer import table_markdown
+
+    rows = [{"way": w, "n": n, "seeds": 2, "test_acc_mean": a, "test_acc_std": 1.0}
+            for w, n, a in (("scratch", 5, 80.0), ("probe", 5, 70.0), ("finetune", 5, 86.5),
+                            ("scratch", 10, 90.0), ("probe", 10, 88.0), ("finetune", 10, 89.0))]
+    md = table_markdown(rows, [5, 10], ["scratch", "probe", "finetune"], source="fashion_mnist", target="digits")
+    assert "| **pretraining's gain** | +6.5 (finetune) | -1.0 (finetune) |" in md
+    assert "tested on the whole digits test split" in md and "(fashion_mnist)" not in md  # no pretrain given
+
+
+def test_fashion_table_refuses_bad_flags_before_training(tmp_path: Path) -> None:
+    with pytest.raises(AnalysisError, match="--train-images must be a positive multiple of 10"):
+        ft.run_fashion_table("resnet20", "0", epochs=1, train_images=15, overrides=[f"run.root={tmp_path}"])
+    with pytest.raises(AnalysisError, match="set by --models and --seeds"):
+        ft.run_fashion_table("resnet20", "0", overrides=["model.name=resnet56"])
+    with pytest.raises(AnalysisError, match="--epochs must be >= 1"):
+        ft.run_fashion_table("resnet20", "0", epochs=0)
+    assert not any(tmp_path.iterdir())  # nothing written
