@@ -89,5 +89,16 @@ def write_output(path: str | Path, write_fn: Callable[[IO[bytes]], object]) -> N
         raise OutputWriteError(code, e.strerror or os.strerror(code), str(where)) from None
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (newline, carriage return, tab, the escape
+    that starts a terminal colour code, a byte that was not UTF-8) as a Python escape: a file
+    name printed in a line of text output can then neither forge lines nor recolour the screen,
+    nor fail to encode. Printable text (any script, spaces) is left as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 __all__ = ["OutputError", "OutputWriteError", "check_output", "describe_os_error",
-           "is_run_checkpoint", "write_output"]
+           "is_run_checkpoint", "printable", "write_output"]

@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from resnetlab.analysis import args
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.analysis.transfer import TransferResult
@@ -155,8 +156,7 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
     t0 = time.perf_counter()
     names = parse_models(models)
     seed_list = parse_seeds(seeds)
-    if epochs is not None and epochs < 1:
-        raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
+    args.check(epochs=epochs, jobs=jobs)  # the experiments' shared bounds
     if train_images is not None and (train_images < 10 or train_images % 10):
         raise AnalysisError(f"--train-images must be a positive multiple of 10 (ten classes), got {train_images}")
     for o in overrides:
@@ -166,8 +166,6 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
     where = apply_overrides(from_dict({}, check=False), [o for o in overrides if o.startswith(("run.", "train.device"))])
     out_dir = Path(where.run.root).expanduser() / (where.run.name or f"fashion-table-{time.strftime('%Y%m%d-%H%M%S')}")
     jobs = default_jobs(where.train.device) if jobs is None else int(jobs)
-    if jobs < 1:
-        raise AnalysisError(f"--jobs must be >= 1, got {jobs}")
     cfgs = plan(names, seed_list, out_dir, epochs=epochs, train_images=train_images,
                 overrides=[o for o in overrides if not o.startswith(("run.root", "run.name"))], jobs=jobs)
     existed = out_dir.exists()

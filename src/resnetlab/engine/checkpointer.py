@@ -26,7 +26,12 @@ from resnetlab import checkpoint as ckpt
 from resnetlab.config import Config, to_dict
 from resnetlab.data.augment import derive_seed
 from resnetlab.engine.dist import DistInfo, all_gather_object, barrier, broadcast_object
-from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
+from resnetlab.engine.errors import (
+    NonFiniteLossError,
+    RunFolderBusyError,
+    RunFolderGoneError,
+    TrainingError,
+)
 from resnetlab.engine.metrics import SumMeter
 from resnetlab.engine.optim import ModelEMA
 from resnetlab.engine.state import TrainState
@@ -151,8 +156,13 @@ class Checkpointer:
         weights = parts.model.state_dict()
         bad = ckpt.non_finite(weights) + [f"ema.{k}" for k in
                                           (ckpt.non_finite(parts.ema.state_dict()) if parts.ema else [])]
-        gathered = all_gather_object((ckpt.rng_state(self.device), bad))
-        bad_anywhere = sorted({k for _, b in gathered for k in b})
+        # rank 0 writes: it alone looks for the run folder, and every rank learns the answer here
+        # (one rank raising alone would leave the others waiting in the next collective)
+        gone = self.dist.is_main and not self.run_dir.is_dir()  # saving would re-create a stub
+        gathered = all_gather_object((ckpt.rng_state(self.device), bad, gone))
+        if any(g for _, _, g in gathered):
+            raise RunFolderGoneError(self.run_dir)
+        bad_anywhere = sorted({k for _, b, _ in gathered for k in b})
         if bad_anywhere:
             raise NonFiniteLossError(
                 f"weights or statistics are not finite at epoch {state.epoch + 1}, step {state.step} "
@@ -167,7 +177,7 @@ class Checkpointer:
                 ema=parts.ema.state_dict() if parts.ema is not None else None,
                 scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
                 meter=parts.meter.state_dict(),
-                rng=ckpt.pack_rng([r for r, _ in gathered]),
+                rng=ckpt.pack_rng([r for r, _, _ in gathered]),
                 state=state.state_dict(),
                 config=to_dict(cfg),
                 meta=dict(meta),
