@@ -1,6 +1,6 @@
 """The import graph: no cycles and no module importing a layer above its own
-(leaves <- models <- config <- checkpoint <- runtime <- data <- weights <- engine <- use <- analysis
-<- cli), with no exception list.
+(leaves <- models <- config <- checkpoint <- runtime <- data <- inference <- weights <- engine <- use
+<- analysis <- cli), with no exception list.
 
 The graph is the one that runs: every import counts, at module level or inside a function (a cycle
 hidden behind a function-local import is still a cycle, it only fails later), and importing
@@ -16,8 +16,13 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "resnetlab"
 # Lowest first. "use" is everything at the top of the package that is not listed elsewhere.
-LAYERS = ["leaf", "models", "config", "checkpoint", "runtime", "data", "weights", "engine", "use", "analysis",
-          "cli"]
+LAYERS = ["leaf", "models", "config", "checkpoint", "runtime", "data", "inference", "weights", "engine", "use",
+          "analysis", "cli"]
+# Modules whose layer is not their folder's: opening a trained network (inference, its calibration
+# temperature, the output-file rules) sits below model.init_from, which training starts from
+# (weights' package, init_from and the zoo it names); publishing and building weights use runs.
+PLACES = {"resnetlab.inference": "inference", "resnetlab.calibration": "inference", "resnetlab.outputs": "runtime",
+          "resnetlab.weights": "weights", "resnetlab.weights.init_from": "weights", "resnetlab.weights.zoo": "weights"}
 
 
 def _modules() -> dict[str, Path]:
@@ -47,7 +52,11 @@ def _layer(module: str, leaves: set[str]) -> int:
         return LAYERS.index("cli")
     if module in leaves:
         return LAYERS.index("leaf")
+    if module in PLACES:
+        return LAYERS.index(PLACES[module])
     top = parts[1]
+    if top == "weights":  # publish, build: they use trained runs
+        return LAYERS.index("use")
     if top in LAYERS:
         return LAYERS.index(top)
     if top == "__main__":

@@ -9,8 +9,9 @@ classes and preprocessing) travels inside the checkpoint, so no flag is ever nee
     run.model, run.config, run.meta, run.loader("val")
 
 Accepted sources: a run folder (``checkpoints/best.pt``, else ``last.pt``), any ``.pt``
-checkpoint written by training or by ``resnetlab import``, and a ``.safetensors`` file written
-by ``resnetlab export`` (its header carries the config and meta).
+checkpoint written by training or by ``resnetlab import``, a ``.safetensors`` file written
+by ``resnetlab export`` (its header carries the config and meta), and a folder written by
+``resnetlab publish`` (its ``model.safetensors``), which is also how shipped weights are stored.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from resnetlab import checkpoint as ckpt
+from resnetlab.calibration import apply_temperature, read_temperature
 from resnetlab.config import Config, ConfigError, apply_overrides
 from resnetlab.data import (
     ArraySplit,
@@ -39,6 +41,17 @@ from resnetlab.models import build_model, fuse_for_inference
 from resnetlab.runtime import select_device
 
 SPLITS = ("train", "val", "test")
+
+PUBLISHED_MODEL = "model.safetensors"  # the weights in a `resnetlab publish` folder (the hubs' name)
+
+
+def published_model(path: str | Path) -> Path | None:
+    """``FOLDER/model.safetensors`` when ``path`` is a folder written by ``resnetlab publish``
+    (or a shipped weight), else None; a run folder (with ``checkpoints/``) is never one."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / PUBLISHED_MODEL).is_file() and not (p / ckpt.CHECKPOINT_DIR).is_dir():
+        return p / PUBLISHED_MODEL
+    return None
 
 
 def output_dir(path: str | Path) -> Path:
@@ -61,7 +74,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], Co
     Weights are the EMA copy when training kept one. Errors (:class:`CheckpointError`) name
     the file and say what to do, e.g. run ``resnetlab import`` for a bare state dict.
     """
-    file = ckpt.resolve(path)
+    file = published_model(path) or ckpt.resolve(path)
     found = ckpt.read(file)
     cfg, meta = found.parsed_config(), parse_meta(found.meta, file)
     return file, found.weights, cfg, meta
@@ -116,17 +129,23 @@ class OpenRun:
 
 
 def open_run(path: str | Path, device: str | torch.device | None = "cpu", *, fuse: bool = True,
-             overrides: Sequence[str] = ()) -> OpenRun:
+             overrides: Sequence[str] = (), calibrated: bool = True) -> OpenRun:
     """Open the network saved at ``path`` (run folder, .pt checkpoint or exported .safetensors).
 
     The model is in eval mode on ``device`` (``"auto"`` picks cuda, mps, cpu; None: the config's
     ``train.device``) with gradients off; with ``fuse`` (default) every BatchNorm is folded into
     its convolution and the weights are channels_last (:func:`resnetlab.models.fuse_for_inference`).
     ``overrides`` are ``key=value`` strings applied to the stored config (a new ``data.root``).
+    With ``calibrated`` (default), a temperature stored by ``resnetlab calibrate``
+    (``calibration.json`` in the run folder) is folded into the classifier, so the softmax of the
+    logits is the calibrated probability; ``calibrated=False`` gives the raw network.
     """
     file, state, cfg, meta = read_checkpoint(path)
     cfg = apply_overrides(cfg, overrides)
     model = build_inference_model(state, cfg, meta, source=str(file))
+    temperature = read_temperature(path, file) if calibrated else None  # `resnetlab calibrate`: logits / T
+    if temperature is not None:
+        model = apply_temperature(model, temperature)
     if fuse:
         model = fuse_for_inference(model)
     model.requires_grad_(False)
@@ -141,5 +160,5 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     return run.model, run.config, run.meta
 
 
-__all__ = ["SPLITS", "OpenRun", "build_inference_model", "load_for_inference", "open_run", "output_dir",
-           "parse_meta", "read_checkpoint"]
+__all__ = ["PUBLISHED_MODEL", "SPLITS", "OpenRun", "build_inference_model", "load_for_inference", "open_run",
+           "output_dir", "parse_meta", "published_model", "read_checkpoint"]
