@@ -28,6 +28,14 @@ import torch
 from torch import nn
 
 from resnetlab import __version__
+from resnetlab.calibration import (
+    calibration_bins,
+    calibration_metrics,
+    calibration_path,
+    fit_temperature,
+    plot_reliability,
+    read_temperature,
+)
 from resnetlab.config import Config, ConfigError, parse_override
 from resnetlab.data import DataError, DataMeta, build_loader
 from resnetlab.engine.metrics import SumMeter
@@ -163,8 +171,6 @@ def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: 
     ones, what predict reports). With ``logits_flip``: ``top1_acc_flip``, the top-1 accuracy of
     the mean softmax over the image and its mirror, and ``top1_acc_flip_gain`` in points.
     """
-    from resnetlab.calibration import calibration_bins, calibration_metrics
-
     out = dict(calibration_metrics(logits, labels))
     t = 1.0
     if temperature is not None:
@@ -258,7 +264,6 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
     OS errors name the path (:class:`~resnetlab.outputs.OutputWriteError`).
     """
     file, cfg, meta, metrics, cm, seen = split_pass(path, split, overrides, tta=tta)
-    from resnetlab.calibration import read_temperature
 
     temperature = read_temperature(path, file)
     cal, bins = calibration_report(seen.logits, seen.labels, temperature, seen.logits_flip)
@@ -279,7 +284,6 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
         plot_confusion(cm, meta.classes, files["confusion_png"],
                        title=f"{cfg.model.name} on {cfg.data.name} {split}: "
                              f"top-1 error {metrics['top1_err']:.2f}%")
-        from resnetlab.calibration import plot_reliability
 
         shown = "calibrated" if temperature is not None else "uncalibrated"
         plot_reliability(bins, files["reliability_png"],
@@ -298,8 +302,6 @@ def calibrate_checkpoint(path: str | Path, overrides: Sequence[str] = (),
     after on ``report_on`` (test only where the data have one). Loading the run afterwards
     (predict, serve, explain, export, ``resnetlab.load``) divides the logits by it.
     """
-    from resnetlab.calibration import calibration_metrics, calibration_path, fit_temperature
-
     file, cfg, _meta, _m, _cm, val = split_pass(path, "val", overrides)
     if len(val.labels) == 0:
         raise DataError(f"{file}: the validation split is empty; nothing to fit the temperature on")

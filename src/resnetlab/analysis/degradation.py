@@ -41,6 +41,7 @@ from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.plots import plot_degradation, plot_depth_sweep, read_run_metrics
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, apply_overrides, from_dict, recipe_path, validate
+from resnetlab.data import build_datasets
 from resnetlab.data.sources import get_source, source_names
 from resnetlab.engine import NonFiniteLossError, fit
 from resnetlab.exit_codes import exit_code
@@ -216,8 +217,6 @@ def family_depth(model: str, extra: bool = False) -> tuple[str, int]:
 
 def steps_per_epoch(cfg: Config) -> int:
     """Optimiser steps per epoch of ``cfg``'s training split (full batches; one process)."""
-    from resnetlab.data import build_datasets
-
     n = len(build_datasets(cfg.data, seed=cfg.seed, needs=("train",)).train.labels)
     return max(1, n // cfg.train.batch_size)
 

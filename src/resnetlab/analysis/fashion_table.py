@@ -30,9 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.analysis import args
+from resnetlab.analysis.degradation import default_jobs, run_trainings, write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
+from resnetlab.analysis.plots import save_figure
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.analysis.transfer import TransferResult
+from resnetlab.config import apply_overrides, from_dict, load, recipe_names
+from resnetlab.launch import discard_untrained, removed_on_failure
+from resnetlab.models import create_model
+from resnetlab.runtime import select_device
 
 log = logging.getLogger("resnetlab")
 
@@ -77,8 +83,6 @@ def published_rows(readme: Path | None = DEBIAN_README) -> list[dict[str, Any]]:
 
 def recipe_for(model: str) -> str:
     """``fashion_mnist_<model>``; a plain twin ``plain<d>`` uses ``fashion_mnist_resnet<d>``."""
-    from resnetlab.config import recipe_names
-
     m = re.fullmatch(r"plain(\d+)", model)
     name = f"fashion_mnist_resnet{m.group(1)}" if m else f"fashion_mnist_{model}"
     if name not in recipe_names():
@@ -104,8 +108,6 @@ def count_parameters(model: str, in_chans: int = 1, num_classes: int = 10) -> in
     """Parameters of ``model`` built for 1-channel, 10-class Fashion-MNIST (no memory used)."""
     import torch
 
-    from resnetlab.models import create_model
-
     with torch.device("meta"):
         net = create_model(model, in_chans=in_chans, num_classes=num_classes)
     return sum(p.numel() for p in net.parameters())
@@ -119,8 +121,6 @@ class FashionTableResult(TransferResult):
 def plan(models: Sequence[str], seeds: Sequence[int], out_dir: Path, *, epochs: int | None,
          train_images: int | None, overrides: Sequence[str], jobs: int) -> list[Any]:
     """One validated config per (net, seed): its recipe, the overrides, then the table's own flags."""
-    from resnetlab.config import load
-
     cfgs = []
     for m in models:
         for s in seeds:
@@ -149,10 +149,6 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
     training images (equally many per class; validation and test stay whole). ``overrides``
     (``key=value``) apply to every run; ``run.root``/``run.name`` place the folder.
     """
-    from resnetlab.analysis.degradation import default_jobs, run_trainings
-    from resnetlab.config import apply_overrides, from_dict
-    from resnetlab.launch import discard_untrained, removed_on_failure
-
     t0 = time.perf_counter()
     names = parse_models(models)
     seed_list = parse_seeds(seeds)
@@ -193,7 +189,6 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
         raise AnalysisError(f"{out_dir}: no run finished ({interrupted or 'nothing trained'})")
     rows = table_rows(runs)
     published = published_rows()
-    from resnetlab.analysis.degradation import write_rows_csv
 
     write_rows_csv(out_dir / "runs.csv", runs)
     write_rows_csv(out_dir / "table.csv", [*rows, *published], TABLE_COLUMNS)
@@ -230,8 +225,6 @@ def machine_line(jobs: int, device: str = "auto") -> str:
     import os
 
     import torch
-
-    from resnetlab.runtime import select_device
 
     dev = select_device(device)
     if dev.type == "cuda":
@@ -287,8 +280,6 @@ def table_markdown(rows: Sequence[dict[str, Any]], published: Sequence[dict[str,
 def plot_table(rows: Sequence[dict[str, Any]], published: Sequence[dict[str, Any]], path: Path) -> Path:
     """Horizontal bars of test accuracy: ours (with ± std) in one colour, the published in grey."""
     from matplotlib.figure import Figure
-
-    from resnetlab.analysis.plots import save_figure
 
     items = [(f"{r['model']} (ours, {r['epochs']} ep)", r["test_acc"], r["test_acc_std"] or 0.0, "C0") for r in rows]
     items += [(f"{p['model']} (published)", p["test_acc"], 0.0, "0.6") for p in published]

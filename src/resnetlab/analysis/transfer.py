@@ -34,7 +34,7 @@ from typing import Any
 
 from resnetlab import runtime
 from resnetlab.analysis import args
-from resnetlab.analysis.degradation import default_jobs, run_trainings, write_rows_csv
+from resnetlab.analysis.degradation import data_choices, default_jobs, run_trainings, write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.plots import save_figure
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
@@ -178,8 +178,6 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
     the table and the figure. digits -> digits (the default) pretrains on digits 0-4 and
     fine-tunes on 5-9; another pair (e.g. fashion_mnist -> digits) uses every class of both.
     ``overrides`` (``key=value``) apply to every run; ``run.root`` places the experiment folder."""
-    from resnetlab.analysis.degradation import data_choices
-
     t0 = time.perf_counter()
     ns, seeds, ways = parse_ns(ns), parse_seeds(seeds), parse_ways(ways)
     args.check(steps=steps, pretrain_epochs=pretrain_epochs, jobs=jobs)
@@ -252,8 +250,6 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
 
 def _class_count(cfg: Config) -> int:
     """Classes of ``cfg``'s data source (its test split is read once)."""
-    from resnetlab.data import build_datasets
-
     return len(build_datasets(cfg.data, seed=cfg.seed, needs=("test",)).meta.classes)
 
 
