@@ -13,6 +13,7 @@ beside a checkpoint file):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from resnetlab import __version__
 from resnetlab.config import ConfigError, apply_overrides, parse_override
 from resnetlab.data import DataError, build_datasets, build_loader
 from resnetlab.engine.metrics import SumMeter
-from resnetlab.inference import build_inference_model, output_dir, read_checkpoint
+from resnetlab.inference import NonFiniteOutputError, build_inference_model, output_dir, read_checkpoint
 from resnetlab.models import fuse_for_inference
 from resnetlab.outputs import write_output
 
@@ -207,6 +208,9 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
 
     model = fuse_for_inference(build_inference_model(state, cfg, meta, source=str(file))).to(device)
     metrics, cm = run_split(model, loader, label_map, len(meta.classes), device)
+    if not math.isfinite(metrics["loss"]):  # NaN would pass as a number into the report and the JSON
+        raise NonFiniteOutputError(f"{file}: loss {metrics['loss']} on the {split} split: the network's "
+                                   f"outputs are not finite; this checkpoint is unusable, use an earlier one")
     per_class = per_class_accuracy(cm, meta.classes)
     present = [r for r in per_class if r["count"]]  # macro average over the classes in the split
     metrics["macro_f1"] = sum(r["f1"] for r in present) / max(len(present), 1)

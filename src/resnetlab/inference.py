@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from resnetlab.config import Config, ConfigError, from_dict
-from resnetlab.data import DataError, DataMeta
+from resnetlab.data import DataError, DataMeta, normalize
 from resnetlab.engine import checkpoint as ckpt
 from resnetlab.models import build_model, fuse_for_inference
-from resnetlab.runtime import select_device
+from resnetlab.runtime import non_finite_forward, probe_pixels, select_device
 
 # Keys of the safetensors header (string -> string) that carry what a .pt checkpoint holds.
 SAFETENSORS_CONFIG_KEY = "resnetlab.config"
@@ -104,7 +104,23 @@ def build_inference_model(state: Mapping[str, torch.Tensor], cfg: Config, meta: 
     """The network ``cfg`` names, sized by ``meta``, with ``state`` loaded strictly, in eval mode."""
     model = build_model(cfg, meta)
     ckpt.load_weights(model, state, source=source)
+    check_forward(model, meta, source)
     return model.eval()
+
+
+class NonFiniteOutputError(ckpt.CheckpointError):
+    """The network's outputs are NaN or infinite (diverged weights); the message names the file."""
+
+
+def check_forward(model: nn.Module, meta: DataMeta, source: str | Path) -> None:
+    """Refuse ``model`` when its forward pass on a blank and a noise image is not finite
+    (:func:`resnetlab.runtime.non_finite_forward`, the check training applies before each save)."""
+    device = next(model.parameters()).device
+    x = normalize(probe_pixels(meta.in_chans, tuple(meta.input_size)).to(device), meta)  # [2, c, h, w]
+    problem = non_finite_forward(model, x)
+    if problem is not None:
+        raise NonFiniteOutputError(f"{source}: {problem}; this checkpoint is unusable, use an earlier one "
+                                   f"or retrain with a lower optim.lr")
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
@@ -123,4 +139,4 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     return model.to(select_device(str(device))), cfg, meta
 
 
-__all__ = ["build_inference_model", "load_for_inference", "output_dir", "read_checkpoint"]
+__all__ = ["NonFiniteOutputError", "build_inference_model", "check_forward", "load_for_inference", "output_dir", "read_checkpoint"]

@@ -53,6 +53,21 @@ def is_run_checkpoint(path: str | Path) -> bool:
     return p.parent.name == CHECKPOINT_DIR
 
 
+# A training run's own files, beside its checkpoints/ folder: never an export's or import's output.
+RUN_OWN_FILES = ("config.yaml", "history.jsonl", "metrics.jsonl", "summary.csv", "result.json", ".lock")
+
+
+def is_run_file(path: str | Path) -> bool:
+    """True for a run folder's own record (``config.yaml``, ``metrics.jsonl``, ``result.json``...):
+    the folder holds ``config.yaml`` and ``checkpoints/``. Links are followed."""
+    p = Path(path).expanduser().absolute()
+    for q in (p, p.resolve()):
+        folder = q.parent
+        if q.name in RUN_OWN_FILES and (folder / "config.yaml").is_file() and (folder / CHECKPOINT_DIR).is_dir():
+            return True
+    return False
+
+
 def check_output(path: str | Path, *, force: bool, sources: Iterable[str | Path] = (),
                  what: str = "output") -> Path:
     """Refuse ``path`` as an output when it is a run's checkpoint or one of ``sources`` (always),
@@ -62,7 +77,10 @@ def check_output(path: str | Path, *, force: bool, sources: Iterable[str | Path]
     for src in sources:
         if Path(src).expanduser().resolve() == real:
             raise OutputError(f"{p} is the file being read; write the {what} to another path")
-    if is_run_checkpoint(p):
+    if is_run_file(p):
+        raise OutputError(f"{p} is one of a training run's own files and is never overwritten, --force "
+                          f"or not; write the {what} to another path")
+    if is_run_checkpoint(p) or is_run_checkpoint(real):
         raise OutputError(f"{p} is a training run's checkpoint and is never overwritten; write "
                           f"the {what} to another path")
     if p.is_dir():

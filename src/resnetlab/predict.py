@@ -170,8 +170,13 @@ def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
         if not good:
             continue
         probs, ids = _topk(model, meta, torch.stack(pixels), topk, device)
-        for f, p, i, inv in zip(good, probs.tolist(), ids.tolist(), flips, strict=True):
-            result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, inv))
+        finite = torch.isfinite(probs).all(dim=1).tolist()
+        for f, p, i, inv, ok in zip(good, probs.tolist(), ids.tolist(), flips, finite, strict=True):
+            if ok:
+                result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, inv))
+            else:  # never a NaN probability (nor a bare NaN in the JSON): the file is an error
+                result.errors.append((str(f), "the network's output for it is not finite (NaN or inf); "
+                                              "the checkpoint's weights diverged: use an earlier one"))
     return result
 
 

@@ -22,10 +22,13 @@ Schema of a training checkpoint (``checkpoints/last.pt``, ``best.pt``)::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
+import time
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,22 +38,23 @@ import torch
 import yaml
 from torch import nn
 
-from resnetlab.config import Config, to_dict
+from resnetlab.config import Config, ConfigError, from_dict, resume_changes, to_dict
 from resnetlab.data.augment import derive_seed
 from resnetlab.engine import checkpoint as ckpt
 from resnetlab.engine.dist import DistInfo, all_gather_object, barrier, broadcast_object
 from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
-from resnetlab.engine.metrics import SumMeter
+from resnetlab.engine.metrics import SumMeter, append_jsonl
 from resnetlab.engine.optim import ModelEMA
 from resnetlab.engine.state import TrainState
-from resnetlab.runtime import default_run_name
+from resnetlab.runtime import default_run_name, non_finite_forward
 from resnetlab.version import __version__
 
 log = logging.getLogger("resnetlab")
 
 LOCK_FILE = ".lock"  # in the run folder; holds "pid host" of the process that trains in it
 # Files that only a training run writes: their presence means the folder holds a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.csv", "result.json",
+HISTORY = "history.jsonl"  # one line per resume that changed a key: {"time", "changed": {key: [old, new]}}
+RUN_FILES = ("config.yaml", HISTORY, "metrics.jsonl", "summary.csv", "result.json",
              f"{ckpt.CHECKPOINT_DIR}/{ckpt.LAST}", f"{ckpt.CHECKPOINT_DIR}/{ckpt.BEST}", "tb")
 REQUIRED_KEYS = ("model", "optimizer", "meter", "rng", "state")
 
@@ -77,6 +81,25 @@ class Checkpointer:
         self.run_dir, self.dist, self.device, self.resume = run_dir, dist, device, resume
         self.last_good: Path | None = ckpt.latest(run_dir)
         self._lock: int | None = None
+        self.probe: torch.Tensor | None = None  # [b, c, h, w] normalised validation images, see set_probe
+
+    def set_probe(self, loader: Any, max_images: int = 32) -> None:
+        """Keep the first ``max_images`` of ``loader``'s first batch (a validation loader: no
+        augmentation, no random draws) to check every save's forward pass on."""
+        if loader is None:
+            return
+        for x, _ in loader.iterate(0):
+            self.probe = x[:max_images]
+            break
+
+    def _forward_problem(self, parts: TrainParts) -> str | None:
+        if self.probe is None:
+            return None
+        problem = non_finite_forward(parts.model, self.probe)
+        if problem is None and parts.ema is not None:
+            ema = non_finite_forward(parts.ema.module, self.probe)
+            problem = f"EMA weights: {ema}" if ema else None
+        return problem
 
     # -- the run folder --------------------------------------------------------------------------
 
@@ -139,9 +162,25 @@ class Checkpointer:
         really started, so a resume that fails to load leaves the old config as it was."""
         if self.dist.is_main:
             resolved = replace(cfg, run=replace(cfg.run, name=self.run_dir.name))
+            self._record_history(resolved)
             text = yaml.safe_dump(to_dict(resolved), sort_keys=False)
             ckpt.atomic_write(self.run_dir / "config.yaml", lambda f: f.write(text.encode()))
         barrier()
+
+    def _record_history(self, cfg: Config) -> None:
+        """Append the keys a resume changed (``{key: [before, after]}``) to ``history.jsonl``."""
+        path = self.run_dir / "config.yaml"
+        if not path.is_file():
+            return
+        try:
+            before = dict(_flat(yaml.safe_load(path.read_text()) or {}))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return  # unreadable: resume_config refused it already, unless train.resume=auto
+        after = dict(_flat(to_dict(cfg)))
+        changed = {k: [before.get(k), v] for k, v in after.items() if before.get(k) != v and k != "run.root"}
+        if changed:
+            append_jsonl(self.run_dir / HISTORY, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                  "resumed": True, "changed": changed})
 
     def finished_result(self) -> dict[str, Any] | None:
         """``result.json`` of a finished run, or None."""
@@ -166,8 +205,15 @@ class Checkpointer:
         weights = parts.model.state_dict()
         bad = ckpt.non_finite(weights) + [f"ema.{k}" for k in
                                           (ckpt.non_finite(parts.ema.state_dict()) if parts.ema else [])]
-        gathered = all_gather_object((ckpt.rng_state(self.device), bad))
-        bad_anywhere = sorted({k for _, b in gathered for k in b})
+        forward = None if bad else self._forward_problem(parts)
+        gathered = all_gather_object((ckpt.rng_state(self.device), bad, forward))
+        bad_anywhere = sorted({k for _, b, _ in gathered for k in b})
+        forward = next((f for _, _, f in gathered if f), None)
+        if forward is not None and not bad_anywhere:
+            raise NonFiniteLossError(
+                f"the weights at epoch {state.epoch + 1}, step {state.step} are not usable: {forward} on "
+                f"a validation batch; not saving over {self.path(name)}. Last good checkpoint: "
+                f"{self.last_good or 'none saved yet'}. Try a lower optim.lr or set optim.clip_grad_norm.")
         if bad_anywhere:
             raise NonFiniteLossError(
                 f"weights or statistics are not finite at epoch {state.epoch + 1}, step {state.step} "
@@ -182,13 +228,13 @@ class Checkpointer:
                 "ema": parts.ema.state_dict() if parts.ema is not None else None,
                 "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
                 "meter": parts.meter.state_dict(),
-                "rng": ckpt.pack_rng([r for r, _ in gathered]),
+                "rng": ckpt.pack_rng([r for r, _, _ in gathered]),
                 "state": state.state_dict(),
                 "config": to_dict(cfg),
                 "meta": dict(meta),
                 "version": __version__,
             }
-            ckpt.save_checkpoint(payload, target)
+            _save_reporting_os_errors(payload, target)
         if name == ckpt.LAST:
             self.last_good = target
         return target
@@ -210,14 +256,12 @@ class Checkpointer:
             raise ckpt.CheckpointError(f"{path}: its 'state' entry should be a mapping")
         saved = TrainState()
         saved.load_state_dict(dict(loaded["state"]))
-        saved_train = loaded["config"].get("train") if isinstance(loaded.get("config"), Mapping) else None
-        saved_bs = saved_train.get("batch_size") if isinstance(saved_train, Mapping) else None
-        if saved.batch > 0 and saved_bs is not None and saved_bs != cfg.train.batch_size:
-            raise TrainingError(
-                f"{path} was saved mid-epoch (epoch {saved.epoch + 1}, after batch {saved.batch}) with "
-                f"train.batch_size={saved_bs}; resuming with train.batch_size={cfg.train.batch_size} "
-                f"would replay or skip samples of that epoch. Resume with train.batch_size={saved_bs} "
-                f"(it can change at the next epoch boundary)")
+        self._check_resume_config(loaded.get("config"), cfg, path)
+        started = saved.epoch + (1 if saved.batch > 0 else 0)  # epochs done, plus one begun mid-way
+        if cfg.train.epochs < started:
+            raise ConfigError(
+                f"train.epochs={cfg.train.epochs} is fewer than the {started} epoch(s) {path} has already "
+                f"{'begun' if saved.batch > 0 else 'done'}; resume with train.epochs={started} or more")
         ckpt.load_weights(parts.model, loaded["model"], source=str(path))
         try:
             parts.optimizer.load_state_dict(loaded["optimizer"])
@@ -232,6 +276,18 @@ class Checkpointer:
                                        f"({type(e).__name__}: {str(e)[:200]})") from None
         state.load_state_dict(dict(loaded["state"]))
         self._restore_rng(loaded["rng"], cfg.seed, state.step, path)
+
+    def _check_resume_config(self, stored: Any, cfg: Config, path: Path) -> None:
+        """Refuse to continue ``path`` under a config whose run-defining keys differ from the ones
+        it was trained with (``train.resume=auto`` reaches here without :func:`resume_config`)."""
+        if not isinstance(stored, Mapping):
+            return  # a checkpoint without its config: the weights check still guards the model
+        try:
+            saved = from_dict({k: v for k, v in stored.items() if k != "run"}, check=False)
+        except ConfigError:  # written by another resnetlab version: its keys are not ours to judge
+            return
+        ours = replace(cfg, run=saved.run)  # the folder may have been moved or copied: run.* is free
+        resume_changes(saved, ours, str(self.run_dir))
 
     def _restore_rng(self, saved: Any, seed: int, step: int, path: Path) -> None:
         if not isinstance(saved, Mapping):
@@ -260,6 +316,58 @@ def save_weights_checkpoint(path: str | Path, model: nn.Module, cfg: Config, met
         payload["source"] = dict(source)
     ckpt.save_checkpoint(payload, path)
     return Path(path)
+
+
+class _WriteWatch:
+    """A file object that remembers the OS error of a failed write: torch's zip writer turns it
+    into ``RuntimeError: ... unexpected pos``, which no longer says what happened."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # disk full, file-size limit, quota
+
+
+def _save_reporting_os_errors(payload: Mapping[str, Any], target: Path) -> None:
+    """Atomically save ``payload`` to ``target``; a full disk (or file-size limit, or quota) is
+    one TrainingError naming the file, the previous file left as it was."""
+    watch: list[_WriteWatch] = []
+
+    def write(f: Any) -> None:
+        watch.append(_WriteWatch(f))
+        torch.save(dict(payload), typing.cast(typing.IO[bytes], watch[-1]))  # torch calls write/flush only
+
+    try:
+        ckpt.atomic_write(target, write)
+    except (OSError, RuntimeError) as e:
+        err = e if isinstance(e, OSError) else (watch[-1].error if watch else None)
+        if err is None:
+            raise
+        if err.errno in _NO_SPACE:
+            raise TrainingError(
+                f"{target}: cannot save the checkpoint: no space left to write it ({err.strerror}); "
+                f"the previous {target.name} is intact. Free space (or raise the file-size limit or quota) "
+                f"and resume with `resnetlab train --resume {target.parent.parent}`") from None
+        raise OSError(err.errno, err.strerror, str(target)) from None
+
+
+def _flat(doc: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in doc.items():
+        out.extend(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else [(f"{prefix}{k}", v)])
+    return out
 
 
 def _lock(path: Path) -> int:

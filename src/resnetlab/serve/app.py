@@ -103,7 +103,9 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def load_served_model(path: str | Path, device: str = "cpu") -> ServedModel:
-    """Load the network at ``path`` (run folder or checkpoint) as ``predict`` does, fused."""
+    """Load the network at ``path`` (run folder or checkpoint) as ``predict`` does, fused; a
+    checkpoint whose forward pass is not finite is refused here, before anything listens
+    (:class:`~resnetlab.inference.NonFiniteOutputError`)."""
     from resnetlab.engine.checkpoint import resolve
     from resnetlab.inference import load_for_inference
 
@@ -209,7 +211,9 @@ class ServeApp:
         m = self.served.meta
         blank = torch.zeros(m.in_chans, *m.input_size, dtype=torch.uint8)
         try:
-            await self.batcher.predict(blank)
+            probs, _ = await self.batcher.predict(blank)
+            if not torch.isfinite(probs).all():  # a diverged checkpoint: answering would give 500s
+                raise ValueError("the network's output is not finite (NaN or inf); its weights diverged")
             await asyncio.get_running_loop().run_in_executor(
                 self.model_pool, explain_pixels, self.served.model, m, blank[None], ["warm-up"], None, 1)
         except Exception as e:  # stays not ready (503) and says why
