@@ -26,7 +26,12 @@ from resnetlab import __version__
 from resnetlab.config import ConfigError, apply_overrides, parse_override
 from resnetlab.data import DataError, build_datasets, build_loader
 from resnetlab.engine.metrics import SumMeter
-from resnetlab.inference import NonFiniteOutputError, build_inference_model, output_dir, read_checkpoint
+from resnetlab.inference import (
+    NonFiniteOutputError,
+    build_inference_model,
+    output_dir,
+    read_checkpoint,
+)
 from resnetlab.models import fuse_for_inference
 from resnetlab.outputs import write_output
 

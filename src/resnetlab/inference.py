@@ -116,7 +116,7 @@ def check_forward(model: nn.Module, meta: DataMeta, source: str | Path) -> None:
     """Refuse ``model`` when its forward pass on a blank and a noise image is not finite
     (:func:`resnetlab.runtime.non_finite_forward`, the check training applies before each save)."""
     device = next(model.parameters()).device
-    x = normalize(probe_pixels(meta.in_chans, tuple(meta.input_size)).to(device), meta)  # [2, c, h, w]
+    x = normalize(probe_pixels(meta.in_chans, meta.input_size).to(device), meta)  # [2, c, h, w]
     problem = non_finite_forward(model, x)
     if problem is not None:
         raise NonFiniteOutputError(f"{source}: {problem}; this checkpoint is unusable, use an earlier one "

@@ -23,26 +23,52 @@ class OutputError(ConfigError):
 class OutputWriteError(OSError):
     """The operating system refused a write; ``str()`` is one line naming the path."""
 
-    def __str__(self) -> str:
-        return f"{self.filename}: {self.strerror}{_HINTS.get(self.errno or 0, '')}"
+    def __str__(self) -> str:  # a write, known to be one: its permission hint says so
+        hint = _WRITE_DENIED if self.errno in (errno.EACCES, errno.EPERM) else _HINTS.get(self.errno or 0, "")
+        return f"{self.filename}: {self.strerror}{hint}"
 
 
 _HINTS = {
     errno.ENOSPC: " (disk full: free space or write elsewhere; nothing already saved was changed)",
     errno.EDQUOT: " (disk quota exceeded; nothing already saved was changed)",
     errno.EROFS: " (read-only file system: write elsewhere)",
-    errno.EACCES: " (no permission to write there: write elsewhere)",
-    errno.EPERM: " (no permission to write there: write elsewhere)",
     errno.ENOTDIR: " (a file stands where a folder should be)",
     errno.EEXIST: " (a file stands where a folder should be)",
 }
+
+
+_EFFECTIVE = os.access in os.supports_effective_ids  # judge as the process acts (set-uid, seteuid)
+_WRITE_DENIED = " (no permission to write there: write elsewhere)"
+
+
+def _denied(where: str | Path | None) -> str:
+    """What a permission error on ``where`` denied, read from the path's own permissions (an
+    OSError does not say whether it was a read or a write)."""
+    if where is None:
+        return " (permission denied)"
+    p = Path(where)
+    try:
+        return _denied_at(p)
+    except OSError:  # cannot even look at it: a folder on the way is closed to us
+        return " (no permission to read it, or a folder above it: check their owner and mode)"
+
+
+def _denied_at(p: Path) -> str:
+    if p.exists():
+        if not os.access(p, os.R_OK, effective_ids=_EFFECTIVE) or (p.is_dir() and not os.access(p, os.X_OK, effective_ids=_EFFECTIVE)):
+            return " (no permission to read it: check its owner and mode)"
+        if not os.access(p, os.W_OK, effective_ids=_EFFECTIVE):
+            return _WRITE_DENIED
+    elif p.parent.exists() and not os.access(p.parent, os.W_OK, effective_ids=_EFFECTIVE):
+        return _WRITE_DENIED
+    return " (permission denied)"
 
 
 def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
     """``"<path>: <reason> (<hint>)"`` for ``err``, naming ``err.filename`` or else ``path``."""
     where = err.filename if err.filename is not None else path
     reason = err.strerror or str(err)
-    hint = _HINTS.get(err.errno or 0, "")
+    hint = _denied(where) if err.errno in (errno.EACCES, errno.EPERM) else _HINTS.get(err.errno or 0, "")
     return f"{where}: {reason}{hint}" if where is not None else f"{reason}{hint}"
 
 
@@ -107,5 +133,5 @@ def write_output(path: str | Path, write_fn: Callable[[IO[bytes]], object]) -> N
         raise OutputWriteError(code, e.strerror or os.strerror(code), str(where)) from None
 
 
-__all__ = ["OutputError", "OutputWriteError", "check_output", "describe_os_error",
-           "is_run_checkpoint", "write_output"]
+__all__ = ["OutputError", "OutputWriteError", "RUN_OWN_FILES", "check_output", "describe_os_error",
+           "is_run_checkpoint", "is_run_file", "write_output"]
