@@ -261,7 +261,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG inst
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 from resnetlab.cli import main
-sys.exit(main(["train", "--resume", sys.argv[2], "train.epochs=2"]))
+sys.exit(main(["train", "--resume", sys.argv[2], "train.epochs=2", "train.checkpoint_every_steps=1"]))
 """
 
 

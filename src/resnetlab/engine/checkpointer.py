@@ -286,7 +286,11 @@ class Checkpointer:
             saved = from_dict({k: v for k, v in stored.items() if k != "run"}, check=False)
         except ConfigError:  # written by another resnetlab version: its keys are not ours to judge
             return
-        ours = replace(cfg, run=saved.run)  # the folder may have been moved or copied: run.* is free
+        # run.*: the folder may have been moved or copied. model.init_*: the weights and their
+        # preprocessing come from this checkpoint (resolve_init_from never ran for this resume).
+        ours = replace(cfg, run=saved.run, model=replace(
+            cfg.model, init_from=saved.model.init_from, init_sha256=saved.model.init_sha256,
+            init_preprocess=saved.model.init_preprocess))
         resume_changes(saved, ours, str(self.run_dir))
 
     def _restore_rng(self, saved: Any, seed: int, step: int, path: Path) -> None:
