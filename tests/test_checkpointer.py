@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import resnetlab
+from resnetlab import checkpoint as ckpt
 from resnetlab.config import ConfigError
 from resnetlab.engine import NonFiniteLossError, TrainingError, resume_config
-from resnetlab.engine import checkpoint as ckpt
 from resnetlab.engine.checkpointer import Checkpointer
 from resnetlab.engine.dist import DistInfo
 from resnetlab.engine.errors import RunFolderBusyError

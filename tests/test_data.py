@@ -33,9 +33,9 @@ from resnetlab.data import (
     to_mode,
     to_rgb,
 )
-from resnetlab.data import datasets as datasets_module
 from resnetlab.data.augment import CropFlip, apply_crop_flip, random_crop_flip
 from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from resnetlab.data.sources import folder as folder_source
 
 CPU = torch.device("cpu")
 
@@ -117,7 +117,7 @@ def test_digits_split_is_scikit_learns_stratified_split_seeded_by_the_config_see
 
 
 def test_stratified_split_of_sets_too_small_for_scikit_learn() -> None:
-    from resnetlab.data.datasets import stratified_split
+    from resnetlab.data.splits import stratified_split
 
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])  # class 2 has one sample: sklearn refuses
     for seed in range(20):
@@ -663,8 +663,8 @@ def test_folder_decodes_only_the_needed_splits(tmp_path: Path, monkeypatch) -> N
     write_folder(tmp_path, splits=("train", "test"))
     bad = _bad_file(tmp_path / "train" / "cat", "truncated_jpeg")
     decoded: list[str] = []
-    real = datasets_module.check_images
-    monkeypatch.setattr(datasets_module, "check_images", lambda paths: decoded.extend(paths) or real(paths))
+    real = folder_source.check_images
+    monkeypatch.setattr(folder_source, "check_images", lambda paths: decoded.extend(paths) or real(paths))
     build_datasets(folder_cfg(tmp_path), seed=0)  # default: list and label, decode nothing
     assert decoded == []
     check = folder_cfg(tmp_path, check_images=True)

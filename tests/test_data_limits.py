@@ -30,11 +30,12 @@ from resnetlab.data import (
     build_loader,
     load_image,
 )
-from resnetlab.data import datasets as datasets_module
 from resnetlab.data import images as images_module
-from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD, preprocess, safe_unpickle
+from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from resnetlab.data.images import read_image, read_resized_crop
 from resnetlab.data.loaders import balance_weights
+from resnetlab.data.sources import folder as folder_source
+from resnetlab.data.sources.cifar import safe_unpickle
 
 CPU = torch.device("cpu")
 
@@ -109,7 +110,7 @@ def test_unreadable_sub_folder_is_an_error_or_listed(tmp_path: Path, monkeypatch
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(datasets_module.os, "scandir", scandir)
+    monkeypatch.setattr(folder_source.os, "scandir", scandir)
     with pytest.raises(DataError, match=rf"^{locked}: cannot list folder \(Permission denied\)"):
         build_datasets(_cfg(tmp_path), seed=0)
     ds = build_datasets(_cfg(tmp_path, on_bad_image="skip"), seed=0)

@@ -35,7 +35,7 @@ import pytest
 import torch
 
 import resnetlab
-from resnetlab.engine import checkpoint as ckpt
+from resnetlab import checkpoint as ckpt
 from resnetlab.engine import resume_config
 
 pytestmark = pytest.mark.slow  # torchrun launches

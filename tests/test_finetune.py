@@ -16,9 +16,9 @@ import yaml
 from PIL import Image
 
 import resnetlab
+from resnetlab import checkpoint as ckpt
 from resnetlab.config import ConfigError
 from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from resnetlab.engine import checkpoint as ckpt
 from resnetlab.engine import resume_config
 from resnetlab.engine.freeze import expand_prefixes, freeze_for_epoch
 from resnetlab.engine.optim import build_optimizer, build_param_groups, set_lr

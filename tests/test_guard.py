@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import resnetlab
-from resnetlab.engine import checkpoint as ckpt
+from resnetlab import checkpoint as ckpt
 from resnetlab.runtime import checkpoint_interval, sync_interval
 
 STEPS_PER_EPOCH = 1258 // 128  # digits train split, batch 128, drop_last: 9

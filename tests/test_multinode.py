@@ -40,7 +40,7 @@ import pytest
 import torch
 
 import resnetlab
-from resnetlab.engine import checkpoint as ckpt
+from resnetlab import checkpoint as ckpt
 from resnetlab.engine import dist
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import resnetlab
+from resnetlab import checkpoint as ckpt_module
 from resnetlab.cli import main
-from resnetlab.engine import checkpoint as ckpt_module
 
 QUIET = ["train.quiet=true", "train.tensorboard=false", "train.epochs=1", "optim.schedule=constant",
          "optim.warmup=none", "model.name=resnet20"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import resnetlab
+from resnetlab import checkpoint as ckpt
 from resnetlab.engine import NonFiniteLossError, resume_config
-from resnetlab.engine import checkpoint as ckpt
 
 STEPS_PER_EPOCH = 1258 // 128  # digits train split, batch 128, drop_last
 

@@ -23,11 +23,11 @@ import torch
 from PIL import Image
 
 import resnetlab
+from resnetlab import checkpoint as ckpt
 from resnetlab.cli import main
 from resnetlab.config import BOUNDS, ConfigError, DataConfig, load
 from resnetlab.data import DataError, build_datasets
 from resnetlab.engine import NonFiniteLossError, resume_config
-from resnetlab.engine import checkpoint as ckpt
 from resnetlab.inference import NonFiniteOutputError, load_for_inference
 
 QUICK = ["train.quiet=true", "train.tensorboard=false", "train.batch_size=128", "optim.schedule=constant",

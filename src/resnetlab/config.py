@@ -24,6 +24,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from resnetlab.data.sources.registry import Source, UnknownSourceError, get_source, list_sources
 from resnetlab.models.spec import ModelSpec, ModelSpecError
 
 
@@ -51,9 +52,9 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "cifar10", "cifar100", "folder"] = "digits"
+    name: str = "digits"  # data source, one of the registry's (resnetlab/data/sources/; `resnetlab train --help` lists them)
     root: str | None = None  # folder with the files; cifar: batches or the official .tar.gz
-    download: bool = False  # cifar only: let torchvision fetch the archive (needs network)
+    download: bool = False  # fetch the official files (checksummed) where the source can: needs network
     val_fraction: float = 0.1  # share of the training set held out for model choice (cifar: 5k/50k)
     test_fraction: float = 0.2  # digits only: share held out as the test split
     image_size: int = 224  # folder data: training crop and evaluation crop, pixels
@@ -231,7 +232,7 @@ FOREIGN_KEYS: dict[str, str] = {
     "weights": "start from saved weights with model.init_from (a run folder or checkpoint)",
     "arch": "the network is model.name (see `resnetlab models`)",
     "model": "the network is model.name (see `resnetlab models`)",
-    "dataset": "the data source is data.name (digits, cifar10, cifar100, folder)",
+    "dataset": "the data source is data.name (`resnetlab train --help` lists the sources)",
     "lr": "the learning rate is optim.lr",
     "wd": "weight decay is optim.weight_decay",
     "max_epochs": "the number of epochs is train.epochs",
@@ -400,10 +401,27 @@ def _check_key(dotted: str) -> None:
 # recipes: YAML files shipped inside the package (resnetlab/recipes/*.yaml)
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
-# data.name -> the packaged recipe applied before any -c file, so that every dataset trains with
-# settings that fit it (no 4-pixel shifts or flips on 8x8 digits) whatever the user passes.
-DATASET_RECIPES: dict[str, str] = {"digits": "digits", "cifar10": "cifar10", "cifar100": "cifar100",
-                                   "folder": "folder"}
+
+
+class _DatasetRecipes(Mapping[str, str]):
+    """data.name -> the packaged recipe applied before any -c file, so that every dataset trains
+    with settings that fit it (no 4-pixel shifts or flips on 8x8 digits) whatever the user
+    passes. Read from the source registry each time: each source declares its recipe."""
+
+    def __getitem__(self, name: str) -> str:
+        try:
+            return str(get_source(name).default_recipe)
+        except UnknownSourceError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> typing.Iterator[str]:
+        return iter([s.name for s in list_sources()])
+
+    def __len__(self) -> int:
+        return len(list_sources())
+
+
+DATASET_RECIPES: Mapping[str, str] = _DatasetRecipes()
 
 
 def recipe_names() -> list[str]:
@@ -451,7 +469,9 @@ def list_recipes() -> list[dict[str, Any]]:
 
     ``dataset_default`` is the ``data.name`` whose recipe it is (applied with no ``-c``), else None.
     """
-    defaults = {v: k for k, v in DATASET_RECIPES.items()}
+    defaults: dict[str, str] = {}
+    for source, recipe in DATASET_RECIPES.items():
+        defaults.setdefault(recipe, source)
     return [{"name": n, "path": str(RECIPE_DIR / f"{n}.yaml"), "dataset_default": defaults.get(n),
              "description": recipe_description(RECIPE_DIR / f"{n}.yaml")} for n in recipe_names()]
 
@@ -527,8 +547,8 @@ def load(path: str | Path | None = None, overrides: Overrides | None = ()) -> Co
     """Defaults <- dataset recipe <- recipe ``path`` <- ``overrides``, then :func:`validate`.
 
     ``path`` is a YAML file or the name of a packaged recipe (``resnetlab recipes``); the dataset
-    recipe is the packaged one for the ``data.name`` that the recipe and overrides select
-    (``DATASET_RECIPES``). ``run.recipe`` records the recipes applied, unless the file or the
+    recipe is the one the source registry declares for the ``data.name`` that the recipe and
+    overrides select (``DATASET_RECIPES``). ``run.recipe`` records the recipes applied, unless the file or the
     overrides set it (a run's own ``config.yaml`` keeps its record when resumed).
     """
     pairs = override_pairs(overrides)
@@ -541,11 +561,11 @@ def load(path: str | Path | None = None, overrides: Overrides | None = ()) -> Co
     # first pass: which dataset do the recipe and the overrides choose?
     first = _apply_pairs(_apply_file(Config(), data, file) if file else Config(), pairs)
     cfg, applied = Config(), []
-    dataset_recipe = DATASET_RECIPES.get(first.data.name)
-    if dataset_recipe is not None and (file is None or file.resolve() != RECIPE_DIR / f"{dataset_recipe}.yaml"):
-        ds_file = RECIPE_DIR / f"{dataset_recipe}.yaml"
+    source = _data_source(first.data.name)
+    ds_file, ds_label = recipe_path(source.default_recipe)
+    if file is None or file.resolve() != ds_file.resolve():
         cfg = _apply_file(cfg, _read_yaml(ds_file), ds_file)
-        applied.append(dataset_recipe)
+        applied.append(ds_label)
     if file is not None:
         cfg = _apply_file(cfg, data, file)
         applied.append(label)
@@ -687,6 +707,14 @@ def _shown(value: Any) -> str:
                           width=10**6).strip().removesuffix("...").strip()
 
 
+def _data_source(name: str) -> Source:
+    """The registry's source for ``data.name``; ConfigError with the closest name otherwise."""
+    try:
+        return get_source(name)
+    except UnknownSourceError as e:
+        raise ConfigError(f"data.name: {e}") from None
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks; returns ``cfg`` unchanged or raises ConfigError naming the key."""
 
@@ -735,9 +763,14 @@ def validate(cfg: Config) -> Config:
     need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
     need(cfg.data.image_size >= 8, "data.image_size must be >= 8")
     need(cfg.data.resize >= cfg.data.image_size, "data.resize must be >= data.image_size")
-    if cfg.data.name in ("cifar10", "cifar100", "folder"):
-        need(cfg.data.root is not None or (cfg.data.download and cfg.data.name != "folder"),
-             f"data.root is required for data.name={cfg.data.name}")
+    source = _data_source(cfg.data.name)
+    if source.needs_root:
+        need(cfg.data.root is not None or (cfg.data.download and source.can_download),
+             f"data.root is required for data.name={cfg.data.name}"
+             + (" (or data.download=true where there is network)" if source.can_download else ""))
+    need(not cfg.data.download or source.can_download,
+         f"data.download=true: data.name={cfg.data.name} has no official files to fetch; "
+         "set data.download=false")
     need(cfg.optim.backbone_lr_scale >= 0, "optim.backbone_lr_scale must be >= 0")
     need(0 < cfg.optim.layer_decay <= 1, f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
     need(cfg.data.train_per_class >= 0, "data.train_per_class must be >= 0 (0 = all)")

@@ -25,6 +25,7 @@ from torch import nn
 from resnetlab import __version__
 from resnetlab.config import ConfigError, apply_overrides, parse_override
 from resnetlab.data import DataError, build_datasets, build_loader
+from resnetlab.data.sources import get_source
 from resnetlab.engine.metrics import SumMeter
 from resnetlab.inference import (
     NonFiniteOutputError,
@@ -198,7 +199,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
     subset = getattr(data, split)
     if subset is None or len(subset) == 0:
         hint = ("add a test/ folder next to train/" if split == "test" else
-                "add a val/ folder or set data.val_fraction > 0") if cfg.data.name == "folder" else \
+                "add a val/ folder or set data.val_fraction > 0") if get_source(cfg.data.name).split_folders else \
             "set data.val_fraction > 0" if split == "val" else "this source has no test split"
         raise DataError(f"{cfg.data.name} data under {cfg.data.root or 'the defaults'} has no "
                         f"{split} split ({hint})")

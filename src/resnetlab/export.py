@@ -30,18 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnetlab import __version__
-from resnetlab.config import Config, ConfigError, to_dict
+from resnetlab import checkpoint as ckpt
+from resnetlab.config import Config, ConfigError
 from resnetlab.data import DataMeta
-from resnetlab.inference import (
-    SAFETENSORS_CONFIG_KEY,
-    SAFETENSORS_META_KEY,
-    build_inference_model,
-    output_dir,
-    read_checkpoint,
-)
+from resnetlab.inference import build_inference_model, output_dir, read_checkpoint
 from resnetlab.models import fuse_for_inference
 from resnetlab.outputs import check_output, write_output
+from resnetlab.version import __version__
 
 FORMATS: tuple[str, ...] = ("safetensors", "torchscript", "onnx")
 EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -122,12 +117,9 @@ def _torchscript(fused: nn.Module, example: torch.Tensor) -> tuple[bytes, Runner
 
 
 def _safetensors(model: nn.Module, cfg: Config, meta: DataMeta) -> tuple[bytes, Runner]:
-    from safetensors.torch import load, save
+    from safetensors.torch import load
 
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    header = {SAFETENSORS_CONFIG_KEY: json.dumps(to_dict(cfg)), SAFETENSORS_META_KEY: json.dumps(meta.to_dict()),
-              "arch": cfg.model.name, "resnetlab_version": __version__}
-    blob = save(tensors, metadata=header)
+    blob = ckpt.safetensors_bytes(model, ckpt.safetensors_header(cfg, meta.to_dict()))
     fresh = build_inference_model(load(blob), cfg, meta, source="exported safetensors")
 
     def run(x: torch.Tensor) -> torch.Tensor:

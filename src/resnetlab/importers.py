@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
+from resnetlab import checkpoint as ckpt
 from resnetlab.config import ConfigError, from_dict
 from resnetlab.data import DataError, DataMeta
 from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from resnetlab.engine import checkpoint as ckpt
-from resnetlab.engine.checkpointer import save_weights_checkpoint
 from resnetlab.models import list_models, model_defaults
 
 DEFAULT_DATA_ROOT = "data/imagenet"  # where `eval` looks for train/ and val/ unless data.root=...
@@ -64,10 +63,10 @@ def _unwrap_state(obj: Mapping[str, object], source: Path) -> dict[str, torch.Te
     a DDP ``module.`` prefix, the usual ways such files are wrapped."""
     for key in ("state_dict", "model"):
         inner = obj.get(key)
-        if isinstance(inner, Mapping) and not isinstance(obj.get("config"), Mapping):
+        if isinstance(inner, Mapping) and not ckpt.is_resnetlab(obj):
             obj = inner
             break
-    if isinstance(obj.get("config"), Mapping) and isinstance(obj.get("meta"), Mapping):
+    if ckpt.is_resnetlab(obj):
         raise ckpt.CheckpointError(f"{source}: already a resnetlab checkpoint; use it directly")
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
@@ -185,8 +184,8 @@ def import_torchvision(file: str | Path, arch: str, classes: str | Path | None =
         raise ckpt.CheckpointError(f"{src}: imported {arch} differs from torchvision's by {diff:.3g} "
                                    f"(> {PARITY_TOLERANCE:g}); not written")
 
-    save_weights_checkpoint(out, model, cfg, meta.to_dict(),
-                            source={"kind": "torchvision", "file": str(src), "arch": arch})
+    ckpt.write_weights(out, model.state_dict(), cfg, meta.to_dict(),
+                       source={"kind": "torchvision", "file": str(src), "arch": arch})
     return ImportResult(out, arch, num_classes, diff)
 
 

@@ -13,7 +13,6 @@ by ``resnetlab export`` (its header carries the config and meta).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from resnetlab.config import Config, ConfigError, from_dict
+from resnetlab import checkpoint as ckpt
+from resnetlab.config import Config
 from resnetlab.data import DataError, DataMeta, normalize
-from resnetlab.engine import checkpoint as ckpt
 from resnetlab.models import build_model, fuse_for_inference
 from resnetlab.runtime import non_finite_forward, probe_pixels, select_device
-
-# Keys of the safetensors header (string -> string) that carry what a .pt checkpoint holds.
-SAFETENSORS_CONFIG_KEY = "resnetlab.config"
-SAFETENSORS_META_KEY = "resnetlab.meta"
 
 
 def output_dir(path: str | Path) -> Path:
@@ -38,8 +33,12 @@ def output_dir(path: str | Path) -> Path:
     return p if p.is_dir() else p.parent
 
 
-def _looks_like_state_dict(obj: Mapping[str, Any]) -> bool:
-    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+def parse_meta(meta: Mapping[str, Any], source: str | Path) -> DataMeta:
+    """A checkpoint's stored data meta as a :class:`DataMeta`; errors name ``source``."""
+    try:
+        return DataMeta.from_dict(meta)
+    except DataError as e:
+        raise ckpt.CheckpointError(f"{source}: {e}") from None
 
 
 def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], Config, DataMeta]:
@@ -49,54 +48,9 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], Co
     the file and say what to do, e.g. run ``resnetlab import`` for a bare state dict.
     """
     file = ckpt.resolve(path)
-    if file.suffix == ".safetensors":
-        return (file, *_read_safetensors(file))
-    obj = ckpt.load_checkpoint(file)
-    if _looks_like_state_dict(obj):
-        raise ckpt.CheckpointError(
-            f"{file}: a bare state dict without resnetlab's config and data meta; turn torchvision "
-            f"weights into a checkpoint with `resnetlab import torchvision {file} --arch <name>`")
-    missing = [k for k in ("model", "config", "meta") if obj.get(k) is None]
-    if missing:
-        raise ckpt.CheckpointError(
-            f"{file}: not a resnetlab checkpoint (missing {', '.join(missing)}); expected a run "
-            f"folder, checkpoints/best.pt or last.pt, or a file from `resnetlab import`")
-    cfg, meta = _parse_config_meta(obj["config"], obj["meta"], file)
-    return file, ckpt.model_state(obj, file), cfg, meta
-
-
-def _parse_config_meta(config: Any, meta: Any, source: Path) -> tuple[Config, DataMeta]:
-    if not isinstance(config, Mapping) or not isinstance(meta, Mapping):
-        raise ckpt.CheckpointError(f"{source}: 'config' and 'meta' must be mappings")
-    try:
-        cfg = from_dict(config)
-    except ConfigError as e:
-        raise ckpt.CheckpointError(f"{source}: its stored config is not valid here: {e}") from None
-    try:
-        return cfg, DataMeta.from_dict(meta)
-    except DataError as e:
-        raise ckpt.CheckpointError(f"{source}: {e}") from None
-
-
-def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], Config, DataMeta]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ckpt.CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    if SAFETENSORS_CONFIG_KEY not in header or SAFETENSORS_META_KEY not in header:
-        raise ckpt.CheckpointError(
-            f"{file}: safetensors header has no {SAFETENSORS_CONFIG_KEY!r}/{SAFETENSORS_META_KEY!r}; "
-            "only files written by `resnetlab export --format safetensors` can be loaded by name")
-    try:
-        config, meta = json.loads(header[SAFETENSORS_CONFIG_KEY]), json.loads(header[SAFETENSORS_META_KEY])
-    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
-        raise ckpt.CheckpointError(f"{file}: corrupt resnetlab header ({type(e).__name__}: "
-                                   f"{str(e)[:200]})") from None
-    cfg, dmeta = _parse_config_meta(config, meta, file)
-    return ckpt.load_safetensors(file), cfg, dmeta
+    found = ckpt.read(file)
+    cfg, meta = found.parsed_config(), parse_meta(found.meta, file)
+    return file, found.weights, cfg, meta
 
 
 def build_inference_model(state: Mapping[str, torch.Tensor], cfg: Config, meta: DataMeta, *,

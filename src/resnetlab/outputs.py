@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
+from resnetlab.checkpoint import CHECKPOINT_DIR, atomic_write
 from resnetlab.config import ConfigError
-from resnetlab.engine.checkpoint import CHECKPOINT_DIR, atomic_write
 
 
 class OutputError(ConfigError):
@@ -118,7 +118,7 @@ def check_output(path: str | Path, *, force: bool, sources: Iterable[str | Path]
 
 
 def write_output(path: str | Path, write_fn: Callable[[IO[bytes]], object]) -> None:
-    """:func:`~resnetlab.engine.checkpoint.atomic_write` (temp file, fsync, rename: an existing
+    """:func:`~resnetlab.checkpoint.atomic_write` (temp file, fsync, rename: an existing
     file is untouched on failure), with OS errors raised as :class:`OutputWriteError` naming
     ``path``."""
     try:

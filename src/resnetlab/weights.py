@@ -37,10 +37,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from resnetlab import checkpoint as ckpt
 from resnetlab.config import Config, ConfigError
 from resnetlab.data import DataMeta
 from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from resnetlab.engine import checkpoint as ckpt
+from resnetlab.inference import parse_meta
 
 log = logging.getLogger("resnetlab")
 
@@ -160,40 +161,35 @@ def _unwrap(obj: Mapping[str, object]) -> Mapping[str, object]:
 def read_init_from(cfg: Config) -> InitSource | None:
     """Read ``cfg.model.init_from`` (after :func:`resolve_init_from`), or None when unset.
 
-    Raises :class:`~resnetlab.engine.checkpoint.CheckpointError` naming the file when it cannot
+    Raises :class:`~resnetlab.checkpoint.CheckpointError` naming the file when it cannot
     be read safely, and :class:`ConfigError` when its hash differs from ``model.init_sha256``.
     """
     if cfg.model.init_from is None:
         return None
-    from resnetlab.inference import SAFETENSORS_CONFIG_KEY, read_checkpoint
-
     file = resolve_file(cfg.model.init_from)
     digest = file_sha256(file)
     if cfg.model.init_sha256 is not None and digest != cfg.model.init_sha256:
         raise ConfigError(f"model.init_from: {file} has SHA-256 {digest}, but model.init_sha256 "
                           f"is {cfg.model.init_sha256}; the file changed since the run started")
     if file.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                header = f.metadata() or {}
-        except (SafetensorError, OSError) as e:
-            raise ckpt.CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-        if SAFETENSORS_CONFIG_KEY in header:
-            _, state, src_cfg, meta = read_checkpoint(file)
-            return InitSource(file, digest, "resnetlab", dict(state), meta, src_cfg.model.name)
+        if ckpt.SAFETENSORS_CONFIG_KEY in ckpt.read_safetensors_header(file):
+            return _resnetlab_source(ckpt.read(file), file, digest)
         state, kind = to_our_names(ckpt.load_safetensors(file))
         return InitSource(file, digest, "timm" if kind == "resnet" else kind, state, None)
     obj = ckpt.load_checkpoint(file)  # weights_only=True: a pickled gadget is refused here
-    if isinstance(obj.get("config"), Mapping) and isinstance(obj.get("meta"), Mapping):
-        _, state, src_cfg, meta = read_checkpoint(file)
-        return InitSource(file, digest, "resnetlab", dict(state), meta, src_cfg.model.name)
+    if ckpt.is_resnetlab(obj):
+        return _resnetlab_source(ckpt.Checkpoint.from_dict(obj, file), file, digest)
     state, kind = to_our_names(_unwrap(obj))
     if not state:
         raise ckpt.CheckpointError(f"{file}: holds no tensors; expected a state dict saved with "
                                    "torch.save(model.state_dict(), path) or a resnetlab checkpoint")
     return InitSource(file, digest, "torchvision" if kind == "resnet" else kind, state, None)
+
+
+def _resnetlab_source(found: ckpt.Checkpoint, file: Path, digest: str) -> InitSource:
+    """A resnetlab checkpoint as init weights: its (EMA) weights, data meta and model name."""
+    cfg, meta = found.parsed_config(), parse_meta(found.meta, file)
+    return InitSource(file, digest, "resnetlab", found.weights, meta, cfg.model.name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +212,7 @@ def preprocessing_meta(meta: DataMeta, source: InitSource | None, cfg: Config) -
                               f"images, the data has {meta.in_chans}; set model.init_preprocess=data "
                               "if the weights fit anyway")
         new = replace(meta, mean=src.mean, std=src.std)
-        if meta.name == "folder" and src.name == "folder":
+        if meta.resize is not None and src.resize is not None:  # both sized by data.image_size
             new = replace(new, input_size=src.input_size, resize=src.resize)
         return new
     if meta.in_chans == 3:
@@ -236,7 +232,7 @@ def resumed_preprocessing_meta(meta: DataMeta, checkpoint: Path, cfg: Config) ->
                                    "with the preprocessing it started with")
     src = DataMeta.from_dict(saved)
     new = replace(meta, mean=src.mean, std=src.std)
-    if meta.name == "folder" and src.name == "folder":
+    if meta.resize is not None and src.resize is not None:  # both sized by data.image_size
         new = replace(new, input_size=src.input_size, resize=src.resize)
     return new
 

@@ -36,6 +36,7 @@ from typing import Any
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, apply_overrides, from_dict, validate
+from resnetlab.data.sources import get_source, source_names
 from resnetlab.launch import discard_untrained, removed_on_failure
 from resnetlab.models import list_models, model_defaults
 
@@ -118,14 +119,35 @@ def twin_depths() -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def data_choices() -> list[str]:
+    """The data sources the experiments accept (``--data``): every registered source that is one
+    labelled set split by the seed, i.e. all but image folders (whose splits are folders)."""
+    return source_names(split_folders=False)
+
+
+def recipe_for(data: str) -> dict[str, Any]:
+    """The experiment's recipe for ``data``: the tuned one of :data:`RECIPES` with its
+    :data:`DEFAULT_EPOCHS`, else the source's own recipe (the registry's; the nets come from
+    the experiment) testing after every epoch."""
+    if data in RECIPES:
+        return {**RECIPES[data], "train": {**RECIPES[data]["train"], "epochs": DEFAULT_EPOCHS[data]}}
+    if data not in data_choices():
+        raise AnalysisError(f"--data must be one of {', '.join(data_choices())}, got {data!r}")
+    import yaml
+
+    from resnetlab.config import recipe_path
+
+    recipe = dict(yaml.safe_load(recipe_path(get_source(data).default_recipe)[0].read_text()) or {})
+    recipe.pop("model", None)  # the nets are the experiment's
+    return {**recipe, "train": {**recipe.get("train", {}), "test_every_epoch": True}}
+
+
 def base_config(data: str, overrides: Sequence[str] = (), epochs: int | None = None) -> Config:
     """The shared recipe for ``data``, then the user's ``overrides``, then ``epochs``."""
-    if data not in RECIPES:
-        raise AnalysisError(f"--data must be one of {', '.join(RECIPES)}, got {data!r}")
+    recipe = recipe_for(data)
     for o in overrides:
         if o.split("=", 1)[0].strip() in ("model.name", "seed"):
             raise AnalysisError(f"{o!r}: the model and seed are set by --depths and --seeds")
-    recipe = {**RECIPES[data], "train": {**RECIPES[data]["train"], "epochs": DEFAULT_EPOCHS[data]}}
     # validated after the overrides: data.root may only come with them
     cfg = apply_overrides(from_dict(recipe, check=False), overrides)
     # --epochs wins over a train.epochs=... override: it is the experiment's own flag
@@ -395,7 +417,7 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     (out_dir / "experiment.json").write_text(json.dumps({
         "data": data, "depths": list(depths), "seeds": list(seeds), "epochs": base.train.epochs,
         "extra_models": list(extras),
-        "jobs": jobs, "recipe": RECIPES[data], "overrides": list(overrides),
+        "jobs": jobs, "recipe": recipe_for(data), "overrides": list(overrides),
         "wall_seconds": seconds, "interrupted": interrupted, "failed": failed,
         "curves": {"training": "train_err per epoch (running mean over the epoch, augmented)",
                    "held_out": f"{held_out} top-1 error after each epoch"},

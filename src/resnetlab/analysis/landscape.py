@@ -333,7 +333,7 @@ def _run_landscape(path: str | Path, grid: int, span: float, dims: int, split: s
 
     file, state, cfg, meta = read_checkpoint(path)
     model = build_model(cfg, meta)
-    from resnetlab.engine import checkpoint as ckpt
+    from resnetlab import checkpoint as ckpt
 
     ckpt.load_weights(model, state, source=str(file))
     model = model.to(dev).eval()

@@ -127,8 +127,8 @@ class ResponsesResult:
 
 
 def _measure_run(path: str | Path, split: str) -> tuple[str, list[dict[str, Any]]]:
+    from resnetlab import checkpoint as ckpt
     from resnetlab.data import DataError, build_datasets, build_loader
-    from resnetlab.engine import checkpoint as ckpt
     from resnetlab.engine.fit import build_model
     from resnetlab.inference import read_checkpoint
 

@@ -18,9 +18,9 @@ from resnetlab.cli import analysis, info, serve, train, use
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from resnetlab.checkpoint import CheckpointError
     from resnetlab.config import ConfigError
     from resnetlab.data import DataError
-    from resnetlab.engine.checkpoint import CheckpointError
     from resnetlab.engine.errors import TrainingError
 
     return (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from resnetlab.data.sources import source_names
+
 
 def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="experiments: degradation (Fig. 6), cifar-table (Table 6), landscape, "
@@ -16,7 +18,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                        description="Train plain<d> and resnet<d> with one recipe and the same seeds; "
                                    "write runs/degradation-<data>-<time>/ with degradation.png (Figure 6 "
                                    "style), table.md, table.csv; print the table.")
-    d.add_argument("--data", default="digits", choices=("digits", "cifar10", "cifar100"),
+    d.add_argument("--data", default="digits", choices=source_names(split_folders=False),
                    help="data source (cifar: pass data.root=DIR)")
     d.add_argument("--depths", default="20,56", help="depths with a plain and a resnet twin (default 20,56)")
     d.add_argument("--seeds", default="0,1,2", help="seeds per net (default 0,1,2)")
@@ -150,7 +152,7 @@ def add_gradients(sub: argparse._SubParsersAction) -> None:
                                    "gradients.png (log scale) to runs/gradients-<data>-<time>/ and prints "
                                    "the first-block / last-block ratio per model.")
     p.add_argument("--models", default="plain20,plain56,resnet20,resnet56", help="comma-separated registry names")
-    p.add_argument("--data", default="digits", choices=("digits", "cifar10", "cifar100"))
+    p.add_argument("--data", default="digits", choices=source_names(split_folders=False))
     p.add_argument("--steps", type=int, default=100, help="training steps before the second measurement")
     p.add_argument("--seed", type=int, default=0, help="init, split and probe batch")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.batch_size=64")

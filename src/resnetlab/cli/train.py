@@ -9,11 +9,22 @@ from collections.abc import Callable
 from typing import Any
 
 
+def _sources_epilog() -> str:
+    """The registry's data sources, one paragraph, for `train --help`."""
+    from resnetlab.data.sources import list_sources
+
+    listed = "; ".join(f"{s.name}: {s.summary}" + (" [needs data.root]" if s.needs_root else "")
+                       for s in list_sources())
+    return (f"Data sources (data.name=NAME; each brings its recipe, see `resnetlab recipes`): "
+            f"{listed}.")
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a network (default: resnet20 on digits, its tuned recipe)",
                        description="Train a network. Config layers: defaults <- the dataset's recipe "
                                    "(chosen by data.name) <- -c RECIPE <- key=value overrides. Config "
-                                   "values are key=value words, not --options: train.epochs=5.")
+                                   "values are key=value words, not --options: train.epochs=5.",
+                       epilog=_sources_epilog())
     p.add_argument("-c", "--config", metavar="RECIPE",
                    help="packaged recipe name (`resnetlab recipes`, e.g. cifar10_resnet56) or a YAML file")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this run folder")

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from resnetlab.data.errors import BadImageError, DataError
+
 #: File name endings read as images (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -49,14 +51,6 @@ _PIL_ERRORS: tuple[type[BaseException], ...] = (
 )
 # torchvision's decode_jpeg raises RuntimeError on bad data; the PIL fallback raises the above.
 _JPEG_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, *_PIL_ERRORS)
-
-
-class DataError(ValueError):
-    """A data file, folder or setting is wrong; the message names the one at fault."""
-
-
-class BadImageError(DataError):
-    """An image file cannot be read; the message starts with the file's path."""
 
 
 def is_image_file(path: str | Path) -> bool:

@@ -19,8 +19,10 @@ import torch
 
 from resnetlab.config import DataConfig
 from resnetlab.data.augment import derive_seed
-from resnetlab.data.datasets import ArraySplit, Datasets, FileSplit, channel_stats
-from resnetlab.data.images import DataError
+from resnetlab.data.datasets import ArraySplit, Datasets, FileSplit
+from resnetlab.data.errors import DataError
+from resnetlab.data.sources.registry import find_source
+from resnetlab.data.splits import channel_stats
 
 Split = ArraySplit | FileSplit
 
@@ -77,10 +79,11 @@ def select_subset(data: Datasets, cfg: DataConfig, seed: int) -> Datasets:
                                 f"{len(idx)} training images")
             picked.append(rng.permutation(idx)[: cfg.train_per_class])
         train = _take(train, np.sort(np.concatenate(picked)), None)
-    # In-memory sources normalise by their training split's statistics: recompute them for the
-    # split actually trained on. Folders keep their fixed (ImageNet) constants.
+    # Sources that normalise by their training split's statistics: recompute them for the split
+    # actually trained on. Sources with fixed constants (folders: ImageNet's) keep them.
     meta = replace(meta, classes=classes)
-    if isinstance(train, ArraySplit) and meta.name != "folder":
+    source = find_source(meta.name)
+    if isinstance(train, ArraySplit) and (source is None or source.stats == "train"):
         mean, std = channel_stats(train.images)
         meta = replace(meta, mean=mean, std=std)
     return replace(data, train=train, val=val, test=test, meta=meta)

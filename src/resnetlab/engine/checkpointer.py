@@ -1,23 +1,10 @@
 """``Checkpointer``: the one owner of a run folder's checkpoints.
 
 It holds the run folder's lock for the run's lifetime, decides whether a run starts fresh or
-resumes, writes ``config.yaml`` once the run has really started, defines what a training
-checkpoint contains (the schema below), saves it atomically from rank 0 with every rank's random
-state, restores it, and remembers the last good checkpoint. The low-level pieces (atomic writes,
-safe loads, weight checks) are the small functions of :mod:`resnetlab.engine.checkpoint`.
-
-Schema of a training checkpoint (``checkpoints/last.pt``, ``best.pt``)::
-
-    model      state dict of the plain module (no ``module.``/``_orig_mod.`` prefixes)
-    optimizer  optimizer.state_dict()
-    ema        EMA weights (state dict) or None
-    scaler     GradScaler state or None (fp16 AMP)
-    meter      the epoch's running sums so far (mid-epoch resume)
-    rng        {"world_size": W, "ranks": [per-rank Python/numpy/torch/device states]}
-    state      TrainState.state_dict(): epoch, batch, step, best_val_err, best_epoch
-    config     the resolved config (to_dict)
-    meta       the data meta (classes, channels, preprocessing)
-    version    resnetlab version that wrote it
+resumes, writes ``config.yaml`` once the run has really started,
+saves the checkpoints from rank 0 with every rank's random state, restores them, and remembers
+the last good one. What a checkpoint holds (its schema) and how it is read and written belong to
+:mod:`resnetlab.checkpoint`; this class decides when, and with which training state.
 """
 
 from __future__ import annotations
@@ -38,16 +25,15 @@ import torch
 import yaml
 from torch import nn
 
+from resnetlab import checkpoint as ckpt
 from resnetlab.config import Config, ConfigError, from_dict, resume_changes, to_dict
 from resnetlab.data.augment import derive_seed
-from resnetlab.engine import checkpoint as ckpt
 from resnetlab.engine.dist import DistInfo, all_gather_object, barrier, broadcast_object
 from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
 from resnetlab.engine.metrics import SumMeter, append_jsonl
 from resnetlab.engine.optim import ModelEMA
 from resnetlab.engine.state import TrainState
 from resnetlab.runtime import default_run_name, non_finite_forward
-from resnetlab.version import __version__
 
 log = logging.getLogger("resnetlab")
 
@@ -56,7 +42,6 @@ LOCK_FILE = ".lock"  # in the run folder; holds "pid host" of the process that t
 HISTORY = "history.jsonl"  # one line per resume that changed a key: {"time", "changed": {key: [old, new]}}
 RUN_FILES = ("config.yaml", HISTORY, "metrics.jsonl", "summary.csv", "result.json",
              f"{ckpt.CHECKPOINT_DIR}/{ckpt.LAST}", f"{ckpt.CHECKPOINT_DIR}/{ckpt.BEST}", "tb")
-REQUIRED_KEYS = ("model", "optimizer", "meter", "rng", "state")
 
 
 @dataclass
@@ -222,19 +207,17 @@ class Checkpointer:
                 f"Try a lower optim.lr or set optim.clip_grad_norm.")
         target = self.path(name)
         if self.dist.is_main:
-            payload = {
-                "model": weights,
-                "optimizer": parts.optimizer.state_dict(),
-                "ema": parts.ema.state_dict() if parts.ema is not None else None,
-                "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
-                "meter": parts.meter.state_dict(),
-                "rng": ckpt.pack_rng([r for r, _, _ in gathered]),
-                "state": state.state_dict(),
-                "config": to_dict(cfg),
-                "meta": dict(meta),
-                "version": __version__,
-            }
-            _save_reporting_os_errors(payload, target)
+            _save_reporting_os_errors(ckpt.Checkpoint(
+                model=weights,
+                optimizer=parts.optimizer.state_dict(),
+                ema=parts.ema.state_dict() if parts.ema is not None else None,
+                scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
+                meter=parts.meter.state_dict(),
+                rng=ckpt.pack_rng([r for r, _, _ in gathered]),
+                state=state.state_dict(),
+                config=to_dict(cfg),
+                meta=dict(meta),
+            ).to_dict(), target)
         if name == ckpt.LAST:
             self.last_good = target
         return target
@@ -247,35 +230,30 @@ class Checkpointer:
         Refuses (naming the file) a checkpoint that is malformed, holds non-finite weights, or
         was saved mid-epoch with another ``train.batch_size``.
         """
-        loaded = ckpt.load_checkpoint(path, map_location=self.device)
-        missing = [k for k in REQUIRED_KEYS if loaded.get(k) is None]
-        if missing:
-            raise ckpt.CheckpointError(f"{path}: not a training checkpoint (missing {', '.join(missing)}); "
-                                       f"cannot resume from it")
-        if not isinstance(loaded["state"], Mapping):
-            raise ckpt.CheckpointError(f"{path}: its 'state' entry should be a mapping")
+        loaded = ckpt.read_training(path, map_location=self.device)
+        assert loaded.state is not None and loaded.rng is not None  # read_training checked them
         saved = TrainState()
-        saved.load_state_dict(dict(loaded["state"]))
-        self._check_resume_config(loaded.get("config"), cfg, path)
+        saved.load_state_dict(loaded.state)
+        self._check_resume_config(loaded.config, cfg, path)
         started = saved.epoch + (1 if saved.batch > 0 else 0)  # epochs done, plus one begun mid-way
         if cfg.train.epochs < started:
             raise ConfigError(
                 f"train.epochs={cfg.train.epochs} is fewer than the {started} epoch(s) {path} has already "
                 f"{'begun' if saved.batch > 0 else 'done'}; resume with train.epochs={started} or more")
-        ckpt.load_weights(parts.model, loaded["model"], source=str(path))
+        ckpt.load_weights(parts.model, loaded.model, source=str(path))
         try:
-            parts.optimizer.load_state_dict(loaded["optimizer"])
-            if parts.ema is not None and loaded.get("ema") is not None:
-                ckpt.check_finite(ckpt.check_state_dict(loaded["ema"], path, "ema"), path)
-                parts.ema.load_state_dict(loaded["ema"])
-            if parts.scaler is not None and loaded.get("scaler") is not None:
-                parts.scaler.load_state_dict(loaded["scaler"])
-            parts.meter.load_state_dict(loaded["meter"])
+            parts.optimizer.load_state_dict(loaded.optimizer)  # type: ignore[arg-type]  # checked
+            if parts.ema is not None and loaded.ema is not None:
+                ckpt.check_finite(ckpt.check_state_dict(loaded.ema, path, "ema"), path)
+                parts.ema.load_state_dict(loaded.ema)
+            if parts.scaler is not None and loaded.scaler is not None:
+                parts.scaler.load_state_dict(loaded.scaler)
+            parts.meter.load_state_dict(loaded.meter)  # type: ignore[arg-type]  # checked
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"{path}: cannot restore the training state "
                                        f"({type(e).__name__}: {str(e)[:200]})") from None
-        state.load_state_dict(dict(loaded["state"]))
-        self._restore_rng(loaded["rng"], cfg.seed, state.step, path)
+        state.load_state_dict(loaded.state)
+        self._restore_rng(loaded.rng, cfg.seed, state.step)
 
     def _check_resume_config(self, stored: Any, cfg: Config, path: Path) -> None:
         """Refuse to continue ``path`` under a config whose run-defining keys differ from the ones
@@ -293,9 +271,7 @@ class Checkpointer:
             init_preprocess=saved.model.init_preprocess))
         resume_changes(saved, ours, str(self.run_dir))
 
-    def _restore_rng(self, saved: Any, seed: int, step: int, path: Path) -> None:
-        if not isinstance(saved, Mapping):
-            raise ckpt.CheckpointError(f"{path}: its 'rng' entry should be a mapping")
+    def _restore_rng(self, saved: Mapping[str, Any], seed: int, step: int) -> None:
         own, note = ckpt.unpack_rng(saved, self.dist.rank, self.dist.world_size)
         if own is None:  # a rank the saving run did not have
             torch.manual_seed(derive_seed(seed, "rank", self.dist.rank, step))
@@ -309,17 +285,7 @@ def save_weights_checkpoint(path: str | Path, model: nn.Module, cfg: Config, met
                             source: Mapping[str, Any] | None = None) -> Path:
     """A checkpoint of weights, config and meta without training state (what ``resnetlab import``
     writes): eval, predict and export accept it; resuming from it is refused (no optimizer)."""
-    weights = model.state_dict()
-    ckpt.check_finite(weights, path)
-    payload: dict[str, Any] = {
-        "model": weights, "ema": None, "optimizer": None, "scaler": None, "meter": None, "rng": None,
-        "state": TrainState().state_dict(), "config": to_dict(cfg), "meta": dict(meta),
-        "version": __version__,
-    }
-    if source is not None:
-        payload["source"] = dict(source)
-    ckpt.save_checkpoint(payload, path)
-    return Path(path)
+    return ckpt.write_weights(path, model.state_dict(), cfg, meta, source=source)
 
 
 class _WriteWatch:

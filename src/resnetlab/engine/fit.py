@@ -23,10 +23,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from resnetlab import checkpoint as ckpt
 from resnetlab import weights  # module import: weights imports engine.checkpoint, a cycle otherwise
 from resnetlab.config import Config, ConfigError, to_dict, validate
 from resnetlab.data import DataMeta, build_datasets, build_loader
-from resnetlab.engine import checkpoint as ckpt
 from resnetlab.engine.checkpointer import Checkpointer, TrainParts
 from resnetlab.engine.dist import DistInfo, all_reduce_sum, barrier, init_from_env, unwrap, wrap_ddp
 from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError

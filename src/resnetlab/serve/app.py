@@ -106,7 +106,7 @@ def load_served_model(path: str | Path, device: str = "cpu") -> ServedModel:
     """Load the network at ``path`` (run folder or checkpoint) as ``predict`` does, fused; a
     checkpoint whose forward pass is not finite is refused here, before anything listens
     (:class:`~resnetlab.inference.NonFiniteOutputError`)."""
-    from resnetlab.engine.checkpoint import resolve
+    from resnetlab.checkpoint import resolve
     from resnetlab.inference import load_for_inference
 
     file = resolve(path)
