@@ -500,11 +500,12 @@ def _apply_file(cfg: Config, data: Mapping[str, Any], path: Path) -> Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"train": {"epochs": 5}}`` -> ``[("train.epochs", 5)]``: nested mappings as dotted keys."""
     out: list[tuple[str, Any]] = []
     for key, value in data.items():
         if isinstance(value, Mapping):
-            out.extend(_flatten(value, f"{prefix}{key}."))
+            out.extend(flatten(value, f"{prefix}{key}."))
         else:
             out.append((f"{prefix}{key}", value))
     return out
@@ -524,7 +525,7 @@ def override_pairs(overrides: Overrides | None) -> list[tuple[str, Any]]:
         raise ConfigError(f"overrides must be a list of 'key=value' strings or a dict, not the string "
                           f"{overrides!r}; write [{overrides!r}]")
     if isinstance(overrides, Mapping):
-        pairs = _flatten(overrides)
+        pairs = flatten(overrides)
     else:
         pairs = []
         for item in overrides:
@@ -670,7 +671,8 @@ RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.device", "train.threads", "train.quiet", "train.tensorboard",
     "train.compile", "train.channels_last", "train.cudnn_benchmark", "train.tf32", "train.sync_every",
     "train.checkpoint_every_steps", "train.eval_every", "train.eval_batch_size", "train.test_at_end",
-    "train.test_every_epoch", "train.resume", "data.num_workers", "data.in_memory", "data.check_images",
+    "train.test_every_epoch", "train.resume", "train.sync_bn",  # SyncBN over W ranks = one process's BN
+    "data.num_workers", "data.in_memory", "data.check_images",
     "data.root",  # the same files moved elsewhere; the split is drawn from the seed and the files
 })
 
@@ -796,5 +798,5 @@ __all__ = [
     "RunConfig", "TrainConfig", "from_dict", "load", "parse_override",
     "to_dict", "validate", "DATASET_RECIPES", "RECIPE_DIR", "describe_keys", "list_recipes",
     "override_pairs", "recipe_names", "recipe_path", "BOUNDS", "RESUMABLE_KEYS", "run_name_problem",
-    "resume_changes", "getattr_dotted",
+    "resume_changes", "getattr_dotted", "flatten",
 ]

@@ -26,7 +26,7 @@ import yaml
 from torch import nn
 
 from resnetlab import checkpoint as ckpt
-from resnetlab.config import Config, ConfigError, from_dict, resume_changes, to_dict
+from resnetlab.config import Config, ConfigError, flatten, from_dict, resume_changes, to_dict
 from resnetlab.data.augment import derive_seed
 from resnetlab.engine.dist import DistInfo, all_gather_object, barrier, broadcast_object
 from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
@@ -158,10 +158,10 @@ class Checkpointer:
         if not path.is_file():
             return
         try:
-            before = dict(_flat(yaml.safe_load(path.read_text()) or {}))
+            before = dict(flatten(yaml.safe_load(path.read_text()) or {}))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             return  # unreadable: resume_config refused it already, unless train.resume=auto
-        after = dict(_flat(to_dict(cfg)))
+        after = dict(flatten(to_dict(cfg)))
         changed = {k: [before.get(k), v] for k, v in after.items() if before.get(k) != v and k != "run.root"}
         if changed:
             append_jsonl(self.run_dir / HISTORY, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -331,13 +331,6 @@ def _save_reporting_os_errors(payload: Mapping[str, Any], target: Path) -> None:
                 f"the previous {target.name} is intact. Free space (or raise the file-size limit or quota) "
                 f"and resume with `resnetlab train --resume {target.parent.parent}`") from None
         raise OSError(err.errno, err.strerror, str(target)) from None
-
-
-def _flat(doc: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in doc.items():
-        out.extend(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else [(f"{prefix}{k}", v)])
-    return out
 
 
 def _lock(path: Path) -> int:
