@@ -657,9 +657,9 @@ def run_name_problem(name: str) -> str | None:
         return ("a run name is one folder name under run.root, without '/', '\\', NUL, '.' or '..'; "
                 "to put runs elsewhere set run.root")
     if name.startswith("-"):
-        return "a run name may not start with '-' (commands would read it as an option)"
+        return "a run name may not start with '-' (commands would read it as an option); pick another name"
     if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
-        return f"{len(name.encode('utf-8', 'surrogateescape'))} bytes; file systems allow {NAME_MAX} per folder name"
+        return f"{len(name.encode('utf-8', 'surrogateescape'))} bytes; file systems allow {NAME_MAX} per folder name; use a shorter name"
     return None
 
 

@@ -73,8 +73,8 @@ def check_forward(model: nn.Module, meta: DataMeta, source: str | Path) -> None:
     x = normalize(probe_pixels(meta.in_chans, meta.input_size).to(device), meta)  # [2, c, h, w]
     problem = non_finite_forward(model, x)
     if problem is not None:
-        raise NonFiniteOutputError(f"{source}: {problem}; this checkpoint is unusable, use an earlier one "
-                                   f"or retrain with a lower optim.lr")
+        raise NonFiniteOutputError(f"{source}: {problem} (a blank and a noise image): its weights diverged; "
+                                   f"use an earlier checkpoint or retrain with a lower optim.lr")
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu",

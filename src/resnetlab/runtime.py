@@ -110,8 +110,7 @@ def non_finite_forward(model: torch.nn.Module, x: torch.Tensor) -> str | None:
             m.training = mode
     bad = (~torch.isfinite(logits)).sum().item()
     if bad:
-        return (f"its forward pass gives {bad} non-finite logit(s) of {logits.numel()} on a batch of "
-                f"{x.shape[0]} image(s) (the weights are finite but diverged)")
+        return f"its forward pass gives {bad} non-finite logit(s) of {logits.numel()} on {x.shape[0]} image(s)"
     return None
 
 

@@ -196,8 +196,8 @@ class Checkpointer:
         forward = next((f for _, _, f in gathered if f), None)
         if forward is not None and not bad_anywhere:
             raise NonFiniteLossError(
-                f"the weights at epoch {state.epoch + 1}, step {state.step} are not usable: {forward} on "
-                f"a validation batch; not saving over {self.path(name)}. Last good checkpoint: "
+                f"the weights at epoch {state.epoch + 1}, step {state.step} are not usable: {forward} of "
+                f"the validation split (finite weights, diverged); not saving over {self.path(name)}. Last good checkpoint: "
                 f"{self.last_good or 'none saved yet'}. Try a lower optim.lr or set optim.clip_grad_norm.")
         if bad_anywhere:
             raise NonFiniteLossError(
@@ -227,14 +227,15 @@ class Checkpointer:
     def restore(self, path: Path, parts: TrainParts, state: TrainState, cfg: Config) -> None:
         """Put every piece of ``path`` back so the run continues as if it had never stopped.
 
-        Refuses (naming the file) a checkpoint that is malformed, holds non-finite weights, or
-        was saved mid-epoch with another ``train.batch_size``.
+        Refuses (naming the file) a checkpoint that is malformed or holds non-finite weights,
+        ``cfg`` changing a key that defines the run (:func:`resnetlab.config.resume_changes`:
+        seed, data split, model, batch size...), and ``train.epochs`` below the epochs begun.
         """
         loaded = ckpt.read_training(path, map_location=self.device)
         assert loaded.state is not None and loaded.rng is not None  # read_training checked them
         saved = TrainState()
         saved.load_state_dict(loaded.state)
-        self._check_resume_config(loaded.config, cfg, path)
+        self._check_resume_config(loaded.config, cfg)
         started = saved.epoch + (1 if saved.batch > 0 else 0)  # epochs done, plus one begun mid-way
         if cfg.train.epochs < started:
             raise ConfigError(
@@ -255,9 +256,10 @@ class Checkpointer:
         state.load_state_dict(loaded.state)
         self._restore_rng(loaded.rng, cfg.seed, state.step)
 
-    def _check_resume_config(self, stored: Any, cfg: Config, path: Path) -> None:
-        """Refuse to continue ``path`` under a config whose run-defining keys differ from the ones
-        it was trained with (``train.resume=auto`` reaches here without :func:`resume_config`)."""
+    def _check_resume_config(self, stored: Any, cfg: Config) -> None:
+        """Refuse to continue a checkpoint under a config whose run-defining keys differ from
+        ``stored``, the config it was trained with (``train.resume=auto`` reaches here without
+        :func:`~resnetlab.engine.fit.resume_config`)."""
         if not isinstance(stored, Mapping):
             return  # a checkpoint without its config: the weights check still guards the model
         try:
