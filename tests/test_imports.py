@@ -31,7 +31,7 @@ def _layer(module: str) -> int:
         return LAYERS.index("runtime-free")         # it; the source modules register themselves
     if top in ("models", "config", "checkpoint", "runtime", "data", "engine", "analysis", "cli"):
         return LAYERS.index(top)
-    if top in ("catalog", "version"):  # leaves: they import nothing of the package
+    if top in ("catalog", "version", "bounds", "filekind"):  # leaves: they import nothing of the package
         return LAYERS.index("runtime-free")
     if top in ("__main__",):
         return LAYERS.index("cli")

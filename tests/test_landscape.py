@@ -209,7 +209,7 @@ def test_landscape_cli_writes_csv_figure_json(tiny_run: Path, tmp_path: Path, ca
 
 def test_landscape_refuses_bad_input_in_one_line(tiny_run: Path, capsys) -> None:
     assert main(["landscape", str(tiny_run), "--grid", "2"]) == 2
-    assert "--grid must be >= 3" in capsys.readouterr().err
+    assert "--grid must be an integer from 3 to 201" in capsys.readouterr().err
     assert main(["landscape", str(tiny_run.parent / "nope")]) == 2
 
 

@@ -227,6 +227,7 @@ def _premultiplied_grey_alpha_tiff() -> bytes:
 BAD_INPUTS = {  # name: (body, content type, status, words the message must contain)
     "over the body limit": (b"\0" * (1_100_000), "image/png", 413, "--max-body-mb"),
     "not an image": (b"just some text, no pixels", "image/png", 415, "not an image"),
+    "EPS named as PNG": (None, "image/png", 415, "supported format (PNG, JPEG, GIF, BMP, TIFF or WebP)"),
     "wrong content type": (b"{}", "application/json", 415, "application/json"),
     "unsupported mode": (None, "image/tiff", 415, "unsupported image mode La"),
     "empty body": (b"", "image/png", 400, "empty image"),
@@ -247,6 +248,10 @@ def test_bad_input_gets_status_and_reason(server: Server, digit_files: list[Path
         body = body[: len(body) // 2]
     elif case == "unsupported mode":
         body = _premultiplied_grey_alpha_tiff()
+    elif case == "EPS named as PNG":  # Pillow's EPS plugin would hand this to Ghostscript
+        out = io.BytesIO()
+        Image.new("L", (8, 8)).save(out, format="EPS")
+        body = out.getvalue()
     elif case == "decompression bomb":
         body = _bomb()
         assert len(body) < 100_000
@@ -301,7 +306,7 @@ def test_serve_cli_refuses_a_missing_run_and_bad_flags_in_one_line(tmp_path: Pat
     assert err.startswith("resnetlab serve: error:") and "no-such-run" in err and "\n" not in err
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["serve", str(tmp_path), "--max-batch", "0"])
-    assert exit_info.value.code == 2 and "--max-batch must be > 0" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--max-batch: must be an integer from 1 to" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- explain CLI

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from resnetlab.config import Config, ConfigError, from_dict, to_dict
+from resnetlab.filekind import not_a_checkpoint, unpickling_detail
 from resnetlab.version import __version__
 
 SCHEMA_VERSION = 1  # bump when a field changes meaning; readers refuse newer files by name
@@ -109,10 +110,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    kind = not_a_checkpoint(path)  # an .onnx model or a damaged file is not "pickled objects"
+    if kind:
+        raise CheckpointError(f"{path}: {kind}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = unpickling_detail(str(e))
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled objects other than tensors and plain "
             f"data, which could run code (weights_only=True). Detail: {first}") from None

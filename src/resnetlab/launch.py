@@ -55,6 +55,7 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
     replaced by rank 0's inside ``fit`` (which broadcasts it), and only rank 0 removes.
     """
     from resnetlab.engine import fit
+    from resnetlab.engine.errors import RunFolderGoneError
     from resnetlab.engine.fit import default_run_name
 
     if cfg.run.name is None:
@@ -71,6 +72,12 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
 
     try:
         return fit(cfg, on_step=watch)
+    except OSError as e:
+        # A write into a folder deleted mid-run fails on whatever file it was (often a temp file,
+        # `.last.pt.xxxx.tmp`): name the run folder instead. config.yaml exists once a step ran.
+        if stepped[0] and not isinstance(e, RunFolderGoneError) and not (run_dir / "config.yaml").is_file():
+            raise RunFolderGoneError(run_dir) from e
+        raise
     except BaseException:
         if not stepped[0]:
             discard_untrained(run_dir, existed)

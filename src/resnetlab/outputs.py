@@ -53,13 +53,17 @@ def _denied(where: str | Path | None) -> str:
         return " (no permission to read it, or a folder above it: check their owner and mode)"
 
 
+def _can(p: Path, mode: int) -> bool:
+    return os.access(p, mode, effective_ids=_EFFECTIVE)
+
+
 def _denied_at(p: Path) -> str:
     if p.exists():
-        if not os.access(p, os.R_OK, effective_ids=_EFFECTIVE) or (p.is_dir() and not os.access(p, os.X_OK, effective_ids=_EFFECTIVE)):
+        if not _can(p, os.R_OK) or (p.is_dir() and not _can(p, os.X_OK)):
             return " (no permission to read it: check its owner and mode)"
-        if not os.access(p, os.W_OK, effective_ids=_EFFECTIVE):
+        if not _can(p, os.W_OK):
             return _WRITE_DENIED
-    elif p.parent.exists() and not os.access(p.parent, os.W_OK, effective_ids=_EFFECTIVE):
+    elif p.parent.exists() and not _can(p.parent, os.W_OK):
         return _WRITE_DENIED
     return " (permission denied)"
 
@@ -133,5 +137,16 @@ def write_output(path: str | Path, write_fn: Callable[[IO[bytes]], object]) -> N
         raise OutputWriteError(code, e.strerror or os.strerror(code), str(where)) from None
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (newline, carriage return, tab, the escape
+    that starts a terminal colour code, a byte that was not UTF-8) as a Python escape: a file
+    name printed in a line of text output can then neither forge lines nor recolour the screen,
+    nor fail to encode. Printable text (any script, spaces) is left as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
 __all__ = ["OutputError", "OutputWriteError", "RUN_OWN_FILES", "check_output", "describe_os_error",
-           "is_run_checkpoint", "is_run_file", "write_output"]
+           "is_run_checkpoint", "is_run_file", "printable", "write_output"]

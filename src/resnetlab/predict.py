@@ -34,6 +34,7 @@ from resnetlab.config import Config
 from resnetlab.data import DataError, DataMeta, load_image, normalize, preprocess
 from resnetlab.data.images import is_image_file, to_mode
 from resnetlab.inference import load_for_inference
+from resnetlab.outputs import printable
 
 Invert = Literal["auto", "yes", "no"]
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -190,11 +191,13 @@ def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
 
 
 def format_predictions(result: PredictResult) -> str:
-    """One line per image: ``file: name 0.912 | name 0.051 | ...``, plus the polarity applied."""
+    """One line per image: ``file: name 0.912 | name 0.051 | ...``, plus the polarity applied.
+    File and class names are shown :func:`~resnetlab.outputs.printable` (a newline in a name
+    cannot start a line of its own)."""
     def note(p: Prediction) -> str:
         return "  (dark on light: inverted)" if p.inverted else ""
 
-    return "\n".join(f"{p.file}: " + " | ".join(f"{c} {q:.3f}" for c, q in zip(p.classes, p.probs, strict=True))
+    return "\n".join(f"{printable(p.file)}: " + " | ".join(f"{printable(c)} {q:.3f}" for c, q in zip(p.classes, p.probs, strict=True))
                      + note(p) for p in result.predictions)
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from resnetlab.analysis import args
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.config import RECIPE_DIR, Config, load, validate
@@ -163,6 +164,7 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
     """
     depths_t = _parse_depths(depths)
     seeds_t = parse_seeds(seeds)
+    args.check(estimate_steps=estimate_steps)
     for o in overrides:
         if o.split("=", 1)[0].strip() in ("model.name", "seed"):
             raise AnalysisError(f"{o!r}: the model and seed are set by --depths and --seeds")
@@ -203,15 +205,7 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
 
 
 def _parse_depths(depths: str | Sequence[int]) -> tuple[int, ...]:
-    try:
-        out = tuple(int(d) for d in (depths.replace(",", " ").split() if isinstance(depths, str) else depths))
-    except ValueError:
-        raise AnalysisError(f"--depths: expected integers like 20,56, got {depths!r}") from None
-    bad = [d for d in out if d not in DEPTHS]
-    if not out or bad:
-        raise AnalysisError(f"--depths: {bad[0] if bad else 'none given'} is not in Table 6; "
-                            f"choose from {','.join(map(str, DEPTHS))}")
-    return out
+    return args.int_choices(depths, "--depths", "20,56", DEPTHS, "a depth of Table 6")
 
 
 def table_rows(test_errs: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:

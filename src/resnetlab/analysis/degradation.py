@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from resnetlab.analysis import args
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, apply_overrides, from_dict, validate
@@ -92,21 +93,8 @@ class DegradationResult:
 
 def parse_depths(text: str | Sequence[int]) -> tuple[int, ...]:
     """``"20,56"`` -> ``(20, 56)``; every depth must have a CIFAR-style plain and resnet twin."""
-    if isinstance(text, str):
-        try:
-            depths = tuple(int(p) for p in text.replace(",", " ").split())
-        except ValueError:
-            raise AnalysisError(f"--depths: expected integers like 20,56, got {text!r}") from None
-    else:
-        depths = tuple(int(d) for d in text)
-    valid = twin_depths()
-    bad = [d for d in depths if d not in valid]
-    if not depths or bad:
-        raise AnalysisError(f"--depths: {bad[0] if bad else 'none given'} is not a depth with a "
-                            f"plain and a residual twin; choose from {', '.join(map(str, valid))}")
-    if len(set(depths)) != len(depths):
-        raise AnalysisError(f"--depths: repeated depth in {text!r}")
-    return tuple(sorted(depths))
+    return tuple(sorted(args.int_choices(text, "--depths", "20,56", twin_depths(),
+                                         "a depth with a plain and a residual twin")))
 
 
 def twin_depths() -> tuple[int, ...]:
@@ -164,12 +152,8 @@ def train_on_digits(kind: str, models: str | Sequence[str], *, epochs: int, seed
     order in which the runs are handed to the workers (e.g. deepest first); any run that did not
     finish raises AnalysisError naming it.
     """
-    names = list(models.replace(",", " ").split() if isinstance(models, str) else models)
-    for n in names:
-        if n not in list_models():
-            raise AnalysisError(f"--models: unknown model {n!r}; see `resnetlab models`")
-    if epochs < 1:
-        raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
+    names = args.models(models)
+    args.check(epochs=epochs, seed=seed, jobs=jobs)
     base = base_config("digits", overrides, epochs)
     out_dir = Path(base.run.root).expanduser() / (base.run.name or f"{kind}-digits-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,17 +173,12 @@ def train_on_digits(kind: str, models: str | Sequence[str], *, epochs: int, seed
 
 def parse_extra_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"densenet_bc100,lesson_resnet18"`` -> registered names trained beside the twins."""
-    if text is None:
+    if text is None or not (text.replace(",", " ").split() if isinstance(text, str) else text):
         return ()
-    names = tuple(n for n in (text.replace(",", " ").split() if isinstance(text, str) else text) if n)
-    known = list_models()
+    names = tuple(args.models(text, "--extra-models"))  # registered, none twice
     for n in names:
-        if n not in known:
-            raise AnalysisError(f"--extra-models: unknown model {n!r}; see `resnetlab models`")
         if re.fullmatch(r"(plain|resnet)\d+", n):
             raise AnalysisError(f"--extra-models: {n!r} is a plain/resnet twin; use --depths")
-    if len(set(names)) != len(names):
-        raise AnalysisError(f"--extra-models: repeated name in {text!r}")
     return names
 
 
@@ -357,12 +336,9 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     depths = parse_depths(depths)
     seeds = parse_seeds(seeds)
     extras = parse_extra_models(extra_models)
-    if epochs is not None and epochs < 1:
-        raise AnalysisError(f"--epochs must be >= 1, got {epochs}")
+    args.check(epochs=epochs, jobs=jobs)
     base = base_config(data, overrides, epochs)
     jobs = default_jobs(base.train.device) if jobs is None else int(jobs)
-    if jobs < 1:
-        raise AnalysisError(f"--jobs must be >= 1, got {jobs}")
     name = base.run.name or f"degradation-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(base.run.root).expanduser() / name
     existed = out_dir.exists()

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnetlab.analysis import args
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.config import Config
 
@@ -96,16 +97,10 @@ def gradient_flow(models: str | Sequence[str] = DEFAULT_MODELS, data: str = "dig
     output folder (default ``runs/gradients-<data>-<time>/``).
     """
     from resnetlab.analysis.degradation import base_config
-    from resnetlab.models import list_models
     from resnetlab.runtime import select_device
 
-    names = [m for m in (models.replace(",", " ").split() if isinstance(models, str) else models) if m]
-    unknown = [m for m in names if m not in list_models()]
-    if not names or unknown:
-        raise AnalysisError(f"--models: unknown model {unknown[0] if unknown else '(none given)'}; "
-                            "see `resnetlab models`")
-    if steps < 0:
-        raise AnalysisError(f"--steps must be >= 0, got {steps}")
+    names = args.models(models)
+    args.check(gradient_steps=steps, seed=seed)
     base = base_config(data, overrides)
     device = select_device(base.train.device)
     # One intra-op thread on CPU unless train.threads says otherwise: these 8x8 convolutions are

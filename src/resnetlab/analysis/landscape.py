@@ -53,7 +53,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis import AnalysisError, args
 
 BN_MODES = ("batch", "eval")
 BN_LABELS = {"batch": "BN: statistics of the evaluated images (recomputed per point)",
@@ -291,6 +291,16 @@ def load_images(cfg: Any, meta: Any, split: str, images: int, device: torch.devi
     return x[:n].contiguous(), y[:n]
 
 
+def check_landscape_args(*, grid: int, span: float, dims: int, images: int, bn: str, seed: int, chunk: int,
+                         hessian_iters: int) -> None:
+    """The landscape's own arguments, against :data:`resnetlab.analysis.args.BOUNDS` (and ``bn``
+    against :data:`BN_MODES`): :class:`AnalysisError` naming the first bad one."""
+    args.check(grid=grid, span=span, dims=dims, images=images, seed=seed, chunk=chunk,
+               hessian_iters=hessian_iters)
+    if bn not in BN_MODES:
+        raise AnalysisError(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+
+
 def run_landscape(path: str | Path, *, grid: int = 21, span: float = 1.0, dims: int = 2,
                   split: str = "train", images: int = 256, bn: str = "batch", seed: int = 0,
                   chunk: int = 16, hessian_iters: int = 20, out: str | Path | None = None,
@@ -302,18 +312,10 @@ def run_landscape(path: str | Path, *, grid: int = 21, span: float = 1.0, dims: 
     """
     from resnetlab.engine.fit import select_device
 
-    if dims not in (1, 2):
-        raise AnalysisError(f"--dims must be 1 or 2, got {dims}")
-    if grid < 3:
-        raise AnalysisError(f"--grid must be >= 3, got {grid}")
-    if not span > 0:
-        raise AnalysisError(f"--span must be > 0, got {span}")
-    if images < 1:
-        raise AnalysisError(f"--images must be >= 1, got {images}")
+    check_landscape_args(grid=grid, span=span, dims=dims, images=images, bn=bn, seed=seed, chunk=chunk,
+                         hessian_iters=hessian_iters)
     if split not in ("train", "val", "test"):
         raise AnalysisError(f"--split must be train, val or test, got {split!r}")
-    if bn not in BN_MODES:
-        raise AnalysisError(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
     t0 = time.perf_counter()
     dev = select_device(device)
     from resnetlab.analysis.gradients import _torch_threads
@@ -505,6 +507,9 @@ def reproduce_landscape(models: str | Sequence[str] = ("plain56", "resnet56"), *
     from resnetlab.analysis.degradation import train_on_digits
     from resnetlab.analysis.seeds import final_metrics
 
+    # every argument, the landscape's too, before the nets train
+    check_landscape_args(grid=grid, span=span, dims=dims, images=images, bn=bn, seed=seed, chunk=chunk,
+                         hessian_iters=hessian_iters)
     names, out_dir, jobs = train_on_digits("landscape", models, epochs=epochs, seed=seed, overrides=overrides,
                                            jobs=jobs)
     jobs_kw = [dict(path=str(out_dir / m), grid=grid, span=span, dims=dims, split="train", images=images,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from resnetlab.analysis.args import int_list
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.config import Config, apply_overrides, load
 
@@ -30,22 +31,9 @@ _NOT_EVAL_METRICS = {"count", "weights", "seconds"}
 
 
 def parse_seeds(text: str | Iterable[int]) -> tuple[int, ...]:
-    """``"0,1,2"`` (or ``"0 1 2"``, or a list of ints) -> ``(0, 1, 2)``; refuses repeats."""
-    if isinstance(text, str):
-        parts = [p for p in text.replace(",", " ").split() if p]
-        try:
-            seeds = tuple(int(p) for p in parts)
-        except ValueError:
-            raise AnalysisError(f"--seeds: expected integers like 0,1,2, got {text!r}") from None
-    else:
-        seeds = tuple(int(s) for s in text)
-    if not seeds:
-        raise AnalysisError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
-    if len(set(seeds)) != len(seeds):
-        raise AnalysisError(f"--seeds: repeated seed in {','.join(map(str, seeds))}")
-    if any(s < 0 for s in seeds):
-        raise AnalysisError(f"--seeds: seeds must be >= 0, got {','.join(map(str, seeds))}")
-    return seeds
+    """``"0,1,2"`` (or ``"0 1 2"``, or a list of ints) -> ``(0, 1, 2)``; each within the seed
+    bound of :mod:`resnetlab.analysis.args`, no repeats."""
+    return int_list(text if isinstance(text, str) else tuple(text), "seed", "--seeds", "0,1,2")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from resnetlab.analysis import AnalysisError
+from resnetlab.analysis import AnalysisError, args
 from resnetlab.analysis.degradation import default_jobs, run_trainings, write_rows_csv
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, load
@@ -83,14 +83,8 @@ class TransferResult:
 
 
 def parse_ns(text: str | Sequence[int]) -> tuple[int, ...]:
-    """``"5,10,20,50"`` -> ``(5, 10, 20, 50)``; each N >= 1, no repeats."""
-    try:
-        ns = tuple(int(p) for p in text.replace(",", " ").split()) if isinstance(text, str) else tuple(map(int, text))
-    except ValueError:
-        raise AnalysisError(f"--n: expected integers like 5,10,20,50, got {text!r}") from None
-    if not ns or any(n < 1 for n in ns) or len(set(ns)) != len(ns):
-        raise AnalysisError(f"--n: give distinct labelled-images-per-class counts >= 1, got {text!r}")
-    return tuple(sorted(ns))
+    """``"5,10,20,50"`` -> ``(5, 10, 20, 50)``; each N within ``args.BOUNDS["n"]``, no repeats."""
+    return tuple(sorted(args.int_list(text, "n", "--n", "5,10,20,50")))
 
 
 def parse_ways(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -140,6 +134,17 @@ def _check_overrides(overrides: Sequence[str]) -> None:
             raise AnalysisError(f"{o!r}: set by the experiment itself (--n, --seeds, the four ways)")
 
 
+def _check_largest_n(cfg: Config, n: int) -> None:
+    """Build the training split of the run with the largest N (digits: a fraction of a second):
+    a class with fewer than N images is refused before anything trains."""
+    from resnetlab.data import DataError, build_datasets
+
+    try:
+        build_datasets(cfg.data, seed=cfg.seed, needs=("train",))
+    except DataError as e:
+        raise AnalysisError(f"--n {n}: {e}") from None
+
+
 def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int] = DEFAULT_SEEDS,
                  ways: str | Sequence[str] = WAYS, *, steps: int = DEFAULT_STEPS,
                  pretrain_epochs: int = DEFAULT_PRETRAIN_EPOCHS, overrides: Sequence[str] = (),
@@ -149,17 +154,15 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
     places the experiment folder."""
     t0 = time.perf_counter()
     ns, seeds, ways = parse_ns(ns), parse_seeds(seeds), parse_ways(ways)
-    if steps < 1 or pretrain_epochs < 1:
-        raise AnalysisError("--steps and --pretrain-epochs must be >= 1")
+    args.check(steps=steps, pretrain_epochs=pretrain_epochs, jobs=jobs)
     _check_overrides(overrides)
     base = load(None, [*COMMON, *overrides])
     jobs = default_jobs(base.train.device) if jobs is None else int(jobs)
-    if jobs < 1:
-        raise AnalysisError(f"--jobs must be >= 1, got {jobs}")
     out_dir = (Path(base.run.root).expanduser() / f"transfer-digits-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     pre, fine = plan(ns, seeds, ways, out_dir, steps=steps, pretrain_epochs=pretrain_epochs,
                      overrides=overrides, jobs=jobs)
+    _check_largest_n(fine[0], max(ns))  # before pretraining: --n 100000 is refused now, not later
+    out_dir.mkdir(parents=True, exist_ok=True)
     interrupted = None
     need_pretrain = any(w != "scratch" for w in ways)
     if need_pretrain:

@@ -61,8 +61,13 @@ def run_predict(args: argparse.Namespace) -> int:
     import json
 
     from resnetlab.inference import NonFiniteOutputError
+    from resnetlab.outputs import printable
     from resnetlab.predict import format_predictions, predict
 
+    if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop every line
+        print("resnetlab predict: error: standard output is closed, so no prediction could be shown; "
+              "send it to a file (> predictions.txt) or a pipe", file=sys.stderr)
+        return 1
     try:
         result = predict(args.path, args.inputs, topk=args.topk, device=args.device, invert=args.invert)
     except NonFiniteOutputError as e:
@@ -71,8 +76,9 @@ def run_predict(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     elif result.predictions:
         print(format_predictions(result))
+    sys.stdout.flush()  # a full disk or a closed pipe shows here, inside the error handling
     for file, reason in result.errors:
-        print(f"resnetlab predict: error: {file}: {reason}", file=sys.stderr)
+        print(f"resnetlab predict: error: {printable(file)}: {printable(reason)}", file=sys.stderr)
     return 1 if result.errors else 0
 
 def add_explain(sub: argparse._SubParsersAction) -> None:
@@ -90,16 +96,17 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
 
 def run_explain(args: argparse.Namespace) -> int:
     from resnetlab.explain import explain
+    from resnetlab.outputs import printable
 
     result = explain(args.path, args.inputs, out=args.out, target=args.target, topk=args.topk,
                      device=args.device)
     for e, png in zip(result.explanations, result.written, strict=True):
         top = " | ".join(f"{c} {q:.3f}" for c, q in zip(e.classes, e.probs, strict=True))
-        print(f"{e.file}: {top} -> {png} (Grad-CAM of {e.target_class})")
+        print(printable(f"{e.file}: {top} -> {png} (Grad-CAM of {e.target_class})"))
     if result.summary is not None:
         print(f"wrote {len(result.written)} overlays and {result.summary}")
     for file, reason in result.errors:
-        print(f"resnetlab explain: error: {file}: {reason}", file=sys.stderr)
+        print(f"resnetlab explain: error: {printable(file)}: {printable(reason)}", file=sys.stderr)
     return 1 if result.errors else 0
 
 def add_export(sub: argparse._SubParsersAction) -> None:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from resnetlab.config import DataConfig
-from resnetlab.data.images import DataError, to_mode
+from resnetlab.data.images import DataError, ImageTooLargeError, to_mode
 from resnetlab.data.sources.registry import UnknownSourceError, find_source, get_source
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per RGB channel, 0..1 scale
@@ -189,7 +189,7 @@ def eval_transform(img: Image.Image, meta: DataMeta) -> torch.Tensor:
     if meta.resize is not None:
         reason = resize_too_large(img.width, img.height, meta.resize)
         if reason:
-            raise DataError(reason)
+            raise ImageTooLargeError(reason)
         img = TF.center_crop(TF.resize(img, [meta.resize], antialias=True), [h, w])
     elif img.size != (w, h):
         source = find_source(meta.name)

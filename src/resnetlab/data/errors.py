@@ -11,4 +11,9 @@ class BadImageError(DataError):
     """An image file cannot be read; the message starts with the file's path."""
 
 
-__all__ = ["BadImageError", "DataError"]
+class ImageTooLargeError(DataError):
+    """A decoded image is over a size limit of preprocessing (e.g. too elongated to resize):
+    the image is readable, the work it asks for is not allowed (serve answers 400, not 415)."""
+
+
+__all__ = ["BadImageError", "DataError", "ImageTooLargeError"]

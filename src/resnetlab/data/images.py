@@ -14,6 +14,11 @@ Every failure names the file. Mode conversion rules (all to 8 bits per channel):
 EXIF orientation (phone photos) is applied on reading, as ``ImageOps.exif_transpose``: the
 pixels come back the way a photo viewer shows them.
 
+Only the formats in :data:`IMAGE_FORMATS` are decoded (PNG, JPEG, GIF, BMP, TIFF, WebP), decided
+by the file's content, never its name: Pillow is not allowed to hand a file to any other plugin
+(EPS would run Ghostscript, a program with a history of code-execution bugs; PSD, ICO, TGA, ...
+are decoders nobody here tests). Every opening goes through :func:`open_image`.
+
 Work per image is capped before decoding: at most :data:`MAX_PIXELS` pixels (PIL's own bomb
 check allows up to ~179 M, which with mode conversions costs gigabytes per worker).
 """
@@ -26,17 +31,25 @@ import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from resnetlab.data.errors import BadImageError, DataError
+from resnetlab.data.errors import BadImageError, DataError, ImageTooLargeError
 
 #: File name endings read as images (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 )
+
+#: Pillow format names decoded, passed as ``Image.open(..., formats=IMAGE_FORMATS)``. JPEG includes
+#: MPO (phone cameras' JPEG with extra pictures: Pillow's JPEG opener hands it out).
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+
+#: The same set as users read it (error messages; the README lists exactly these).
+FORMAT_NAMES: str = "PNG, JPEG, GIF, BMP, TIFF or WebP"
 
 #: Largest image decoded, in pixels (width x height): 64 Mpx covers 50 Mpx phone cameras, and
 #: one decoded RGB copy is then at most 192 MiB (a 16-bit grey one 512 MiB while converting).
@@ -58,9 +71,22 @@ def is_image_file(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
+#: Why a file none of :data:`IMAGE_FORMATS` recognises is refused.
+NOT_SUPPORTED: str = f"not an image in a supported format ({FORMAT_NAMES})"
+
+
+def open_image(fp: str | Path | IO[bytes]) -> ImageFile.ImageFile:
+    """``Image.open`` restricted to :data:`IMAGE_FORMATS` (lazy: only the header is read).
+
+    A file in any other format (whatever its name) raises ``UnidentifiedImageError`` before
+    any other Pillow plugin looks at it.
+    """
+    return Image.open(fp, formats=IMAGE_FORMATS)
+
+
 def _describe(err: BaseException) -> str:
     if isinstance(err, UnidentifiedImageError):
-        return "not an image PIL can identify"
+        return NOT_SUPPORTED
     text = str(err) or type(err).__name__
     return text.split("\n", 1)[0]
 
@@ -104,7 +130,7 @@ def load_image(path: str | Path) -> Image.Image:
             raise BadImageError(f"{path}: empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 reason = too_large(*img.size)  # from the header: nothing decoded yet
                 if reason:
                     raise BadImageError(f"{path}: {reason}")
@@ -131,12 +157,12 @@ def check_image(path: str | Path) -> str | None:
             return "empty file (0 bytes)"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 reason = too_large(*img.size)
                 if reason:
                     return reason
                 img.verify()
-            with Image.open(path) as img:  # verify() leaves the image unusable: reopen
+            with open_image(path) as img:  # verify() leaves the image unusable: reopen
                 img.load()
                 to_rgb(_upright(img))  # an exotic mode PIL cannot convert fails here, not in a worker
     except FileNotFoundError:
@@ -173,7 +199,7 @@ def _fast_jpeg(data: bytes, path: str, in_chans: int, pick_box: BoxPicker,
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as TF
 
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(io.BytesIO(data)) as img:
         # MPO: a JPEG with extra pictures (many phone cameras); the first picture is the photo.
         if img.format not in ("JPEG", "MPO") or img.mode not in ("RGB", "L") \
                 or exif_orientation(img) != 1:
@@ -302,8 +328,9 @@ def read_image(path: str | Path, in_chans: int = 3) -> Image.Image:
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "MAX_PIXELS", "BadImageError", "DataError", "check_image",
-    "exif_orientation", "is_image_file", "load_image", "read_image", "read_resized_crop",
+    "FORMAT_NAMES", "IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_PIXELS", "NOT_SUPPORTED", "BadImageError",
+    "DataError", "ImageTooLargeError", "check_image", "exif_orientation", "is_image_file", "load_image", "open_image",
+    "read_image", "read_resized_crop",
     "to_mode", "to_rgb",
     "too_large",
 ]

@@ -29,7 +29,12 @@ from resnetlab import checkpoint as ckpt
 from resnetlab.config import Config, ConfigError, flatten, from_dict, resume_changes, to_dict
 from resnetlab.data.augment import derive_seed
 from resnetlab.engine.dist import DistInfo, all_gather_object, barrier, broadcast_object
-from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
+from resnetlab.engine.errors import (
+    NonFiniteLossError,
+    RunFolderBusyError,
+    RunFolderGoneError,
+    TrainingError,
+)
 from resnetlab.engine.metrics import SumMeter, append_jsonl
 from resnetlab.engine.optim import ModelEMA
 from resnetlab.engine.state import TrainState
@@ -191,14 +196,20 @@ class Checkpointer:
         bad = ckpt.non_finite(weights) + [f"ema.{k}" for k in
                                           (ckpt.non_finite(parts.ema.state_dict()) if parts.ema else [])]
         forward = None if bad else self._forward_problem(parts)
-        gathered = all_gather_object((ckpt.rng_state(self.device), bad, forward))
-        bad_anywhere = sorted({k for _, b, _ in gathered for k in b})
-        forward = next((f for _, _, f in gathered if f), None)
+        # rank 0 writes: it alone looks for the run folder, and every rank learns the answer here
+        # (one rank raising alone would leave the others waiting in the next collective)
+        gone = self.dist.is_main and not self.run_dir.is_dir()  # saving would re-create a stub
+        gathered = all_gather_object((ckpt.rng_state(self.device), bad, forward, gone))
+        if any(g for _, _, _, g in gathered):
+            raise RunFolderGoneError(self.run_dir)
+        bad_anywhere = sorted({k for _, b, _, _ in gathered for k in b})
+        forward = next((f for _, _, f, _ in gathered if f), None)
         if forward is not None and not bad_anywhere:
             raise NonFiniteLossError(
                 f"the weights at epoch {state.epoch + 1}, step {state.step} are not usable: {forward} of "
-                f"the validation split (finite weights, diverged); not saving over {self.path(name)}. Last good checkpoint: "
-                f"{self.last_good or 'none saved yet'}. Try a lower optim.lr or set optim.clip_grad_norm.")
+                f"the validation split (finite weights, diverged); not saving over {self.path(name)}. "
+                f"Last good checkpoint: {self.last_good or 'none saved yet'}. Try a lower optim.lr or set "
+                f"optim.clip_grad_norm.")
         if bad_anywhere:
             raise NonFiniteLossError(
                 f"weights or statistics are not finite at epoch {state.epoch + 1}, step {state.step} "
@@ -213,7 +224,7 @@ class Checkpointer:
                 ema=parts.ema.state_dict() if parts.ema is not None else None,
                 scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
                 meter=parts.meter.state_dict(),
-                rng=ckpt.pack_rng([r for r, _, _ in gathered]),
+                rng=ckpt.pack_rng([r for r, *_ in gathered]),
                 state=state.state_dict(),
                 config=to_dict(cfg),
                 meta=dict(meta),

@@ -21,33 +21,36 @@ from resnetlab.serve.app import (
     create_app,
     load_served_model,
 )
+from resnetlab.serve.options import ServeOptionError, check_options
+from resnetlab.serve.timeouts import Timeouts, server_config
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           max_batch: int = 16, max_wait_ms: float = 5.0, limits: Limits | None = None,
           log_level: str = "warning", graceful_timeout_s: int | None = 30,
-          threads: int | None = None) -> int:
+          threads: int | None = None, timeouts: Timeouts | None = None) -> int:
     """Load the network at ``path`` and serve it until SIGTERM/SIGINT; returns the exit code 0.
 
     Loading errors (a missing run, a broken checkpoint) raise before anything listens.
     ``graceful_timeout_s`` bounds how long shutdown waits for requests in flight (whole seconds,
     as uvicorn takes it; None: no bound). ``threads``
-    sets torch's intra-op CPU threads (default: one per core).
+    sets torch's intra-op CPU threads (default: one per core). ``timeouts``: the slow-client
+    deadlines (:class:`~resnetlab.serve.timeouts.Timeouts`). Every option is checked first
+    (:func:`~resnetlab.serve.options.check_options`: ``ServeOptionError`` naming the flag).
     """
     import torch
     import uvicorn
 
+    limits, timeouts = limits or Limits(), timeouts or Timeouts()
+    check_options(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits,
+                  timeouts=timeouts, threads=threads, log_level=log_level)
     if threads:
         torch.set_num_threads(threads)
-    if max_batch < 1:
-        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
-    if max_wait_ms < 0:
-        raise ValueError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
     served = load_served_model(path, device=device)
     state = ServeApp(served, max_batch=max_batch, max_wait_ms=max_wait_ms, limits=limits)
     app = state.build()
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout_s, server_header=False)
+    config = server_config(app, host, port, timeouts, log_level=log_level, lifespan="on",
+                           timeout_graceful_shutdown=graceful_timeout_s, server_header=False)
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {served.config.model.name} from {path} on http://{shown}:{port} "
@@ -69,4 +72,5 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
     return 0
 
 
-__all__ = ["ApiError", "Limits", "ServeApp", "ServedModel", "create_app", "load_served_model", "serve"]
+__all__ = ["ApiError", "Limits", "ServeApp", "ServeOptionError", "ServedModel", "Timeouts", "create_app",
+           "load_served_model", "serve"]

@@ -46,6 +46,7 @@ from torch import nn
 
 from resnetlab.config import Config
 from resnetlab.data import DataError, DataMeta
+from resnetlab.data.images import NOT_SUPPORTED, ImageTooLargeError, open_image
 from resnetlab.explain import (
     explain_pixels,
     png_data_url,
@@ -142,9 +143,9 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
         try:
-            img = Image.open(io.BytesIO(data))
+            img = open_image(io.BytesIO(data))  # only the allowed formats, judged by content
         except UnidentifiedImageError:
-            raise ApiError(415, f"{name}: not an image (PNG, JPEG, BMP, GIF, WebP or TIFF expected)") from None
+            raise ApiError(415, f"{name}: {NOT_SUPPORTED}") from None
         except Image.DecompressionBombError as e:
             raise ApiError(400, f"{name}: refused as a decompression bomb ({e})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -166,6 +167,8 @@ def decode_and_prepare(data: bytes, name: str, meta: DataMeta, max_pixels: int) 
     img = decode_image(data, name, max_pixels)
     try:
         return prepare_pixels([img], meta)[0]
+    except ImageTooLargeError as e:  # readable, but over a preprocessing limit: like --max-pixels
+        raise ApiError(400, f"{name}: {e}") from None
     except (OSError, ValueError) as e:  # DataError is a ValueError too
         raise ApiError(415, f"{name}: unsupported image mode {img.mode} ({e})") from None
 
