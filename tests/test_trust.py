@@ -183,7 +183,7 @@ def test_serve_refuses_a_diverged_checkpoint_at_start_up(diverged: Path) -> None
 
     with pytest.raises(NonFiniteOutputError, match="non-finite logit"):
         load_served_model(diverged)
-    code, out, err = _cli(["serve", str(diverged), "--port", "0"])
+    code, out, err = _cli(["serve", str(diverged), "--port", "8765"])
     assert code == 2 and "serving" not in out and err.count("\n") == 1 and "non-finite logit" in err
 
 
