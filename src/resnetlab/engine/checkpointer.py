@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import time
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -228,7 +227,7 @@ class Checkpointer:
                 state=state.state_dict(),
                 config=to_dict(cfg),
                 meta=dict(meta),
-            ).to_dict(), target)
+            ), target)
         if name == ckpt.LAST:
             self.last_good = target
         return target
@@ -301,49 +300,21 @@ def save_weights_checkpoint(path: str | Path, model: nn.Module, cfg: Config, met
     return ckpt.write_weights(path, model.state_dict(), cfg, meta, source=source)
 
 
-class _WriteWatch:
-    """A file object that remembers the OS error of a failed write: torch's zip writer turns it
-    into ``RuntimeError: ... unexpected pos``, which no longer says what happened."""
-
-    def __init__(self, f: Any) -> None:
-        self.f = f
-        self.error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 _NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # disk full, file-size limit, quota
 
 
-def _save_reporting_os_errors(payload: Mapping[str, Any], target: Path) -> None:
-    """Atomically save ``payload`` to ``target``; a full disk (or file-size limit, or quota) is
-    one TrainingError naming the file, the previous file left as it was."""
-    watch: list[_WriteWatch] = []
-
-    def write(f: Any) -> None:
-        watch.append(_WriteWatch(f))
-        torch.save(dict(payload), typing.cast(typing.IO[bytes], watch[-1]))  # torch calls write/flush only
-
+def _save_reporting_os_errors(checkpoint: ckpt.Checkpoint, target: Path) -> None:
+    """``ckpt.write``; a full disk (or file-size limit, or quota) is one TrainingError naming the
+    file, the previous file left as it was (the write is atomic)."""
     try:
-        ckpt.atomic_write(target, write)
-    except (OSError, RuntimeError) as e:
-        err = e if isinstance(e, OSError) else (watch[-1].error if watch else None)
-        if err is None:
+        ckpt.write(target, checkpoint)
+    except OSError as err:
+        if err.errno not in _NO_SPACE:
             raise
-        if err.errno in _NO_SPACE:
-            raise TrainingError(
-                f"{target}: cannot save the checkpoint: no space left to write it ({err.strerror}); "
-                f"the previous {target.name} is intact. Free space (or raise the file-size limit or quota) "
-                f"and resume with `resnetlab train --resume {target.parent.parent}`") from None
-        raise OSError(err.errno, err.strerror, str(target)) from None
+        raise TrainingError(
+            f"{target}: cannot save the checkpoint: no space left to write it ({err.strerror}); "
+            f"the previous {target.name} is intact. Free space (or raise the file-size limit or quota) "
+            f"and resume with `resnetlab train --resume {target.parent.parent}`") from None
 
 
 def _lock(path: Path) -> int:
