@@ -18,11 +18,23 @@ load generator's own cost.
     python -m benchmarks.bench_serve --quick    # fewer requests
 
 Writes ``benchmarks/results/serve.json``.
+
+Two more cases (``python -m benchmarks.run --cases backends,quantize``), on resnet56 with
+3x32x32 inputs (random weights: int8 speed and size do not depend on training):
+
+- ``backends`` (:func:`run_backends`): per serving backend (torch, onnxruntime fp32,
+  onnxruntime int8), the server's images/s at concurrency 8 over the same backend in process
+  (its own ``preprocess`` and ``predict_batch`` in batches of 16): the HTTP overhead per backend.
+  Writes ``backends.json``.
+- ``quantize`` (:func:`run_quantize`): median latency at batch 1 and 64 of the int8 model
+  (``resnetlab quantize``'s static QDQ, calibrated on 64 random images) against fp32 eager torch
+  (the fused network) and fp32 onnxruntime, and the file sizes. Writes ``quantize.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import io
 import json
@@ -35,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +72,17 @@ DISTINCT_IMAGES = 64
 # shared machine OpenMP threads waiting for a busy core stall whole forward passes (measured
 # here under load: the in-process reference fell from ~1,000 to ~20 img/s with 2 threads).
 DEFAULT_THREADS = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block, restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _free_port() -> int:
@@ -119,14 +143,15 @@ def in_process(checkpoint: Path, images: list[bytes], count: int, device: str = 
 class ServerProcess:
     """``resnetlab serve`` on a free port; ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, checkpoint: Path, max_batch: int, log: Path, threads: int, device: str) -> None:
+    def __init__(self, checkpoint: Path, max_batch: int, log: Path, threads: int, device: str,
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.log = log
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "resnetlab", "serve", str(checkpoint), "--port", str(self.port),
                  "--max-batch", str(max_batch), "--max-wait-ms", str(MAX_WAIT_MS), "--device", device,
-                 "--threads", str(threads)],
+                 "--threads", str(threads), *extra],
                 stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -214,15 +239,10 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = None) ->
     """
     count = REQUESTS["quick" if quick else "full"]
     threads = threads or DEFAULT_THREADS
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     results = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-            for network in NETWORKS:
-                results.append(_network(Path(tmp), network, count, threads, device))
-    finally:
-        torch.set_num_threads(old_threads)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        for network in NETWORKS:
+            results.append(_network(Path(tmp), network, count, threads, device))
     payload = {"case": "serve", "title": "serve: HTTP images/s at concurrency 8 / in-process predict_images",
                "machine": {**machine_info(torch.device(device)), "torch_threads": threads}, "quick": quick,
                "requests": count,
@@ -267,6 +287,121 @@ def _network(folder: Path, network: str, count: int, threads: int, device: str) 
           + "; batch-1 server: " + ", ".join(f"{r['images_per_s']:.0f}" for r in one) + " img/s",
           flush=True)
     return row
+
+
+# ---------------------------------------------------------------------------------------------- backends, int8
+
+BACKEND_NETWORK = "cifar"  # resnet56, 3x32x32: the network's work dominates the HTTP cost
+CALIBRATION_IMAGES = 64
+
+
+def _onnx_models(folder: Path, ckpt: Path) -> tuple[Path, Path]:
+    """fp32 ``.onnx`` (resnetlab export, parity-checked) and its static int8 twin."""
+    from resnetlab.data import normalize
+    from resnetlab.export import export_model
+    from resnetlab.inference import read_checkpoint
+    from resnetlab.quantize import quantize_onnx
+
+    fp32, int8 = folder / "resnet56.onnx", folder / "resnet56.int8.onnx"
+    if not fp32.exists():
+        # Random weights: resnet56's logits reach the hundreds, so the export's absolute 1e-4
+        # check (made for trained nets) is loosened; the benchmark times, it does not predict.
+        export_model(ckpt, "onnx", fp32, tolerance=1e-2)
+        meta = read_checkpoint(ckpt)[3]
+        rng = np.random.default_rng(1)
+        pixels = torch.from_numpy(rng.integers(0, 256, (CALIBRATION_IMAGES, meta.in_chans, *meta.input_size),
+                                               dtype=np.uint8))
+        int8.write_bytes(quantize_onnx(fp32, normalize(pixels, meta).numpy(), "static"))
+    return fp32, int8
+
+
+def _backend_in_process(ckpt: Path, images: list[bytes], count: int, backend: str,
+                        model_file: Path | None, threads: int) -> dict[str, Any]:
+    """The backend's own ``preprocess`` + ``predict_batch`` in batches of ``MAX_BATCH``: images/s."""
+    from resnetlab.serve.backends import make_backend
+
+    b = make_backend(ckpt, backend, model_file=model_file, threads=threads).load()
+    decoded = [Image.open(io.BytesIO(x)) for x in images]
+    batches = [[decoded[(i + j) % len(decoded)] for j in range(MAX_BATCH)] for i in range(0, count, MAX_BATCH)]
+
+    def one(batch: list[Image.Image]) -> None:
+        b.predict_batch(torch.stack([b.preprocess(im).x for im in batch]))
+
+    one(batches[0])  # warm-up
+    t0 = time.perf_counter()
+    for batch in batches:
+        one(batch)
+    seconds = time.perf_counter() - t0
+    n = len(batches) * MAX_BATCH
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "batch": MAX_BATCH}
+
+
+def run_backends(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Server images/s at concurrency 8 over in-process, per backend; writes ``backends.json``."""
+    count = REQUESTS["quick" if quick else "full"]
+    threads = threads or DEFAULT_THREADS
+    rows = []
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
+        folder = Path(tmp)
+        ckpt = make_checkpoint(folder, BACKEND_NETWORK)
+        fp32, int8 = _onnx_models(folder, ckpt)
+        images = make_images(BACKEND_NETWORK)
+        for name, backend, model_file in (("torch", "torch", None), ("onnxruntime fp32", "onnxruntime", fp32),
+                                          ("onnxruntime int8", "onnxruntime", int8)):
+            extra = ("--backend", backend, *(("--model-file", str(model_file)) if model_file else ()))
+            ref = [_backend_in_process(ckpt, images, count, backend, model_file, threads)]
+            server = ServerProcess(ckpt, MAX_BATCH, folder / f"{backend}-{name[-4:]}.log", threads, "cpu", extra)
+            try:
+                load(server.port, images, min(count, 64), 8)  # warm-up
+                served = load(server.port, images, count, 8)
+            finally:
+                code = server.stop()
+            ref.append(_backend_in_process(ckpt, images, count, backend, model_file, threads))
+            reference = max(ref, key=lambda r: r["images_per_s"])  # before and after: the better
+            rows.append({"backend": name, "in_process": reference, "server": served, "exit_code": code,
+                         "ratio_at_8": served["images_per_s"] / reference["images_per_s"]})
+            print(f"backends {name}: in-process {reference['images_per_s']:.0f} img/s, server at "
+                  f"concurrency 8 {served['images_per_s']:.0f} img/s", flush=True)
+    payload = {"case": "backends", "title": "serve images/s at concurrency 8 / in-process, per backend",
+               "machine": {**machine_info(torch.device("cpu")), "torch_threads": threads}, "quick": quick,
+               "model": "resnet56", "input": "3x32x32", "requests": count, "target": TARGET_OVERHEAD,
+               "results": rows,
+               "met": all(r["ratio_at_8"] >= TARGET_OVERHEAD and r["server"]["errors"] == 0
+                          and r["exit_code"] == 0 for r in rows)}
+    write_json("backends", payload)
+    return payload
+
+
+QUANT_TARGETS = {"speedup_64": 1.5, "size_ratio": 3.5}  # vs fp32 eager torch; fp32 file / int8 file
+
+
+def run_quantize(quick: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """int8 vs fp32 latency at batch 1 and 64, and file sizes; writes ``quantize.json``."""
+    from resnetlab.inference import load_for_inference
+    from resnetlab.quantize import LATENCY_BATCHES, onnx_engine, time_engines, torch_engine
+
+    threads = threads or DEFAULT_THREADS
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
+            folder = Path(tmp)
+            ckpt = make_checkpoint(folder, BACKEND_NETWORK)
+            fp32, int8 = _onnx_models(folder, ckpt)
+            model, _, meta = load_for_inference(ckpt)
+            engines = {"torch_fp32": torch_engine(model), "onnxruntime_fp32": onnx_engine(fp32, threads),
+                       "onnxruntime_int8": onnx_engine(int8, threads)}
+            latency = time_engines(engines, (meta.in_chans, *meta.input_size), timing_s=0.5 if quick else 2.0)
+            sizes = {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}
+    speedup = {b: latency["torch_fp32"][b] / latency["onnxruntime_int8"][b] for b in map(str, LATENCY_BATCHES)}
+    print(f"quantize resnet56: int8 {speedup['1']:.2f}x (batch 1), {speedup['64']:.2f}x (batch 64) vs fp32 "
+          f"eager torch; {sizes['fp32'] / sizes['int8']:.2f}x smaller", flush=True)
+    payload = {"case": "quantize", "title": "int8 onnxruntime vs fp32 eager torch: latency and size",
+               "machine": {**machine_info(torch.device("cpu")), "torch_threads": threads}, "quick": quick,
+               "model": "resnet56", "input": "3x32x32", "method": "static", "calibration_images": CALIBRATION_IMAGES,
+               "latency_ms": latency, "speedup_vs_torch_fp32": speedup, "bytes": sizes,
+               "size_ratio": sizes["fp32"] / sizes["int8"], "targets": QUANT_TARGETS,
+               "met": speedup["64"] >= QUANT_TARGETS["speedup_64"]
+               and sizes["fp32"] / sizes["int8"] >= QUANT_TARGETS["size_ratio"]}
+    write_json("quantize", payload)
+    return payload
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,10 @@ Cases (targets are for a 2-core CPU):
   f  DDP, 2 processes vs 1, images/s                                  (no target)
   serve  `resnetlab serve` at concurrency 1/8/32 vs in-process predict_images (>= 0.8 at 8),
          micro-batching vs --max-batch 1; zero errors (benchmarks/bench_serve.py -> serve.json)
+  backends  `resnetlab serve --backend torch|onnxruntime (fp32, int8)` at concurrency 8 vs the
+            same backend in process (>= 0.8)                           (bench_serve.py -> backends.json)
+  quantize  int8 (resnetlab quantize, onnxruntime) vs fp32 eager torch: batch-64 latency (>= 1.5x
+            faster) and file size (>= 3.5x smaller)                   (bench_serve.py -> quantize.json)
   pipeline  image-folder training pipeline vs torchvision's ImageFolder + transforms.v2,
             images/s (ratio >= 1.3), and start-up on 100,000 files     (bench_pipeline.py)
   landscape  loss-landscape grid points/s, batched (vmap) vs state-dict loop (no target)
@@ -48,7 +52,7 @@ from benchmarks.common import (
     write_json,
 )
 
-ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "pipeline", "landscape", "scale")
+ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "backends", "quantize", "pipeline", "landscape", "scale")
 INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
 TITLES = {
     "a": "training images/s vs idiomatic loop",
@@ -58,6 +62,8 @@ TITLES = {
     "e": "grad checkpointing, with / without",
     "f": "DDP images/s, 2 processes / 1",
     "serve": "serve images/s over HTTP / in-process predict_images",
+    "backends": "serve images/s at concurrency 8 / in-process, per backend",
+    "quantize": "int8 onnxruntime vs fp32 eager torch, latency and size",
     "pipeline": "image-folder pipeline images/s vs torchvision",
     "scale": "multi-node scaling efficiency (model)",
     "landscape": "landscape grid points/s, batched (vmap) / state-dict loop",
@@ -109,6 +115,9 @@ def summary_rows(payloads: dict[str, dict[str, Any]]) -> list[list[str]]:
         if "error" in p or "skipped" in p:
             rows.append([case, TITLES[case], "-", "-", "-", "-", "-",
                          f"error: {p['error']}" if "error" in p else f"skipped: {p['skipped']}"])
+            continue
+        if case == "quantize":  # one measurement set, no per-network results
+            rows.extend(_quantize_rows(p))
             continue
         for r in p["results"]:
             rows.extend(_case_rows(case, p, r))
@@ -191,6 +200,13 @@ def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str
         return _scale_rows(p, r)
     if case == "serve":
         return _serve_rows(p, r)
+    if case == "backends":
+        return [[case, f"{p['model']} {p['input']}, {r['backend']}, concurrency 8",
+                 f"{fmt_rate(r['server']['images_per_s'])} img/s",
+                 f"{fmt_rate(r['in_process']['images_per_s'])} img/s (in-process, batch {r['in_process']['batch']})",
+                 f"{fmt_ratio(r['ratio_at_8'])}x", f">= {p['target']}", _yes(r["ratio_at_8"] >= p["target"]),
+                 f"p50 {r['server']['p50_ms']:.1f} ms, p99 {r['server']['p99_ms']:.1f} ms; errors "
+                 f"{r['server']['errors'] + r['server']['dropped']}"]]
     if case == "landscape":
         return [[case, f"{r['model']}, {r['images']} images, {r['grid_points']} points, chunk {r['chunk']}",
                  f"{r['batched']['points_per_s']:.2f} points/s", f"{r['loop']['points_per_s']:.2f} points/s",
@@ -198,6 +214,24 @@ def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str
     return [[case, f"{r['model']}, global batch {r['global_batch']}",
              f"{fmt_rate(r['two_processes']['images_per_s'])} img/s",
              f"{fmt_rate(r['one_process']['images_per_s'])} img/s", f"{fmt_ratio(r['ratio'])}x", "-", "-", ""]]
+
+
+def _quantize_rows(p: dict[str, Any]) -> list[list[str]]:
+    """(quantize): latency at batch 1 and 64 (int8 vs fp32 eager torch), then file size."""
+    lat, t = p["latency_ms"], p["targets"]
+    rows = []
+    for b in ("1", "64"):
+        speed = p["speedup_vs_torch_fp32"][b]
+        rows.append(["quantize", f"{p['model']} {p['input']}, batch {b}, latency",
+                     f"{lat['onnxruntime_int8'][b]:.2f} ms (int8)", f"{lat['torch_fp32'][b]:.2f} ms (fp32 torch)",
+                     f"{fmt_ratio(speed)}x faster", f">= {t['speedup_64']}" if b == "64" else "-",
+                     _yes(speed >= t["speedup_64"]) if b == "64" else "-",
+                     f"fp32 onnxruntime {lat['onnxruntime_fp32'][b]:.2f} ms"])
+    rows.append(["quantize", f"{p['model']}, file size", f"{p['bytes']['int8'] / 1e6:.2f} MB",
+                 f"{p['bytes']['fp32'] / 1e6:.2f} MB", f"{fmt_ratio(p['size_ratio'])}x smaller",
+                 f">= {t['size_ratio']}", _yes(p["size_ratio"] >= t["size_ratio"]),
+                 f"static QDQ, {p['calibration_images']} calibration images"])
+    return rows
 
 
 def _scale_rows(p: dict[str, Any], r: dict[str, Any]) -> list[list[str]]:
@@ -344,6 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_serve
 
         guarded(["serve"], lambda: {"serve": bench_serve.run(args.quick, str(device))})
+    if "backends" in cases:
+        from benchmarks import bench_serve
+
+        guarded(["backends"], lambda: {"backends": bench_serve.run_backends(args.quick)})
+    if "quantize" in cases:
+        from benchmarks import bench_serve
+
+        guarded(["quantize"], lambda: {"quantize": bench_serve.run_quantize(args.quick)})
 
     if "pipeline" in cases:
         from benchmarks import bench_pipeline

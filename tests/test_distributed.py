@@ -3,7 +3,8 @@ an elastic restart after a rank dies.
 
 One in-process check that SyncBN conversion keeps the optimiser's parameters, then two torchrun
 launches in all (each costs seconds of start-up on two cores), shared by the tests through
-module-scoped fixtures; the one-process references train in this process:
+module-scoped fixtures; the one-process references are the session's (conftest.ddp_reference, shared with
+tests/test_multinode.py: one 3-epoch run, its folder copied at each epoch end):
 
 - ``two``: a fresh 2-process SyncBN run through the CLI (``-m resnetlab train``), with
   activation checkpointing on (its recomputation repeats the BN all-reduces in backward);
@@ -117,16 +118,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(root: Path) -> dict[int, Path]:
-    """One-process runs of 1, 2 and 3 epochs (the 1-epoch one is also resumed under DDP)."""
-    runs = {}
-    for epochs in (1, 2, 3):
-        cfg = resnetlab.load(None, [*COMMON, f"run.root={root / 'runs'}", f"run.name=one-{epochs}",
-                                    f"train.epochs={epochs}"])
-        result = resnetlab.train(cfg)
-        assert result.steps == epochs * STEPS_PER_EPOCH
-        runs[epochs] = result.run_dir
-    return runs
+def reference(ddp_reference: dict[int, Path], ddp_common: list[str]) -> dict[int, Path]:
+    """One process with the same global batch: 1, 2 and 3 epochs (conftest's session runs)."""
+    assert ddp_common == COMMON  # the runs compared with are made with these very settings
+    return ddp_reference
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +165,130 @@ def test_sync_batchnorm_conversion_keeps_the_optimisers_parameters() -> None:
     assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
     assert all(a is b for a, b in zip(model.buffers(), buffers, strict=True))
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+
+
+SYNC_BN_RANK = textwrap.dedent("""
+    import os, sys
+    import torch
+    import torch.distributed as tdist
+    import torch.multiprocessing as mp
+
+    from resnetlab.engine.dist import SyncBatchNorm2d, map_sharded
+
+    def rank_main(rank, out, port):
+        torch.set_num_threads(1)
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        x, g = torch.load(out + ".in")  # the global batch [8, c, h, w] and the upstream gradient
+        bn = SyncBatchNorm2d(x.shape[1], momentum=0.3)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+            bn.bias.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
+        mine = slice(4 * rank, 4 * rank + 4)  # this rank's half of the batch
+        xr = x[mine].clone().requires_grad_(True)
+        y = bn(xr)
+        (y * g[mine]).sum().backward()
+        for p in (bn.weight, bn.bias):  # DDP sums the parameters' gradients over the ranks
+            tdist.all_reduce(p.grad)
+        mine_seen = []  # data.check_images' split: each rank decodes its share, all get every answer
+
+        def check(paths):
+            mine_seen.extend(paths)
+            return [p.upper() for p in paths]
+
+        answers = map_sharded(check, [f"img{i}" for i in range(7)])
+        torch.save({"y": y.detach(), "dx": xr.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
+                    "rm": bn.running_mean, "rv": bn.running_var, "answers": answers, "seen": mine_seen},
+                   f"{out}.{rank}")
+        tdist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.start_processes(rank_main, args=(sys.argv[1], int(sys.argv[2])), nprocs=2, start_method="fork")
+""")
+
+
+def test_sync_batchnorm_on_two_ranks_is_batchnorm_of_the_global_batch_and_work_is_sharded(
+        tmp_path: Path) -> None:
+    # What torch's SyncBatchNorm computes by definition: BatchNorm2d over the global batch (forward,
+    # the input's and the affine parameters' gradients, the running statistics). torch's own
+    # SyncBatchNorm refuses CPU tensors, so here the reference is BatchNorm2d on the whole batch in
+    # one process; benchmarks/gpu_check.py compares with torch's SyncBatchNorm on CUDA.
+    # Inputs are offset (mean 3, std 2) so that E[x^2] - E[x]^2 style cancellation would show.
+    # Tolerance: float32 rounding of O(1) outputs through a few operations and a sum over
+    # 4 * 5 * 5 = 100 elements per channel and rank is ~1e-6; per-shard statistics differ by ~0.1.
+    import socket
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 5, 5, generator=gen) * 2 + 3
+    g = torch.randn(8, 3, 5, 5, generator=gen)
+    out = tmp_path / "sbn"
+    torch.save((x, g), f"{out}.in")
+    script = tmp_path / "sbn.py"
+    script.write_text(SYNC_BN_RANK)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, str(script), str(out), str(port)], capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(f"{out}.{r}") for r in (0, 1)]
+
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        bn.bias.uniform_(-1, 1, generator=torch.Generator().manual_seed(2))
+    xr = x.clone().requires_grad_(True)
+    y = bn(xr)
+    (y * g).sum().backward()
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), **tol)
+    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), xr.grad, **tol)
+    for r in ranks:
+        torch.testing.assert_close(r["dw"], bn.weight.grad, **tol)
+        torch.testing.assert_close(r["db"], bn.bias.grad, **tol)
+        torch.testing.assert_close(r["rm"], bn.running_mean, **tol)
+        torch.testing.assert_close(r["rv"], bn.running_var, **tol)  # unbiased, as BatchNorm2d keeps it
+    # map_sharded: every rank has every answer in order; the work was split, nothing done twice
+    assert all(r["answers"] == [f"IMG{i}" for i in range(7)] for r in ranks)
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == [f"img{i}" for i in range(7)]
+    assert len(ranks[0]["seen"]) == 4 and len(ranks[1]["seen"]) == 3
+
+
+def test_sync_batchnorm_compiles_into_one_graph() -> None:
+    # torch's SyncBatchNorm breaks a compiled graph at every BN (its boolean-mask select);
+    # SyncBatchNorm2d's collectives are functional ones that torch.compile traces: one graph,
+    # forward and backward, the same numbers as eager. A 1-process gloo group suffices to trace.
+    import socket
+
+    import torch.distributed as tdist
+    from torch._dynamo.utils import counters
+
+    from resnetlab.engine.dist import SyncBatchNorm2d
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), SyncBatchNorm2d(8), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 8, 3), SyncBatchNorm2d(8))
+        x = torch.randn(4, 3, 12, 12)
+        compiled = torch.compile(model, backend="aot_eager")
+        y = compiled(x)
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        y_eager = model(x)
+        y_eager.square().sum().backward()
+        assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+        torch.testing.assert_close(y, y_eager)  # the same kernels, eager or traced
+        for g, p in zip(grads, model.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad)
+    finally:
+        tdist.destroy_process_group()
+        torch._dynamo.reset()
 
 
 def _ok(launch: dict) -> None:

@@ -189,7 +189,7 @@ def test_dark_on_light_digit_is_detected_and_inverted(run: Path, tmp_path: Path,
     # box filter back to 8x8 restores it exactly)
     scan = ImageOps.invert(digit).resize((64, 64), Image.Resampling.NEAREST).convert("RGB")
     assert not light_ground(digit) and light_ground(scan)
-    p = resnetlab.load(run)
+    p = resnetlab.load(run, centre=False)  # the polarity alone (the ink framing: test_serve.py)
     assert torch.equal(p.transforms(scan), p.transforms(digit))  # inverted back, then as trained
     as_is, flipped = p.predict([digit, scan], topk=1)
     assert flipped.inverted is True and as_is.inverted is False and flipped.indices == as_is.indices

@@ -28,9 +28,42 @@ def test_dry_run_exercises_every_part_and_writes_json(tmp_path: Path, capsys) ->
         (m, a) for m in ("resnet50", "resnet20") for a in ("none", "bf16", "fp16")}
     assert any(r["compile"] for r in ran)
     assert all(r["images_per_s"]["resnetlab"] > 0 and r["images_per_s"]["torchvision"] > 0 for r in ran)
-    assert out["ddp"]["ok"] and out["ddp"]["backend"] == "gloo"
-    assert out["sync"]["ok"] and out["sync"]["trapped_calls"] == []
+    ddp = out["ddp"]
+    assert ddp["ok"] and ddp["backend"] == "gloo" and ddp["compiled_around_ddp"] and ddp["syncbn_vs_torch"]["ok"]
+    # compiled around DDP with SyncBatchNorm2d: no graph break per BN layer (resnet20 has 19)
+    assert sum(ddp["graph_breaks"].values()) < 19
+    sync = out["sync"]  # default settings: the only host reads are the guard's, at its sync steps
+    assert sync["ok"] and sync["trapped_calls"] == [] and sync["defaults"] == "progress bar, tensorboard"
+    assert sync["guard_reads_at"] == list(range(sync["sync_every"], sync["steps_checked"] + 1, sync["sync_every"]))
+    assert out["fit_compile"]["ok"] and out["fit_compile"]["steps"] == 4
+    fashion = out["fashion"]  # the end-to-end race on a few hundred Fashion-MNIST images
+    assert fashion["ok"] and fashion["resnetlab"]["epochs_run"] == fashion["torchvision"]["epochs_run"] == 1
+    assert 0 <= fashion["resnetlab"]["best_acc"] <= 100 and 0 <= fashion["torchvision"]["best_acc"] <= 100
+    folder = out["folder"]
+    assert folder["ok"] and all(folder[f"{who}_{what}_images_per_s"] > 0
+                                for who in ("resnetlab", "torchvision") for what in ("fit", "loader"))
+    assert out["failures"] == []
     assert "| resnet50 32px b2 fp32 |" in capsys.readouterr().out
+
+
+def test_budget_and_no_compile_list_what_does_not_run(tmp_path: Path) -> None:
+    # A budget of 0 s starts nothing: every part is listed as not run, none is dropped.
+    assert gpu_check.main(["--dry-run", "--no-compile", "--budget", "0", "--results-dir", str(tmp_path)]) == 0
+    out = json.loads(next(tmp_path.glob("gpu-dryrun-*.json")).read_text())
+    assert out["fit_compile"]["status"] == "skipped (--no-compile)"
+    for part in ("sync", "ddp", "fashion", "folder", "throughput"):
+        assert out[part]["status"] == "not run (budget)", part
+    assert not any(c.compile for c in gpu_check.cases(gpu_check.GPU_PLAN, compile=False))
+    rows = gpu_check.throughput(torch.device("cpu"), gpu_check.DRY_PLAN, gpu_check.Budget(0), lambda s: None)
+    assert {r["status"] for r in rows} == {"not run (budget)"}
+    assert len(rows) == len(gpu_check.cases(gpu_check.DRY_PLAN))
+
+
+def test_the_script_ends_the_run_at_its_timeout(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--results-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "GPU_CHECK_TIMEOUT": "1"})
+    assert proc.returncode == 124, proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA refusal")

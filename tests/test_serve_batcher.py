@@ -12,10 +12,9 @@ from resnetlab.serve.batcher import MicroBatcher
 
 
 def _fn(calls: list[int]):
-    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         calls.append(x.shape[0])  # batch size of each forward pass
-        s = x.float().flatten(1).sum(dim=1, keepdim=True)  # [n, 1]: a per-image answer
-        return s, s.long()
+        return x.float().flatten(1).sum(dim=1, keepdim=True)  # [n, 1]: a per-image answer
 
     return forward
 
@@ -30,6 +29,7 @@ def test_announced_images_share_one_batch_and_answers_stay_in_order() -> None:
         xs = [torch.full((1, 2, 2), i, dtype=torch.uint8) for i in range(5)]
         out = await asyncio.gather(*(b.predict(x) for x in xs))
         await b.stop()
+        assert [n for _, n in out] == [5] * 5  # each answer says it ran in a batch of 5
         return [float(p[0]) for p, _ in out]
 
     assert asyncio.run(main()) == [0.0, 4.0, 8.0, 12.0, 16.0]  # image i sums to 4 * i
@@ -55,10 +55,10 @@ def test_lone_image_does_not_wait_and_max_batch_splits() -> None:
 
 
 def test_a_failing_forward_fails_its_requests_only() -> None:
-    def broken(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def broken(x: torch.Tensor) -> torch.Tensor:
         if int(x.max()) == 9:
             raise RuntimeError("bad batch")
-        return x.float().flatten(1), x.long().flatten(1)
+        return x.float().flatten(1)
 
     async def main() -> tuple[str, float]:
         b = MicroBatcher(broken, ThreadPoolExecutor(1), max_batch=4, max_wait_s=0.0)
@@ -73,3 +73,18 @@ def test_a_failing_forward_fails_its_requests_only() -> None:
         return err, float(ok[0])
 
     assert asyncio.run(main()) == ("bad batch", 3.0)
+
+
+def test_observer_sees_each_batch_size_and_queue_waits() -> None:
+    seen: list[tuple[int, int, bool]] = []
+
+    async def main() -> None:
+        b = MicroBatcher(_fn([]), ThreadPoolExecutor(1), max_batch=4, max_wait_s=5.0,
+                         on_batch=lambda n, waits, s: seen.append((n, len(waits), min(waits) >= 0 <= s)))
+        b.start()
+        b.announce(6)
+        await asyncio.gather(*(b.predict(torch.zeros(1, 2, 2)) for _ in range(6)))
+        await b.stop()
+
+    asyncio.run(main())
+    assert seen == [(4, 4, True), (2, 2, True)]  # one wait per image, sizes capped at max_batch

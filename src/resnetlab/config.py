@@ -100,6 +100,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda, then mps, then cpu; or any torch device string
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; for GPUs (slow on CPU)
     compile: bool = False  # torch.compile the model; for GPUs
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager/eager: no code generation (debugging, CPU tests)
     channels_last: bool = True  # NHWC memory format: ~15% faster on CPU, faster on tensor cores
     sync_bn: bool = False  # DDP only: synchronise BN statistics across ranks
     resume: Literal["never", "auto"] = "never"  # auto: continue when the run folder has last.pt

@@ -63,11 +63,9 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
     run_dir = Path(cfg.run.root).expanduser() / str(cfg.run.name)
     existed = run_dir.exists()
     stepped = [False]
-    steps = _StepLoss(cfg, run_dir)
 
     def watch(info: dict[str, Any]) -> bool | None:
         stepped[0] = True
-        steps.log(info)
         return on_step(info) if on_step is not None else None
 
     try:
@@ -84,37 +82,6 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
         if not stepped[0]:
             discard_untrained(run_dir, existed)
         raise
-    finally:
-        steps.close()
-
-
-class _StepLoss:
-    """``train/loss_step`` in TensorBoard every ``every`` optimiser steps (rank 0 only).
-
-    Reading the loss waits for the device, so it is read every 10th step, not every step. The
-    events go to the run's ``tb/`` folder beside fit's epoch scalars (one run in TensorBoard).
-    """
-
-    def __init__(self, cfg: Config, run_dir: Path, every: int = 10) -> None:
-        self.on = cfg.train.tensorboard and os.environ.get("RANK", "0") == "0"
-        self.run_dir, self.every = run_dir, every
-        self.writer: Any = None  # a SummaryWriter, made on the first logged step
-
-    def log(self, info: dict[str, Any]) -> None:
-        if not self.on or info["step"] % self.every:
-            return
-        if self.writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional dependency
-                self.on = False
-                return
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), filename_suffix=".steps")
-        self.writer.add_scalar("train/loss_step", float(info["loss"].item()), info["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 __all__ = ["discard_untrained", "fit_cleanly", "holds_checkpoints", "removed_on_failure"]

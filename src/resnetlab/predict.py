@@ -10,6 +10,13 @@ drawing is usually dark ink on white, so with ``invert="auto"`` the polarity is 
 image border (the ground): a light border means dark-on-light, and the image is inverted before
 prediction; each prediction says whether it was. ``"yes"``/``"no"`` force it.
 
+Digit-like runs (digits, MNIST, Fashion-MNIST) were trained on characters cropped to their ink,
+scaled into a fixed box and centred. A photo or a drawing is rarely framed like that (a small
+digit in a wide margin, off centre), so by default the same framing is applied to it
+(:func:`centre_ink`): crop to the ink's bounding box, scale it, aspect kept, into the box the
+dataset used, centre it. ``Prediction.preprocess`` says what was done; ``centre=False`` turns
+it off. Images already at the network's input size are taken as they are (a dataset image).
+
 From Python, in three lines::
 
     p = resnetlab.load("runs/digits")              # a Predictor
@@ -26,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import nn
@@ -49,6 +57,7 @@ class Prediction:
     indices: list[int]  # label ids
     probs: list[float]  # softmax probabilities, 0..1
     inverted: bool | None = None  # grey runs: whether the image was inverted first; None: not grey
+    preprocess: str | None = None  # what was done before the network: polarity, ink framing
 
 
 @dataclass
@@ -125,6 +134,144 @@ def apply_polarity(img: Image.Image, meta: DataMeta, invert: Invert = "auto") ->
     return ImageOps.invert(mode_img), True
 
 
+@dataclass(frozen=True)
+class InkFrame:
+    """How a digit-like dataset framed its characters (see :func:`centre_ink`)."""
+
+    fill: float  # the ink box's longer side, as a fraction of the frame
+    by_mass: bool  # centre the centre of mass (MNIST) rather than the box (digits)
+    scale: int  # the frame is drawn at ``scale`` x the input size, then downsampled as usual
+
+
+#: Datasets whose images are single characters framed by their ink. scikit-learn's digits: 32x32
+#: bitmaps with the character filling the height (measured: every one of the 1,797 images has
+#: ink in all 8 rows), averaged down 4x4; MNIST/KMNIST: the ink box fitted into 20x20, centred
+#: by mass in 28x28 (LeCun et al.); Fashion-MNIST: the product's longer side fitted to 28.
+INK_FRAMES: dict[str, InkFrame] = {
+    "digits": InkFrame(fill=1.0, by_mass=False, scale=4),
+    "mnist": InkFrame(fill=20 / 28, by_mass=True, scale=4),
+    "kmnist": InkFrame(fill=20 / 28, by_mass=True, scale=4),
+    "fashion_mnist": InkFrame(fill=1.0, by_mass=False, scale=4),
+}
+#: Ink is what stands above the ground by this fraction of the image's ground-to-peak contrast.
+INK_THRESHOLD = 0.35
+#: Below this ground-to-peak contrast (of 255) the image is taken as blank and left alone.
+MIN_CONTRAST = 24
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image's pixels land in the network's input: ``u = sx * x + tx``, ``v = sy * y + ty``
+    (continuous pixel coordinates, 0 at the top-left edge; ``x, y`` in the image as given)."""
+
+    sx: float = 1.0
+    sy: float = 1.0
+    tx: float = 0.0
+    ty: float = 0.0
+
+    def then(self, other: Geometry) -> Geometry:
+        """This mapping followed by ``other``."""
+        return Geometry(other.sx * self.sx, other.sy * self.sy, other.sx * self.tx + other.tx,
+                        other.sy * self.ty + other.ty)
+
+
+def resize_geometry(size: tuple[int, int], meta: DataMeta) -> Geometry:
+    """The geometry of the run's evaluation resize (and centre crop) for an image of ``size`` (w, h),
+    following :func:`resnetlab.data.datasets.eval_transform` (torchvision's resize and crop rounding)."""
+    w0, h0 = size
+    h, w = meta.input_size
+    if meta.resize is not None:
+        short, long_ = min(w0, h0), max(w0, h0)
+        other = int(meta.resize * long_ / short)
+        w1, h1 = (meta.resize, other) if w0 <= h0 else (other, meta.resize)
+        top, left = int(round((h1 - h) / 2.0)), int(round((w1 - w) / 2.0))
+        return Geometry(w1 / w0, h1 / h0, -float(left), -float(top))
+    return Geometry(w / w0, h / h0, 0.0, 0.0)
+
+
+def centre_ink(img: Image.Image, meta: DataMeta) -> tuple[Image.Image, str]:
+    """Frame a light-on-dark character as ``meta``'s dataset did: ``(image, what was done)``.
+
+    Crops to the bounding box of the ink (pixels above the ground, the median of the border,
+    by :data:`INK_THRESHOLD` of the contrast), stretches ground..peak to 0..255, scales the
+    box, aspect kept, so its longer side
+    fills the dataset's box, and centres it (by box or by centre of mass) on a dark frame of
+    ``scale`` x the input size; the usual resize then brings it to the input size. Datasets not
+    in :data:`INK_FRAMES`, images already at the input size and blank images come back as given.
+    """
+    framed, how, _ = _frame_ink(img, meta)
+    return framed, how
+
+
+def _frame_ink(img: Image.Image, meta: DataMeta) -> tuple[Image.Image, str, Geometry]:
+    """:func:`centre_ink` and where the image's pixels went in the frame."""
+    frame = INK_FRAMES.get(meta.name)
+    h, w = meta.input_size
+    same = Geometry()
+    if frame is None or meta.in_chans != 1:
+        return img, "as given", same
+    if img.size == (w, h):
+        return img, "already at the input size: taken as it is", same
+    grey = np.asarray(to_mode(img, 1), dtype=np.float32)  # [H, W], 0..255
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    ground, peak = float(np.median(border)), float(grey.max())
+    if peak - ground < MIN_CONTRAST:
+        return img, "no ink found: taken as it is", same
+    ink = grey > ground + INK_THRESHOLD * (peak - ground)
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    # The ground becomes 0 and the darkest ink 255, as in the datasets (full-contrast strokes).
+    box = np.clip((grey[y0:y1, x0:x1] - ground) * (255.0 / (peak - ground)), 0, 255)
+    bh, bw = box.shape
+    fh, fw = h * frame.scale, w * frame.scale
+    k = frame.fill * min(fh, fw) / max(bh, bw)  # longer side of the box -> fill of the frame
+    sh, sw = max(1, round(bh * k)), max(1, round(bw * k))
+    glyph = Image.fromarray(box.astype(np.uint8), "L").resize((sw, sh), Image.Resampling.BILINEAR)
+    if frame.by_mass:
+        g = np.asarray(glyph, dtype=np.float64)
+        total = g.sum() or 1.0
+        cy = float((g.sum(axis=1) * np.arange(sh)).sum() / total)
+        cx = float((g.sum(axis=0) * np.arange(sw)).sum() / total)
+    else:
+        cy, cx = (sh - 1) / 2, (sw - 1) / 2
+    top = min(max(round((fh - 1) / 2 - cy), 0), fh - sh)  # centred, never cut off
+    left = min(max(round((fw - 1) / 2 - cx), 0), fw - sw)
+    canvas = Image.new("L", (fw, fh), 0)
+    canvas.paste(glyph, (left, top))
+    how = "centre of mass" if frame.by_mass else "box"
+    kx, ky = sw / bw, sh / bh  # the box's pixels -> the glyph's; x0 lands on left
+    return canvas, (f"ink box {bw}x{bh} at ({x0},{y0}) fitted to {sw}x{sh} of {fw}x{fh}, "
+                    f"centred by {how}"), Geometry(kx, ky, left - kx * x0, top - ky * y0)
+
+
+def prepare_image(img: Image.Image, meta: DataMeta, invert: Invert = "auto",
+                  centre: bool = True) -> tuple[torch.Tensor, bool | None, str]:
+    """One decoded image -> ``(uint8 [c, h, w], inverted, what was done)``, as predict feeds it.
+
+    Polarity (:func:`apply_polarity`), then for digit-like runs the dataset's framing
+    (:func:`centre_ink`, unless ``centre`` is False), then the run's evaluation resize.
+    """
+    pixels, inverted, steps, _ = prepare_image_mapped(img, meta, invert, centre)
+    return pixels, inverted, steps
+
+
+def prepare_image_mapped(img: Image.Image, meta: DataMeta, invert: Invert = "auto", centre: bool = True
+                         ) -> tuple[torch.Tensor, bool | None, str, Geometry]:
+    """:func:`prepare_image` and the :class:`Geometry` from ``img`` to the network's input (to
+    draw what the network computed, e.g. a Grad-CAM map, back over the image as given)."""
+    img, inverted = apply_polarity(img, meta, invert)
+    steps = ["inverted" if inverted else "polarity kept" if inverted is False else "colour"]
+    geometry = Geometry()
+    if meta.name in INK_FRAMES and meta.in_chans == 1:
+        if centre:
+            img, how, geometry = _frame_ink(img, meta)
+            steps.append(how)
+        else:
+            steps.append("ink framing off")
+    geometry = geometry.then(resize_geometry(img.size, meta))
+    return preprocess([img], meta)[0], inverted, "; ".join(steps), geometry
+
+
 def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -151,27 +298,28 @@ def predict_images(model: nn.Module, meta: DataMeta, images: Sequence[Image.Imag
 
 
 def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
-            device: str | torch.device = "cpu", batch_size: int = 64, invert: Invert = "auto") -> PredictResult:
+            device: str | torch.device = "cpu", batch_size: int = 64, invert: Invert = "auto",
+            centre: bool = True, backend: str = "torch", model_file: str | Path | None = None) -> PredictResult:
     """Top-``topk`` predictions of the network at ``path`` (run folder or checkpoint) for
     ``inputs`` (image files and folders). Unreadable files land in ``result.errors``.
-    ``invert``: see :func:`apply_polarity` (digits: dark-on-light images are inverted)."""
+    ``invert``: see :func:`apply_polarity` (digits: dark-on-light images are inverted);
+    ``centre``: see :func:`centre_ink`. ``backend``: ``torch`` or ``onnxruntime`` (the exported
+    ``.onnx``; ``model_file`` picks another, e.g. the int8 one), as ``resnetlab serve`` runs them."""
+    from resnetlab.serve.backends import make_backend
+
     if topk < 1:
         raise DataError(f"--topk must be >= 1, got {topk}")
-    if invert not in INVERT_CHOICES:
-        raise DataError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
-    model, _cfg, meta = load_for_inference(path, device=device)
-    device = next(model.parameters()).device
+    runner = make_backend(path, backend, device=str(device), model_file=model_file, invert=invert,
+                          centre=centre).load()
+    meta = runner.meta
     files, errors = collect_images(inputs)
     result = PredictResult(errors=errors)
     for chunk in _chunks(files, batch_size):  # bounded memory for large folders
         good: list[Path] = []
-        flips: list[bool | None] = []
-        pixels: list[torch.Tensor] = []  # [c, h, w] uint8 each
+        prepared = []
         for f in chunk:
             try:
-                img, inverted = apply_polarity(load_image(f), meta, invert)
-                pixels.append(preprocess([img], meta)[0])
-                flips.append(inverted)
+                prepared.append(runner.preprocess(load_image(f)))
                 good.append(f)
             except DataError as e:  # BadImageError says "<path>: <reason>"
                 result.errors.append((str(f), str(e).removeprefix(f"{f}: ")))
@@ -179,11 +327,14 @@ def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
                 result.errors.append((str(f), f"cannot preprocess image ({e})"))
         if not good:
             continue
-        probs, ids = _topk(model, meta, torch.stack(pixels), topk, device)
+        probs = runner.predict_batch(torch.stack([p.x for p in prepared]))  # [n, classes]
         finite = torch.isfinite(probs).all(dim=1).tolist()
-        for f, p, i, inv, ok in zip(good, probs.tolist(), ids.tolist(), flips, finite, strict=True):
+        top = probs.topk(min(topk, probs.shape[1]), dim=1)
+        for f, p, i, item, ok in zip(good, top.values.tolist(), top.indices.tolist(), prepared, finite,
+                                     strict=True):
             if ok:
-                result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, inv))
+                result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, item.inverted,
+                                                     item.preprocess))
             else:  # never a NaN probability (nor a bare NaN in the JSON): the file is an error
                 result.errors.append((str(f), "the network's output for it is not finite (NaN or inf); "
                                               "the checkpoint's weights diverged: use an earlier one"))
@@ -212,16 +363,18 @@ class Predictor:
     images into the normalised batch the model takes, ``predict`` returns the top-k per image.
     """
 
-    def __init__(self, model: nn.Module, cfg: Config, meta: DataMeta, invert: Invert = "auto") -> None:
+    def __init__(self, model: nn.Module, cfg: Config, meta: DataMeta, invert: Invert = "auto",
+                 centre: bool = True) -> None:
         if invert not in INVERT_CHOICES:
             raise DataError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
-        self.model, self.config, self.meta, self.invert = model, cfg, meta, invert
+        self.model, self.config, self.meta, self.invert, self.centre = model, cfg, meta, invert, centre
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", invert: Invert = "auto") -> Predictor:
+    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", invert: Invert = "auto",
+                  centre: bool = True) -> Predictor:
         """Load a run folder, ``.pt`` checkpoint or exported ``.safetensors`` file."""
         model, cfg, meta = load_for_inference(path, device=device)
-        return cls(model, cfg, meta, invert)
+        return cls(model, cfg, meta, invert, centre)
 
     @property
     def classes(self) -> list[str]:
@@ -244,22 +397,26 @@ class Predictor:
         raise DataError(f"expected a PIL image, an image path or a uint8 tensor [c, h, w], got "
                         f"{type(image).__name__}{' ' + str(image.dtype) if isinstance(image, torch.Tensor) else ''}")
 
-    def _batch(self, images: Any) -> tuple[list[Image.Image], list[bool | None]]:
+    def _batch(self, images: Any) -> tuple[torch.Tensor, list[bool | None], list[str]]:
+        """uint8 ``[n, c, h, w]``, polarity flags and what was done, per image."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:  # uint8 [n, c, h, w]
             images = list(images)
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        pairs = [apply_polarity(self._pil(im), self.meta, self.invert) for im in images]
-        return [im for im, _ in pairs], [inv for _, inv in pairs]
+        done = [prepare_image(self._pil(im), self.meta, self.invert, self.centre) for im in images]
+        h, w = self.meta.input_size
+        pixels = (torch.stack([p for p, _, _ in done]) if done
+                  else torch.empty(0, self.meta.in_chans, h, w, dtype=torch.uint8))
+        return pixels, [inv for _, inv, _ in done], [how for _, _, how in done]
 
     def transforms(self, images: Any) -> torch.Tensor:
         """PIL image(s), path(s) or uint8 tensor(s) -> float32 ``[n, c, h, w]``, normalised.
 
-        The run's own evaluation preprocessing (resize/crop, grey or RGB, polarity), then
-        ``(x / 255 - mean) / std`` with the training split's statistics.
+        The run's own evaluation preprocessing (polarity, digit-like framing, resize/crop, grey
+        or RGB), then ``(x / 255 - mean) / std`` with the training split's statistics.
         """
-        pil, _ = self._batch(images)
-        return normalize(preprocess(pil, self.meta), self.meta)
+        pixels, _, _ = self._batch(images)
+        return normalize(pixels, self.meta)
 
     @torch.no_grad()
     def predict(self, images: Any, topk: int = 5) -> list[Prediction]:
@@ -267,20 +424,22 @@ class Predictor:
         or the path given)."""
         if topk < 1:
             raise DataError(f"topk must be >= 1, got {topk}")
-        pil, flips = self._batch(images)
-        if not pil:
+        pixels, flips, steps = self._batch(images)
+        if not len(pixels):
             return []
-        probs, ids = _topk(self.model, self.meta, preprocess(pil, self.meta), topk, self.device)
-        names = images if isinstance(images, (list, tuple)) else [images] * len(pil)
+        probs, ids = _topk(self.model, self.meta, pixels, topk, self.device)
+        names = images if isinstance(images, (list, tuple)) else [images] * len(pixels)
         return [Prediction(str(n) if isinstance(n, (str, Path)) else str(k), [self.meta.classes[j] for j in i],
-                           i, p, inv)
-                for k, (n, p, i, inv) in enumerate(zip(names, probs.tolist(), ids.tolist(), flips, strict=True))]
+                           i, p, inv, how)
+                for k, (n, p, i, inv, how) in enumerate(zip(names, probs.tolist(), ids.tolist(), flips, steps,
+                                                            strict=True))]
 
     def __repr__(self) -> str:
         return (f"Predictor({self.config.model.name}, {len(self.classes)} classes, "
                 f"input {self.meta.in_chans}x{self.meta.input_size[0]}x{self.meta.input_size[1]}, "
-                f"invert={self.invert!r})")
+                f"invert={self.invert!r}, centre={self.centre})")
 
 
-__all__ = ["INVERT_CHOICES", "Prediction", "PredictResult", "Predictor", "apply_polarity", "collect_images",
-           "format_predictions", "light_ground", "predict", "predict_images"]
+__all__ = ["INK_FRAMES", "INVERT_CHOICES", "InkFrame", "Prediction", "PredictResult", "Predictor", "apply_polarity",
+           "centre_ink", "collect_images", "format_predictions", "light_ground", "predict", "predict_images",
+           "prepare_image", "prepare_image_mapped", "resize_geometry", "Geometry"]

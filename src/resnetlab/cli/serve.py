@@ -19,11 +19,25 @@ def _bounded(flag: str) -> Callable[[str], int | float]:
     parse.__name__ = flag.lstrip("-")
     return parse
 
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """--backend, --model-file and --no-centre: shared by serve and predict."""
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="what runs the network: torch (default) or onnxruntime (CPU; the .onnx that "
+                        "`resnetlab export --format onnx` or `resnetlab quantize` wrote)")
+    p.add_argument("--model-file", metavar="FILE.onnx",
+                   help="onnxruntime: the model file to run (default <run>/<arch>.onnx; e.g. the "
+                        "<arch>.int8.onnx of resnetlab quantize)")
+    p.add_argument("--no-centre", dest="centre", action="store_false",
+                   help="digit-like runs (digits, MNIST, Fashion-MNIST): do not crop images to their "
+                        "ink and centre it as the dataset was framed (the answer's preprocess field "
+                        "says what was done)")
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP API + web page for a trained network (127.0.0.1:8000)",
                        description="Serve a run (or checkpoint): POST /v1/predict, POST /v1/explain, "
-                                   "GET /v1/model, /healthz, /readyz, and a web page at /. Listens on "
+                                   "GET /v1/model, /healthz, /readyz, a web page at /, the Open "
+                                   "Inference Protocol v2 (/v2/...: KServe, Triton clients) and "
+                                   "Prometheus metrics at /metrics. Listens on "
                                    "127.0.0.1 only unless --host says otherwise. SIGTERM or Ctrl-C "
                                    "finishes the requests in flight and exits 0.")
     p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
@@ -46,6 +60,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_bounded("--threads"),
                    help="torch CPU threads for the network (default: one per core; 1 is steadier on a "
                         "machine shared with other busy processes)")
+    add_backend_options(p)
+    p.add_argument("--model-name", metavar="NAME",
+                   help="the model's name in the v2 protocol's URLs (/v2/models/NAME/infer; default: "
+                        "the run folder's name)")
     p.add_argument("--header-timeout-s", type=_bounded("--header-timeout-s"), default=10.0,
                    help="a request's head must arrive within this many seconds of the connection (or of "
                         "the previous answer); else 408 and the connection is closed (default 10)")
@@ -66,7 +84,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         return serve(args.path, host=args.host, port=args.port, device=args.device,
                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, limits=limits,
-                     log_level=args.log_level, threads=args.threads, timeouts=timeouts)
+                     log_level=args.log_level, threads=args.threads, timeouts=timeouts,
+                     backend=args.backend, model_file=args.model_file, model_name=args.model_name,
+                     centre=args.centre)
     except OSError as e:
         print(f"resnetlab serve: error: {e}", file=sys.stderr)
         return 1

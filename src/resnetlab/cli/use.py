@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from resnetlab.cli.serve import add_backend_options
+
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="loss, top-1/top-5 error, per-class accuracy/precision/recall/F1, confusion matrix",
@@ -56,6 +58,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                    help="grey runs (digits: light ink on dark) learned one polarity; auto reads it from "
                         "the image border and inverts dark-on-light images (default auto)")
+    add_backend_options(p)
 
 def run_predict(args: argparse.Namespace) -> int:
     import json
@@ -69,7 +72,8 @@ def run_predict(args: argparse.Namespace) -> int:
               "send it to a file (> predictions.txt) or a pipe", file=sys.stderr)
         return 1
     try:
-        result = predict(args.path, args.inputs, topk=args.topk, device=args.device, invert=args.invert)
+        result = predict(args.path, args.inputs, topk=args.topk, device=args.device, invert=args.invert,
+                         centre=args.centre, backend=args.backend, model_file=args.model_file)
     except NonFiniteOutputError as e:
         return _non_finite(args, e, {"predictions": None})
     if args.json:
@@ -132,6 +136,33 @@ def run_export(args: argparse.Namespace) -> int:
           f"{res.max_abs_diff:.2e} (limit {res.metadata['tolerance']:.0e})")
     return 0
 
+def add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="int8 post-training quantization (onnxruntime) with a top-1/size/latency report",
+                       description="Quantize a run's exported ONNX model to int8 with onnxruntime (exported "
+                                   "first if missing), calibrated on N training images, and compare fp32 "
+                                   "and int8: top-1 on the test split, file size, latency at batch 1 and 64. "
+                                   "Writes <run>/<arch>.int8.onnx and its .json report; serve it with "
+                                   "resnetlab serve RUN --backend onnxruntime --model-file FILE.")
+    p.add_argument("path", metavar="RUN|CKPT", help="run folder or checkpoint file")
+    p.add_argument("--method", choices=("static", "dynamic"), default="static",
+                   help="static: activation ranges calibrated on training images, int8 convolutions "
+                        "(default); dynamic: weights only, ranges measured per batch")
+    p.add_argument("--calibration", type=int, default=256, metavar="N",
+                   help="training images to calibrate on (static; default 256)")
+    p.add_argument("--output", metavar="PATH", help="int8 model file (default <run>/<arch>.int8.onnx)")
+    p.add_argument("--threads", type=int, help="CPU threads for the latency measurement (default: torch's)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="data.* changes to the stored config for reading the images, e.g. data.root=~/data/x")
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from resnetlab.quantize import format_report, quantize_run
+
+    report = quantize_run(args.path, args.method, args.calibration, args.output, force=args.force,
+                          threads=args.threads, overrides=args.overrides)
+    print(format_report(report))
+    return 0
+
 def add_import(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="turn torchvision weights on disk into a resnetlab checkpoint",
                        description="Wrap a torchvision state dict (torch.save(model.state_dict())) in a "
@@ -162,5 +193,6 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "predict": (add_predict, run_predict),
     "explain": (add_explain, run_explain),
     "export": (add_export, run_export),
+    "quantize": (add_quantize, run_quantize),
     "import": (add_import, run_import),
 }

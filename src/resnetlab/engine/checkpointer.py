@@ -27,7 +27,13 @@ from torch import nn
 from resnetlab import checkpoint as ckpt
 from resnetlab.config import Config, ConfigError, flatten, from_dict, resume_changes, to_dict
 from resnetlab.data.augment import derive_seed
-from resnetlab.engine.dist import DistInfo, all_gather_object, barrier, broadcast_object
+from resnetlab.engine.dist import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+)
 from resnetlab.engine.errors import (
     NonFiniteLossError,
     RunFolderBusyError,
@@ -197,6 +203,7 @@ class Checkpointer:
         forward = None if bad else self._forward_problem(parts)
         # rank 0 writes: it alone looks for the run folder, and every rank learns the answer here
         # (one rank raising alone would leave the others waiting in the next collective)
+        meter_sums = all_reduce_sum(parts.meter.sums.clone())  # every rank's samples, in any process count
         gone = self.dist.is_main and not self.run_dir.is_dir()  # saving would re-create a stub
         gathered = all_gather_object((ckpt.rng_state(self.device), bad, forward, gone))
         if any(g for _, _, _, g in gathered):
@@ -222,7 +229,9 @@ class Checkpointer:
                 optimizer=parts.optimizer.state_dict(),
                 ema=parts.ema.state_dict() if parts.ema is not None else None,
                 scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
-                meter=parts.meter.state_dict(),
+                # summed over the ranks: restored on rank 0 and zeros elsewhere (restore), so the
+                # epoch's all-reduce counts each sample once with any number of processes
+                meter={"sums": meter_sums.cpu()},
                 rng=ckpt.pack_rng([r for r, *_ in gathered]),
                 state=state.state_dict(),
                 config=to_dict(cfg),
@@ -260,6 +269,8 @@ class Checkpointer:
             if parts.scaler is not None and loaded.scaler is not None:
                 parts.scaler.load_state_dict(loaded.scaler)
             parts.meter.load_state_dict(loaded.meter)  # type: ignore[arg-type]  # checked
+            if not self.dist.is_main:  # the saved sums are every rank's: counted once, on rank 0
+                parts.meter.sums.zero_()
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ckpt.CheckpointError(f"{path}: cannot restore the training state "
                                        f"({type(e).__name__}: {str(e)[:200]})") from None

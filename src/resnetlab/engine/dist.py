@@ -11,8 +11,9 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -25,6 +26,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # init_from_env created the process group: fit() destroys it at the end
 
     @property
     def enabled(self) -> bool:
@@ -46,7 +48,8 @@ def init_from_env(device_type: str) -> DistInfo:
         return DistInfo()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not tdist.is_initialized():
+    owns = not tdist.is_initialized()
+    if owns:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
@@ -59,7 +62,7 @@ def init_from_env(device_type: str) -> DistInfo:
                                      timeout=timeout)
     if rank != 0:
         log.setLevel(logging.WARNING)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, owns_group=owns)
 
 
 ROUND_PREFIX = "resnetlab/round"  # keys of one restart round live under f"{ROUND_PREFIX}{n}/"
@@ -159,28 +162,79 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op alone)."""
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
 
 
-class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_sharded(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T]) -> list[R]:
+    """``fn(items)``, with the work split over the ranks: each rank runs ``fn`` on every
+    ``world_size``-th item from its rank on, and every rank gets all results in ``items``' order.
+    A collective (all ranks call it with the same ``items``); alone, just ``fn(items)``.
+
+    ``data.check_images=true`` decodes every image file this way: each rank decodes its share
+    once instead of every rank decoding the whole dataset, and all ranks drop the same files.
+    """
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return fn(items)
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    parts = all_gather_object(fn(items[rank::world]))
+    out: list[Any] = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def _world() -> tdist.ProcessGroup:
+    group = tdist.group.WORLD
+    assert group is not None  # only called inside an initialised process group
+    return group
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks whose backward sums the gradients over the ranks, built on the
+    functional collectives, which torch.compile traces into its graph (the autograd-aware
+    ``torch.distributed.nn.functional.all_reduce`` is deprecated and unsupported under compile)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(x, "sum", _world()))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", _world()))
+
+
+class SyncBatchNorm2d(torch.nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the global batch of every rank.
 
-    torch's SyncBatchNorm runs on CUDA only; this one works with any backend (gloo on CPU).
-    Per-channel sums and sums of squares (float64, so E[x^2] - E[x]^2 loses nothing) are
-    all-reduced with the autograd-aware collective, whose backward sums the gradients of every
-    rank's loss: the gradient of the global batch's statistics, as SyncBatchNorm computes it.
+    Used on every backend (NCCL and gloo). torch's own SyncBatchNorm runs on CUDA only, and its
+    forward selects the ranks with a non-empty batch by a boolean mask, a host synchronisation in
+    every BN layer (53 per resnet50 forward) that also breaks compiled graphs at each BN. Here
+    there is no host read: each rank computes its per-channel mean and (biased) variance in
+    float32 with one stable kernel (``torch.var_mean``), and one all-reduce of float64
+    ``[n*mean, n*(var + mean^2), n]`` (``2c + 1`` numbers) gives the global mean and variance.
+    The all-reduce is the autograd-aware one: its backward sums every rank's gradient of the
+    statistics, as SyncBatchNorm's backward does. A rank with an empty batch contributes n = 0.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, c, h, w]
         if not (self.training and tdist.is_available() and tdist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
-        xd = x.double()
-        count = torch.full((1,), x.numel() / c, dtype=torch.float64, device=x.device)
-        stats = all_reduce(torch.cat([xd.sum(dim=(0, 2, 3)), (xd * xd).sum(dim=(0, 2, 3)), count]))
+        var_l, mean_l = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)  # [c] each, this rank
+        n_l = x.numel() // c  # samples per channel on this rank: a Python int, no transfer
+        local = torch.cat([mean_l.double() * n_l, (var_l.double() + mean_l.double() ** 2) * n_l,
+                           mean_l.new_full((1,), float(n_l), dtype=torch.float64)])  # [2c + 1]
+        stats = _AllReduceSum.apply(local)
         n = stats[-1]
         mean = stats[:c] / n  # [c]
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # [c], biased: used to normalise
@@ -198,17 +252,19 @@ class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
         scale = torch.rsqrt(var + self.eps).to(x.dtype)
         y = (x - mean.to(x.dtype)[None, :, None, None]) * scale[None, :, None, None]
         if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+            y = y * self.weight.to(x.dtype)[None, :, None, None] + self.bias.to(x.dtype)[None, :, None, None]
         return y
 
 
+GlooSyncBatchNorm = SyncBatchNorm2d  # its name before it ran on NCCL too
+
+
 def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """torch's SyncBatchNorm on CUDA; :class:`GlooSyncBatchNorm` elsewhere (same state dict)."""
-    if device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if isinstance(module, torch.nn.BatchNorm2d) and not isinstance(module, GlooSyncBatchNorm):
-        new = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                module.track_running_stats, device=device)
+    """Every BatchNorm2d of ``module`` as :class:`SyncBatchNorm2d` (on any device; same state dict,
+    the very same Parameters and buffers)."""
+    if isinstance(module, torch.nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm2d):
+        new = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, device=device)
         # The very same Parameters and buffers: fit() builds the optimiser (and EMA) before
         # wrap_ddp, so copies would leave the optimiser stepping tensors the model no longer uses.
         if module.affine:

@@ -27,11 +27,22 @@ from resnetlab import checkpoint as ckpt
 from resnetlab import weights  # module import: weights imports engine.checkpoint, a cycle otherwise
 from resnetlab.config import Config, ConfigError, to_dict, validate
 from resnetlab.data import DataMeta, build_datasets, build_loader
+from resnetlab.data.sources.folder import check_images, images_checked_with
 from resnetlab.engine.checkpointer import Checkpointer, TrainParts
-from resnetlab.engine.dist import DistInfo, all_reduce_sum, barrier, init_from_env, unwrap, wrap_ddp
+from resnetlab.engine.dist import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    init_from_env,
+    map_sharded,
+    shutdown,
+    unwrap,
+    wrap_ddp,
+)
 from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, TrainingError
 from resnetlab.engine.freeze import freeze_for_epoch
-from resnetlab.engine.guard import STOP, SYNCED, StepGuard
+from resnetlab.engine.guard import CONTINUE, STOP, SYNCED, StepGuard
 from resnetlab.engine.loop import evaluate, train_one_epoch
 from resnetlab.engine.metrics import SumMeter, append_jsonl, read_jsonl, write_csv
 from resnetlab.engine.optim import ModelEMA, build_optimizer, build_param_groups, lr_at
@@ -103,6 +114,7 @@ class Run:
     checkpoint_every: int  # mid-epoch save interval in steps (a multiple of the sync interval), 0 = off
     writer: Any = None
     val: dict[str, float] = field(default_factory=dict)
+    next_loss_point: int = 10  # train/loss_step's next point: the first sync step at or after it
 
     @property
     def eval_net(self) -> nn.Module:
@@ -128,6 +140,15 @@ def fit(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None] | None 
     takes effect at the next sync step (``train.sync_every``), on every rank at once.
     """
     device, dist = setup_runtime(cfg)
+    try:
+        return _fit(cfg, device, dist, on_step)
+    finally:
+        if dist.owns_group:  # a group fit() joined is left, however the run ends (no leaked NCCL communicators)
+            shutdown()
+
+
+def _fit(cfg: Config, device: torch.device, dist: DistInfo,
+         on_step: Callable[[dict[str, Any]], bool | None] | None) -> Result:
     if not _resumes(cfg):  # a resume has them in its config.yaml, and the file may be gone by now
         cfg = weights.resolve_init_from(cfg)  # model.init_from as a file path + its SHA-256, for config.yaml
     with Checkpointer.open(cfg, dist, device) as ckpts:
@@ -153,6 +174,11 @@ def setup_runtime(cfg: Config) -> tuple[torch.device, DistInfo]:
     dist = init_from_env(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda":
+        # The current device of this process: without it, train.device=cuda:1 would still open a
+        # context on GPU 0 (the pin-memory thread, cuDNN's handles, torch.cuda.* calls without one).
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
     apply_speed_flags(cfg.train, device)
     return device, dist
 
@@ -161,7 +187,9 @@ def build_loaders(cfg: Config, dist: DistInfo, device: torch.device, resume_from
     """Datasets, then a loader per split (each rank reads its shard of every batch). Resuming
     from ``resume_from``, the init weights are not read: the checkpoint holds the weights and
     the preprocessing they were normalised with."""
-    data = build_datasets(cfg.data, seed=cfg.seed)
+    # data.check_images decodes every file: each rank decodes its share, all drop the same files
+    with images_checked_with(lambda paths: map_sharded(check_images, paths)):
+        data = build_datasets(cfg.data, seed=cfg.seed)
     _check_model_fits_data(cfg, data.meta)
     if resume_from is None:
         init_source = weights.read_init_from(cfg)
@@ -212,8 +240,21 @@ def build_training(cfg: Config, loaders: Loaders, device: torch.device, *,
     optimizer = build_optimizer(model, cfg.optim, build_param_groups(model, cfg.optim, cfg.train))
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    if (warning := fp16_sync_warning(cfg, optimizer, device)) is not None:
+        log.warning("%s", warning)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     return TrainParts(model, optimizer, ema, scaler, SumMeter(device)), criterion
+
+
+def fp16_sync_warning(cfg: Config, optimizer: torch.optim.Optimizer, device: torch.device) -> str | None:
+    """The warning for fp16 AMP with an unfused optimiser on a GPU (None when it does not apply):
+    GradScaler then unscales and reads the inf/NaN check on the host every step, a device sync;
+    torch's fused SGD/AdamW take the scaler's state and keep that check on the device."""
+    if cfg.train.amp != "fp16" or device.type != "cuda" or optimizer.defaults.get("fused"):
+        return None
+    return ("train.amp=fp16 with an unfused optimiser: GradScaler reads its inf/NaN check on the host "
+            "every step (a device sync); optim.fused=true (float parameters on one GPU) keeps the check "
+            "on the device, or use train.amp=bf16, which needs no scaler")
 
 
 def resume(ckpts: Checkpointer, parts: TrainParts, state: TrainState, cfg: Config) -> None:
@@ -239,8 +280,7 @@ def start_run(cfg: Config, dist: DistInfo, device: torch.device, ckpts: Checkpoi
     freeze_for_epoch(parts.model, cfg.train, state.epoch)  # before DDP: it reduces what requires grad
     net = wrap_ddp(parts.model, dist, device, cfg.train.sync_bn)
     freeze_for_epoch(unwrap(net), cfg.train, state.epoch)  # again on SyncBN's new BN layers
-    if cfg.train.compile:
-        net = cast(nn.Module, torch.compile(net))  # an OptimizedModule, an nn.Module subclass
+    net = _compiled(net, cfg)
     sync_every = sync_interval(cfg.train, device)
     every = checkpoint_interval(cfg.train.checkpoint_every_steps, sync_every)
     if every != cfg.train.checkpoint_every_steps:
@@ -265,9 +305,7 @@ def run_epoch(run: Run) -> Result | None:
     cfg, state, parts = run.cfg, run.state, run.parts
     epoch = state.epoch
     if freeze_for_epoch(unwrap(run.net), cfg.train, epoch) and run.dist.enabled:  # two-phase unfreeze
-        run.net = wrap_ddp(unwrap(run.net), run.dist, run.device, sync_bn=False)  # BN already converted
-        if cfg.train.compile:
-            run.net = cast(nn.Module, torch.compile(run.net))
+        run.net = _compiled(wrap_ddp(unwrap(run.net), run.dist, run.device, sync_bn=False), cfg)  # BN converted
     if state.batch == 0:
         parts.meter.sums.zero_()
     progress = _Progress(cfg, run.dist, epoch, run.steps_per_epoch, state.batch)
@@ -287,17 +325,37 @@ def run_epoch(run: Run) -> Result | None:
     row.update(_validate(run, epoch))
     run.ckpts.save(ckpt.LAST, parts, state, cfg, run.meta.to_dict())
     _log_epoch(row, run.ckpts.run_dir, run.dist, run.writer)
-    if run.guard.reason:  # a stop that arrived on the epoch's last steps
-        _say_interrupted(run.guard.reason, run.ckpts.run_dir, state, run.dist)
-        return Result(run.ckpts.run_dir, state.epoch, state.step, run.val, state.best(), None, run.guard.reason)
+    # A stop that arrived on the epoch's last steps, or on any rank during validation and the save
+    # (seconds long): decided together, or the ranks it reached would leave while the others wait
+    # in the next epoch's collectives until the process group's timeout.
+    reason = run.guard.agree()
+    if reason is not None:
+        _say_interrupted(reason, run.ckpts.run_dir, state, run.dist)
+        return Result(run.ckpts.run_dir, state.epoch, state.step, run.val, state.best(), None, reason)
     return None
+
+
+def _compiled(net: nn.Module, cfg: Config) -> nn.Module:
+    """``torch.compile(net)`` with ``train.compile_backend`` when ``train.compile``, else ``net``."""
+    if not cfg.train.compile:
+        return net
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.train.compile_backend not in backends:
+        raise ConfigError(f"train.compile_backend={cfg.train.compile_backend!r} is not a torch.compile "
+                          f"backend; use one of {', '.join(backends)}")
+    return cast(nn.Module, torch.compile(net, backend=cfg.train.compile_backend))  # an nn.Module subclass
 
 
 def _after_step(run: Run, info: dict[str, Any], progress: _Progress) -> bool:
     """Per-step bookkeeping; True stops the epoch (a stop request or a non-finite loss)."""
-    progress.update(info)
     run.state.step, run.state.batch = info["step"], info["batch"] + 1
     verdict = run.guard.after_step(info)
+    # The step loss is read only where the guard read its flags (no host read of its own)
+    loss = run.guard.window_loss if verdict != CONTINUE else None
+    progress.update(info, loss)
+    if loss is not None and run.writer is not None and info["step"] >= run.next_loss_point:
+        run.writer.add_scalar("train/loss_step", loss, info["step"])  # mean over the sync window
+        run.next_loss_point = (info["step"] // LOSS_POINT_EVERY + 1) * LOSS_POINT_EVERY
     if verdict == STOP:
         return True
     if (verdict == SYNCED and run.checkpoint_every and info["step"] % run.checkpoint_every == 0
@@ -346,8 +404,10 @@ def finish(run: Run) -> Result:
     """The test split once (with the weights validation chose), result.json, close the writer."""
     test = _final_test(run)
     result = Result(run.ckpts.run_dir, run.state.epoch, run.state.step, run.val, run.state.best(), test)
+    # each rank's loaders found the unreadable files of its own shard: result.json lists them all
+    skipped = sorted({f: r for rank in all_gather_object(run.loaders.data.bad_files()) for f, r in rank}.items())
     if run.dist.is_main:
-        _write_result(run.ckpts.run_dir, result, run.loaders.data.bad_files())
+        _write_result(run.ckpts.run_dir, result, skipped)
     if run.writer is not None:
         run.writer.close()
     barrier()
@@ -386,15 +446,19 @@ class _Progress:
         self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                         unit="batch", leave=False, dynamic_ncols=True)
         self.t0, self.images, self.batch_size = time.perf_counter(), 0, cfg.train.batch_size
+        self.shown = 0.0  # when the numbers were last refreshed (perf_counter seconds)
 
-    def update(self, info: dict[str, Any]) -> None:
+    def update(self, info: dict[str, Any], loss: float | None = None) -> None:
+        """One step done; ``loss`` (a float the guard read at a sync step, else None) refreshes the
+        numbers. The bar never reads a device tensor itself: that would wait for the device."""
         if self.bar is None:
             return
         self.bar.update(1)
         self.images += self.batch_size
-        if info["batch"] % 10 == 0:  # reading the loss waits for the device: not every step
-            rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix(loss=f"{info['loss'].item():.3f}", img_s=f"{rate:.0f}", lr=f"{info['lr']:.3g}")
+        if loss is not None and time.perf_counter() - self.shown >= 0.5:
+            self.shown = time.perf_counter()
+            rate = self.images / max(self.shown - self.t0, 1e-9)
+            self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", lr=f"{info['lr']:.3g}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -424,6 +488,8 @@ def _log_epoch(row: dict[str, Any], run_dir: Path, dist: DistInfo, writer: Any) 
                 writer.add_scalar(tensorboard_tag(k), v, row["epoch"])
         writer.flush()
 
+
+LOSS_POINT_EVERY = 10  # steps between points of TensorBoard's train/loss_step (at the next sync step)
 
 # metrics.jsonl column -> TensorBoard tag: grouped sections so runs compare side by side
 _TB_TAGS = {"lr": "opt/lr", "images_per_s": "speed/images_per_s", "seconds": "speed/epoch_seconds"}
@@ -459,8 +525,8 @@ def _tensorboard(cfg: Config, run_dir: Path, dist: DistInfo) -> Any:
     """Rank 0's event writer (None when off or not installed), with the config as hparams.
 
     Epoch scalars go under ``train/``, ``val/``, ``test/``, ``opt/`` and ``speed/``; the
-    per-step loss (``train/loss_step``) comes from :func:`resnetlab.launch.fit_cleanly`. The
-    HParams tab lists every config key against the final validation metrics.
+    per-step loss (``train/loss_step``, every 10 steps at the next sync step) from
+    :func:`_after_step`. The HParams tab lists every config key against the final validation metrics.
     """
     if not (cfg.train.tensorboard and dist.is_main):
         return None

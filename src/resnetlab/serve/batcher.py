@@ -6,30 +6,37 @@ other request is on its way: see :meth:`announce`), stacks them and runs the mod
 worker thread (so the event loop keeps accepting and decoding while the network
 runs, and only one forward pass uses the CPU cores at a time). While a batch runs, new images
 queue up, so under load the next batch is full at once and the wait costs nothing.
+
+Each answer carries the size of the forward pass that computed it (so a client can see whether
+it was batched), and an optional ``on_batch`` observer is told every batch's size, each image's
+queue wait and the forward time (the server's metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
 import torch
 
-# (pixels [c, h, w] uint8, future of (probs [k], ids [k]))
-_Item = tuple[torch.Tensor, "asyncio.Future[tuple[torch.Tensor, torch.Tensor]]"]
+# (one image [c, h, w], future of (its row of fn's answer, batch size), monotonic enqueue time)
+_Item = tuple[torch.Tensor, "asyncio.Future[tuple[torch.Tensor, int]]", float]
+#: ``on_batch(batch size, queue wait of each image in s, forward pass in s)``
+BatchObserver = Callable[[int, list[float], float], None]
 
 
 class MicroBatcher:
-    """Collect single images into batches for ``fn(x [n, c, h, w]) -> (probs [n, k], ids [n, k])``.
+    """Collect single images into batches for ``fn(x [n, c, h, w]) -> y [n, ...]``.
 
     Start with :meth:`start` inside the running loop, submit with :meth:`predict`, stop with
     :meth:`stop` (after the server has drained its requests). ``fn`` runs on ``executor``.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                 executor: Executor, max_batch: int = 16, max_wait_s: float = 0.005) -> None:
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], executor: Executor,
+                 max_batch: int = 16, max_wait_s: float = 0.005, on_batch: BatchObserver | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_s < 0:
@@ -38,6 +45,7 @@ class MicroBatcher:
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.on_batch = on_batch
         self.batches = 0  # forward passes run so far
         self.images = 0  # images answered so far
         self._queue: asyncio.Queue[_Item] | None = None
@@ -69,16 +77,16 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         while self._queue is not None and not self._queue.empty():
-            _, fut = self._queue.get_nowait()
+            _, fut, _t = self._queue.get_nowait()
             if not fut.done():
                 fut.set_exception(RuntimeError("server is shutting down"))
 
-    async def predict(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One image uint8 ``[c, h, w]`` -> ``(probs [k], ids [k])`` from a shared batch."""
+    async def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One image ``[c, h, w]`` -> ``(its row of fn's answer, size of the batch it ran in)``."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
-        fut: asyncio.Future[tuple[torch.Tensor, torch.Tensor]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((pixels, fut))  # unbounded queue: never blocks
+        fut: asyncio.Future[tuple[torch.Tensor, int]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((x, fut, time.monotonic()))  # unbounded queue: never blocks
         self._coming = max(0, self._coming - 1)
         return await fut
 
@@ -98,7 +106,7 @@ class MicroBatcher:
                 batch.append(await asyncio.wait_for(self._queue.get(), left))
             except asyncio.TimeoutError:
                 break
-        return [(p, f) for p, f in batch if not f.done()]  # a client that left is not computed
+        return [item for item in batch if not item[1].done()]  # a client that left is not computed
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -106,19 +114,23 @@ class MicroBatcher:
             batch = await self._collect()
             if not batch:
                 continue
-            x = torch.stack([p for p, _ in batch])  # [n, c, h, w] uint8
+            start = time.monotonic()
+            x = torch.stack([p for p, _, _ in batch])  # [n, c, h, w]
             try:
-                probs, ids = await loop.run_in_executor(self.executor, self.fn, x)
+                y = await loop.run_in_executor(self.executor, self.fn, x)
             except Exception as e:  # one bad batch fails its requests, not the server
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            n = len(batch)
             self.batches += 1
-            self.images += len(batch)
-            for i, (_, fut) in enumerate(batch):
+            self.images += n
+            if self.on_batch is not None:
+                self.on_batch(n, [start - t for _, _, t in batch], time.monotonic() - start)
+            for i, (_, fut, _) in enumerate(batch):
                 if not fut.done():
-                    fut.set_result((probs[i], ids[i]))
+                    fut.set_result((y[i], n))
 
 
 __all__ = ["MicroBatcher"]

@@ -9,8 +9,10 @@ run or, with ``data.on_bad_image=skip``, are counted and left out.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -173,6 +175,21 @@ def check_images(paths: Sequence[str]) -> list[str | None]:
         return list(pool.map(check_image, paths, chunksize=64))
 
 
+Checker = Callable[[Sequence[str]], "list[str | None]"]
+_checker: ContextVar[Checker | None] = ContextVar("resnetlab_check_images_with", default=None)
+
+
+@contextmanager
+def images_checked_with(check: Checker) -> Iterator[None]:
+    """Inside this block ``data.check_images=true`` decodes with ``check`` instead of
+    :func:`check_images` (training under DDP passes one that splits the files over the ranks)."""
+    token = _checker.set(check)
+    try:
+        yield
+    finally:
+        _checker.reset(token)
+
+
 def _check_up_front(
     scanned: dict[str, tuple[list[str], list[int]]], needs: set[str], cfg: DataConfig, root: Path
 ) -> list[tuple[str, str]]:
@@ -181,7 +198,7 @@ def _check_up_front(
     for split, (paths, labels) in scanned.items():
         if split not in needs:
             continue
-        reasons = check_images(paths)
+        reasons = (_checker.get() or check_images)(paths)
         bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
         if bad and cfg.on_bad_image == "error":
             listed = "; ".join(f"{p}: {r}" for p, r in bad[:5])
@@ -277,4 +294,4 @@ SOURCE = register_source(Source(
 ))
 
 
-__all__ = ["check_images", "load"]
+__all__ = ["check_images", "images_checked_with", "load"]

@@ -76,8 +76,10 @@ async function explain(blob, name) {
   $("prediction").dataset.label = best.label;
   renderBars(result.top);
   $("overlay").src = result.overlay_png;
+  $("legend").hidden = false;
   $("overlay-caption").textContent = `where the network looked for “${result.target.label}” (Grad-CAM)`;
-  setState("done", `${name}: ${answer.model} says ${best.label}`);
+  const how = result.preprocess ? ` (${result.preprocess})` : "";
+  setState("done", `${name}: ${answer.model} says ${best.label}${how}`);
 }
 
 function showFile(file) {
@@ -166,8 +168,33 @@ function setUpDrawing() {
     $("prediction").textContent = "";
     $("preview").removeAttribute("src");
     $("overlay").removeAttribute("src");
+    $("legend").hidden = true;
     setState("idle", "");
   });
+}
+
+// The last minute of serving, from GET /v1/stats: were requests batched, and how fast.
+async function refreshStats() {
+  try {
+    const response = await fetch("/v1/stats");
+    if (!response.ok) return;
+    const s = await response.json();
+    const ms = (v) => (v === null ? "–" : v < 10 ? v.toFixed(1) : v.toFixed(0));
+    $("stats").textContent = s.batches === 0 ? "last minute: no predictions yet" :
+      `last minute: ${s.images} images in ${s.batches} forward passes, batch size ` +
+      `${s.mean_batch_size.toFixed(1)} on average (max ${s.max_batch_size} of ${s.max_batch}), ` +
+      `${s.images_per_second.toFixed(2)} images/s, latency p50 ${ms(s.latency_ms.p50)} ms, ` +
+      `p99 ${ms(s.latency_ms.p99)} ms`;
+  } catch (_) { /* the server is gone or restarting: keep the last numbers */ }
+}
+
+// Class names when the run carries them (an imported ImageNet net with --classes), else say so.
+// (Digit datasets are named by their digits: "0".."9" are names there.)
+function describeClasses(m, digitLike) {
+  const named = digitLike || m.classes.some((c, i) => c !== String(i));
+  if (!named) return `${m.num_classes} classes (ids only)`;
+  const shown = m.classes.slice(0, 4).join(", ");
+  return `${m.num_classes} classes (${shown}${m.num_classes > 4 ? ", …" : ""})`;
 }
 
 async function start() {
@@ -181,9 +208,14 @@ async function start() {
     return;
   }
   const m = modelInfo;
-  $("model").textContent = `${m.model} on ${m.dataset}: ${m.num_classes} classes, ` +
-    `${m.input_size[0]}×${m.input_size[1]} input, ${(m.parameters / 1e6).toFixed(2)}M parameters`;
+  const digitLike = Boolean(m.digit_like);
+  $("model").textContent = `${m.model} on ${m.dataset}: ${describeClasses(m, digitLike)}, ` +
+    `${m.input_size[0]}×${m.input_size[1]} input, ${(m.parameters / 1e6).toFixed(2)}M parameters, ` +
+    `${m.backend} backend`;
   if (m.in_chans === 1) setUpDrawing();
+  if (digitLike && m.centre) $("draw").querySelector("p").textContent = "…or draw (any size, anywhere: it is framed as the dataset was)";
+  refreshStats();
+  setInterval(refreshStats, 2000);
   setState("idle", "");
 }
 
