@@ -175,7 +175,7 @@ def http_server(tmp_path: Path):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
     handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/", www
@@ -212,6 +212,9 @@ def test_download_fetches_checks_md5_and_reads(http_server, tmp_path: Path, monk
     assert len(ds.train) + len(ds.val) == 60 and len(ds.test) == 20
     raw = root / "MNIST" / "raw"
     assert sorted(p.name for p in raw.iterdir()) == sorted(names)  # torchvision's layout, no .part
+    (raw / names[3]).unlink()  # an interrupted download: the missing file is fetched again
+    assert len(build_datasets(cfg.data, seed=0).test) == 20
+    assert sorted(p.name for p in raw.iterdir()) == sorted(names)
 
 
 def test_download_refuses_a_wrong_checksum_and_leaves_nothing(http_server, tmp_path: Path,

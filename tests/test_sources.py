@@ -47,7 +47,7 @@ def toy_source(tmp_path: Path) -> Iterator[Source]:
     recipe = tmp_path / "toy_bars.yaml"
     recipe.write_text("# toy_bars: tiny recipe\nmodel: {name: resnet20}\n"
                       "data: {name: toy_bars, val_fraction: 0.2, augment: {crop_padding: 0, flip: false}}\n"
-                      "optim: {lr: 0.05, schedule: constant}\ntrain: {epochs: 2, batch_size: 32}\n")
+                      "optim: {lr: 0.05, schedule: constant}\ntrain: {epochs: 1, batch_size: 32}\n")
     source = register_source(Source(
         name=NAME, summary="bars on noise, a test's dataset", load=_load_toy, in_chans=1,
         image_size=(6, 6), classes=("top", "upper", "lower", "bottom"), eval_resample="box",
@@ -76,7 +76,7 @@ def test_a_new_source_is_one_registration_plus_its_recipe(toy_source: Source, tm
     cfg = load(None, [f"data.name={NAME}", f"run.root={tmp_path}", "train.device=cpu",
                       "train.quiet=true", "train.tensorboard=false"])
     assert cfg.run.recipe == str(toy_source.recipe) and cfg.optim.schedule == "constant"
-    assert cfg.data.augment.crop_padding == 0 and cfg.train.epochs == 2
+    assert cfg.data.augment.crop_padding == 0 and cfg.train.epochs == 1
     with pytest.raises(ConfigError, match=r"did you mean 'toy_bars'\?"):
         load(None, ["data.name=toy_barz"])
     # --help and reproduce's --data choices list it

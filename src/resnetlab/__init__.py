@@ -24,13 +24,15 @@ _LAZY = {
     "Config": "resnetlab.config",
     "ConfigError": "resnetlab.config",
     "load_config": "resnetlab.config",
-    "create_model": "resnetlab.models",
-    "list_models": "resnetlab.models",
+    "create_model": "resnetlab.weights",  # the registry's, plus weights= / pretrained=
+    "list_models": "resnetlab.weights",
     "Predictor": "resnetlab.predict",
 }
 
 
 def __getattr__(name: str) -> Any:
+    if name == "weights":  # resnetlab.weights.get("resnet20.digits") after a bare `import resnetlab`
+        return importlib.import_module("resnetlab.weights")
     if name in _LAZY:
         module = importlib.import_module(_LAZY[name])
         value = getattr(module, "load" if name == "load_config" else name)

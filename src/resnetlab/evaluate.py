@@ -7,11 +7,17 @@ beside a checkpoint file):
 
 - ``eval-<split>.json``: the metrics, per-class accuracy and where they came from;
 - ``confusion-<split>.json``: the matrix, rows = true class, columns = predicted class;
-- ``confusion-<split>.png``: the same matrix, row-normalised, as a picture.
+- ``confusion-<split>.png``: the same matrix, row-normalised, as a picture;
+- ``reliability-<split>.png``: the reliability diagram (accuracy per confidence bin).
+
+Calibration (expected calibration error over 15 bins, NLL) is measured on every evaluation,
+before and after the temperature ``resnetlab calibrate`` stored; ``tta="flip"`` (``--tta flip``)
+adds the top-1 accuracy with horizontal-flip test-time augmentation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -23,8 +29,8 @@ import torch
 from torch import nn
 
 from resnetlab import __version__
-from resnetlab.config import ConfigError, apply_overrides, parse_override
-from resnetlab.data import DataError, build_datasets, build_loader
+from resnetlab.config import Config, ConfigError, apply_overrides, parse_override
+from resnetlab.data import DataError, DataMeta, build_datasets, build_loader
 from resnetlab.data.sources import get_source
 from resnetlab.engine.metrics import SumMeter
 from resnetlab.inference import (
@@ -118,20 +124,68 @@ def _check_overrides(overrides: Sequence[str]) -> None:
                 "data.root=... or train.device=cpu); the network comes from the checkpoint")
 
 
+@dataclass
+class SplitOutputs:
+    """What :func:`run_split` saw, for calibration: CPU tensors in loader order."""
+
+    logits: torch.Tensor  # [n, k] float32, model label ids
+    labels: torch.Tensor  # [n] model label ids
+    logits_flip: torch.Tensor | None = None  # [n, k] of the mirrored images (tta_flip)
+
+
 @torch.no_grad()
 def run_split(model: nn.Module, loader: Any, label_map: torch.Tensor, num_classes: int,
-              device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
-    """One pass over ``loader``: (metrics as :class:`SumMeter` reports them, confusion ``[k, k]``)."""
+              device: torch.device, *, tta_flip: bool = False,
+              ) -> tuple[dict[str, float], torch.Tensor, SplitOutputs]:
+    """One pass over ``loader``: (metrics as :class:`SumMeter` reports them, confusion ``[k, k]``,
+    the logits and labels); ``tta_flip`` also runs the horizontally mirrored images."""
     criterion = nn.CrossEntropyLoss()
     meter = SumMeter(device)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     label_map = label_map.to(device)
+    kept: list[torch.Tensor] = []
+    kept_flip: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     for x, y in loader.iterate(0):  # x [b, c, h, w] float32 normalised, y [b] dataset ids
         y = label_map[y]  # [b] model ids
         logits = model(x).float()  # [b, k]
         meter.update(criterion(logits, y), logits, y)
         cm += confusion_matrix(logits.argmax(dim=1), y, num_classes)
-    return meter.summary(), cm.cpu()
+        kept.append(logits.cpu())
+        labels.append(y.cpu())
+        if tta_flip:
+            kept_flip.append(model(x.flip(dims=[3])).float().cpu())  # mirror the width axis
+    k = num_classes
+    outputs = SplitOutputs(torch.cat(kept) if kept else torch.empty(0, k),
+                           torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
+                           (torch.cat(kept_flip) if kept_flip else torch.empty(0, k)) if tta_flip else None)
+    return meter.summary(), cm.cpu(), outputs
+
+
+def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: float | None,
+                       logits_flip: torch.Tensor | None = None) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Calibration numbers for one split and the reliability-diagram bins they came from.
+
+    ``ece`` (percent, 15 bins) and ``nll`` (nats) of the raw softmax; with a stored
+    ``temperature`` also ``ece_calibrated``/``nll_calibrated`` (the bins are then the calibrated
+    ones, what predict reports). With ``logits_flip``: ``top1_acc_flip``, the top-1 accuracy of
+    the mean softmax over the image and its mirror, and ``top1_acc_flip_gain`` in points.
+    """
+    from resnetlab.calibration import calibration_bins, calibration_metrics
+
+    out = dict(calibration_metrics(logits, labels))
+    t = 1.0
+    if temperature is not None:
+        t = temperature
+        cal = calibration_metrics(logits, labels, t)
+        out |= {"temperature": t, "ece_calibrated": cal["ece"], "nll_calibrated": cal["nll"]}
+    if logits_flip is not None:
+        probs = (torch.softmax(logits.double(), 1) + torch.softmax(logits_flip.double(), 1)) / 2
+        plain = 100.0 * float((logits.argmax(1) == labels).double().mean())
+        out["top1_acc_flip"] = 100.0 * float((probs.argmax(1) == labels).double().mean())
+        out["top1_acc_flip_gain"] = out["top1_acc_flip"] - plain
+    bins = calibration_bins(torch.softmax(logits.double() / t, 1), labels)
+    return out, bins
 
 
 def plot_confusion(cm: torch.Tensor, classes: Sequence[str], path: str | Path, title: str = "") -> None:
@@ -176,20 +230,16 @@ def _write_json(path: Path, doc: Any) -> None:
 # the command
 
 
-def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequence[str] = (),
-                        *, write: bool = True, out_dir: str | Path | None = None) -> EvalReport:
-    """Evaluate the run folder or checkpoint ``path`` on ``split`` of its own data.
-
-    ``overrides`` are ``data.*`` / ``train.*`` ``key=value`` strings applied to the stored
-    config (e.g. ``data.root=/new/place``, ``train.device=cpu``, ``train.eval_batch_size=64``).
-    With ``write`` the three files of the module docstring go to ``out_dir`` (created if
-    needed), by default the run (or checkpoint) folder: pass one for a read-only run.
-    OS errors name the path (:class:`~resnetlab.outputs.OutputWriteError`).
-    """
+def split_pass(path: str | Path, split: str, overrides: Sequence[str] = (), *, tta: str | None = None,
+               ) -> tuple[Path, Config, DataMeta, dict[str, float], torch.Tensor, SplitOutputs]:
+    """Rebuild ``path``'s data and network and run ``split`` once (the raw network: no stored
+    temperature): ``(checkpoint file, config, meta, metrics, confusion, outputs)``."""
     from resnetlab.runtime import select_device
 
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if tta not in (None, "flip"):
+        raise ConfigError(f"tta must be 'flip' or None, got {tta!r}")
     _check_overrides(overrides)
     file, state, cfg, meta = read_checkpoint(path)
     cfg = apply_overrides(cfg, overrides)
@@ -213,10 +263,34 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
                           batch_size=cfg.train.eval_batch_size, device=device, seed=cfg.seed)
 
     model = fuse_for_inference(build_inference_model(state, cfg, meta, source=str(file))).to(device)
-    metrics, cm = run_split(model, loader, label_map, len(meta.classes), device)
+    metrics, cm, seen = run_split(model, loader, label_map, len(meta.classes), device,
+                                  tta_flip=tta == "flip")
     if not math.isfinite(metrics["loss"]):  # NaN would pass as a number into the report and the JSON
         raise NonFiniteOutputError(f"{file}: loss {metrics['loss']} on the {split} split: the network's "
                                    f"outputs are not finite; this checkpoint is unusable, use an earlier one")
+    return file, cfg, meta, metrics, cm, seen
+
+
+def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequence[str] = (),
+                        *, write: bool = True, out_dir: str | Path | None = None,
+                        tta: str | None = None) -> EvalReport:
+    """Evaluate the run folder or checkpoint ``path`` on ``split`` of its own data.
+
+    ``overrides`` are ``data.*`` / ``train.*`` ``key=value`` strings applied to the stored
+    config (e.g. ``data.root=/new/place``, ``train.device=cpu``, ``train.eval_batch_size=64``).
+    With ``write`` the three files of the module docstring go to ``out_dir`` (created if
+    needed), by default the run (or checkpoint) folder: pass one for a read-only run.
+    Calibration (ECE over 15 bins, NLL; calibrated too when ``resnetlab calibrate`` stored a
+    temperature) goes into ``metrics`` and a reliability diagram ``reliability-<split>.png``.
+    ``tta="flip"`` also measures top-1 on the mean softmax of each image and its mirror.
+    OS errors name the path (:class:`~resnetlab.outputs.OutputWriteError`).
+    """
+    file, cfg, meta, metrics, cm, seen = split_pass(path, split, overrides, tta=tta)
+    from resnetlab.calibration import read_temperature
+
+    temperature = read_temperature(path, file)
+    cal, bins = calibration_report(seen.logits, seen.labels, temperature, seen.logits_flip)
+    metrics.update(cal)
     per_class = per_class_accuracy(cm, meta.classes)
     present = [r for r in per_class if r["count"]]  # macro average over the classes in the split
     metrics["macro_f1"] = sum(r["f1"] for r in present) / max(len(present), 1)
@@ -225,7 +299,7 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
     if write:
         out = Path(out_dir).expanduser() if out_dir is not None else output_dir(path)
         files = {"json": out / f"eval-{split}.json", "confusion_json": out / f"confusion-{split}.json",
-                 "confusion_png": out / f"confusion-{split}.png"}
+                 "confusion_png": out / f"confusion-{split}.png", "reliability_png": out / f"reliability-{split}.png"}
         report.files = {k: str(v) for k, v in files.items()}
         _write_json(files["confusion_json"], {"split": split, "classes": report.classes,
                                               "rows": "true class", "columns": "predicted class",
@@ -233,8 +307,47 @@ def evaluate_checkpoint(path: str | Path, split: str = "val", overrides: Sequenc
         plot_confusion(cm, meta.classes, files["confusion_png"],
                        title=f"{cfg.model.name} on {cfg.data.name} {split}: "
                              f"top-1 error {metrics['top1_err']:.2f}%")
+        from resnetlab.calibration import plot_reliability
+
+        shown = "calibrated" if temperature is not None else "uncalibrated"
+        plot_reliability(bins, files["reliability_png"],
+                         title=f"{cfg.model.name} on {cfg.data.name} {split} ({shown}): ECE "
+                               f"{metrics.get('ece_calibrated', metrics['ece']):.2f}%")
         _write_json(files["json"], report.to_dict())
     return report
+
+
+def calibrate_checkpoint(path: str | Path, overrides: Sequence[str] = (),
+                         report_on: Sequence[str] = ("val", "test")) -> dict[str, Any]:
+    """``resnetlab calibrate``: fit a temperature on ``path``'s validation split (Guo et al. 2017)
+    and store it in the run's ``calibration.json``; returns the document written.
+
+    The document holds ``temperature``, the checkpoint it was fitted for, and ECE/NLL before and
+    after on ``report_on`` (test only where the data have one). Loading the run afterwards
+    (predict, serve, explain, export, ``resnetlab.load``) divides the logits by it.
+    """
+    from resnetlab.calibration import calibration_metrics, calibration_path, fit_temperature
+
+    file, cfg, _meta, _m, _cm, val = split_pass(path, "val", overrides)
+    if len(val.labels) == 0:
+        raise DataError(f"{file}: the validation split is empty; nothing to fit the temperature on")
+    t = fit_temperature(val.logits, val.labels)
+    doc: dict[str, Any] = {"temperature": t, "fitted_on": "val", "count": len(val.labels),
+                           "checkpoint": str(file), "method": "temperature scaling (Guo et al. 2017), "
+                                                             "NLL minimised by L-BFGS", "bins": 15}
+    splits = {"val": val} if "val" in report_on else {}
+    if "test" in report_on:
+        with contextlib.suppress(DataError):  # no test split (an image folder without test/): val only
+            splits["test"] = split_pass(path, "test", overrides)[5]
+    for name, seen in splits.items():
+        before, after = calibration_metrics(seen.logits, seen.labels), calibration_metrics(seen.logits, seen.labels, t)
+        doc[name] = {"ece_before": before["ece"], "ece_after": after["ece"],
+                     "nll_before": before["nll"], "nll_after": after["nll"], "count": len(seen.labels)}
+    dest = calibration_path(path)
+    _write_json(dest, doc)
+    doc["file"] = str(dest)
+    del cfg
+    return doc
 
 
 def format_report(report: EvalReport, max_classes: int = 30) -> str:
@@ -243,7 +356,17 @@ def format_report(report: EvalReport, max_classes: int = 30) -> str:
     lines = [f"{report.source} | {report.split} split | {m['count']} images",
              f"loss {m['loss']:.4f} | top-1 error {m['top1_err']:.2f}% (acc {m['top1_acc']:.2f}%) | "
              f"top-5 error {m['top5_err']:.2f}% (acc {m['top5_acc']:.2f}%)"
-             + (f" | macro F1 {m['macro_f1']:.2f}%" if "macro_f1" in m else ""), ""]
+             + (f" | macro F1 {m['macro_f1']:.2f}%" if "macro_f1" in m else "")]
+    if "ece" in m:
+        line = f"calibration: ECE {m['ece']:.2f}% (15 bins) | NLL {m['nll']:.4f}"
+        if "temperature" in m:
+            line += (f" | with T = {m['temperature']:.3f}: ECE {m['ece_calibrated']:.2f}%, "
+                     f"NLL {m['nll_calibrated']:.4f}")
+        lines.append(line)
+    if "top1_acc_flip" in m:
+        lines.append(f"flip test-time augmentation: top-1 acc {m['top1_acc_flip']:.2f}% "
+                     f"({m['top1_acc_flip_gain']:+.2f} points)")
+    lines.append("")
     rows = [r for r in report.per_class if r["count"]]
     note = ""
     if len(rows) > max_classes:  # 1000 ImageNet rows help nobody on a terminal
@@ -260,5 +383,5 @@ def format_report(report: EvalReport, max_classes: int = 30) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EvalReport", "confusion_matrix", "evaluate_checkpoint", "format_report",
-           "per_class_accuracy", "plot_confusion", "run_split"]
+__all__ = ["EvalReport", "calibrate_checkpoint", "calibration_report", "confusion_matrix", "evaluate_checkpoint", "format_report",
+           "per_class_accuracy", "plot_confusion", "run_split", "split_pass", "SplitOutputs"]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from resnetlab import checkpoint as ckpt
+from resnetlab.calibration import apply_temperature, read_temperature
 from resnetlab.config import Config, ConfigError
 from resnetlab.data import DataMeta
 from resnetlab.inference import build_inference_model, output_dir, read_checkpoint
@@ -180,6 +181,9 @@ def export_model(path: str | Path, fmt: str, output: str | Path | None = None, *
     file, state, cfg, meta = read_checkpoint(path)
     out, meta_path = _output_paths(path, output, cfg, fmt, file, force)
     reference = build_inference_model(state, cfg, meta, source=str(file))  # unfused, eval, CPU
+    temperature = read_temperature(path, file)  # `resnetlab calibrate`: the export gives logits / T
+    if temperature is not None:
+        apply_temperature(reference, temperature)
     reference.requires_grad_(False)
     c, (h, w) = meta.in_chans, meta.input_size
     gen = torch.Generator().manual_seed(seed)

@@ -4,8 +4,9 @@ For people who have weights but no network access (no ``weights=`` download): th
 nets here use torchvision's parameter names, so the state dict loads unchanged. The checkpoint
 gets what training would have stored (config + data meta), so ``eval``, ``predict`` and
 ``export`` accept it like any run. The data meta is ImageNet-style: image-folder data, shorter
-side 256, centre crop 224, ImageNet mean/std, classes ``"0".."k-1"`` or the lines of
-``--classes``. Before writing, the imported network is compared with torchvision's own model
+side 256, centre crop 224, ImageNet mean/std; class names from ``--classes``, else from the
+source (a timm/Hugging Face ``config.json`` beside the file, or torchvision's ImageNet categories
+for 1000 classes), else ``"0".."k-1"``. Before writing, the imported network is compared with torchvision's own model
 holding the same weights.
 """
 
@@ -75,6 +76,54 @@ def _unwrap_state(obj: Mapping[str, object], source: Path) -> dict[str, torch.Te
     if all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def _weights_file(path: Path) -> Path:
+    """The weights file itself; a timm / Hugging Face folder gives its model.safetensors (else
+    pytorch_model.bin)."""
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return path / name
+        raise ckpt.CheckpointError(f"{path}: a folder without model.safetensors or pytorch_model.bin")
+    return path
+
+
+def source_class_names(file: Path, arch: str, num_classes: int) -> list[str]:
+    """The class names the weights' source carries, else ``"0".."k-1"``.
+
+    Looked for in order: ``label_names`` in a ``config.json`` beside the file (timm's
+    ``save_for_hf`` layout, ``resnetlab publish``), ``id2label`` there (transformers), then for
+    1000 classes the ImageNet categories torchvision ships with its weights' metadata for ``arch``
+    (read from the package, nothing downloaded). Lists of another length are ignored.
+    """
+    import json
+
+    config = file.parent / "config.json"
+    if config.is_file():
+        try:
+            doc = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            doc = {}
+        if isinstance(doc, dict):
+            labels = doc.get("label_names") or doc.get("pretrained_cfg", {}).get("label_names")
+            id2label = doc.get("id2label")
+            if not labels and isinstance(id2label, dict):
+                labels = [id2label.get(str(i)) for i in range(num_classes)]
+            if isinstance(labels, list) and len(labels) == num_classes and all(isinstance(n, str) for n in labels):
+                return list(labels)
+    if num_classes == 1000:
+        import torchvision
+
+        try:
+            enum = torchvision.models.get_model_weights(arch)
+        except ValueError:  # torchvision has no such architecture (a resnetlab-only variant)
+            enum = None
+        for w in enum or ():
+            categories = w.meta.get("categories")
+            if categories is not None and len(categories) == num_classes:
+                return list(categories)
+    return [str(i) for i in range(num_classes)]
 
 
 def _check_arch(arch: str) -> None:
@@ -150,17 +199,18 @@ def import_torchvision(file: str | Path, arch: str, classes: str | Path | None =
     from resnetlab.inference import build_inference_model
     from resnetlab.outputs import check_output
 
-    src = Path(file).expanduser()
+    src = _weights_file(Path(file).expanduser())
     out = Path(output).expanduser() if output is not None else src.with_name(f"{src.stem}.resnetlab.pt")
     check_output(out, force=force, sources=[src], what="imported checkpoint")
     _check_arch(arch)
-    state = _unwrap_state(ckpt.load_checkpoint(src), src)
+    loaded = ckpt.load_safetensors(src) if src.suffix == ".safetensors" else ckpt.load_checkpoint(src)
+    state = _unwrap_state(loaded, src)
     fc, conv1 = state.get("fc.weight"), state.get("conv1.weight")
     if fc is None or fc.ndim != 2 or conv1 is None or conv1.ndim != 4:
         raise ckpt.CheckpointError(f"{src}: no fc.weight [classes, features] and conv1.weight "
                                    "[out, in, kh, kw]; is this a torchvision ResNet state dict?")
     num_classes, in_chans = int(fc.shape[0]), int(conv1.shape[1])
-    names = read_class_names(classes) if classes is not None else [str(i) for i in range(num_classes)]
+    names = read_class_names(classes) if classes is not None else source_class_names(src, arch, num_classes)
     if len(names) != num_classes:
         raise DataError(f"{classes}: {len(names)} class names, but the weights in {src} have "
                         f"{num_classes} outputs (fc.weight is {list(fc.shape)})")

@@ -7,8 +7,9 @@ classes and preprocessing) travels inside the checkpoint, so no flag is ever nee
     model, cfg, meta = load_for_inference("runs/resnet20-digits")   # fused, eval, on the CPU
 
 Accepted sources: a run folder (``checkpoints/best.pt``, else ``last.pt``), any ``.pt``
-checkpoint written by training or by ``resnetlab import``, and a ``.safetensors`` file written
-by ``resnetlab export`` (its header carries the config and meta).
+checkpoint written by training or by ``resnetlab import``, a ``.safetensors`` file written
+by ``resnetlab export`` (its header carries the config and meta), and a folder written by
+``resnetlab publish`` (its ``model.safetensors``), which is also how shipped weights are stored.
 """
 
 from __future__ import annotations
@@ -26,11 +27,21 @@ from resnetlab.data import DataError, DataMeta, normalize
 from resnetlab.models import build_model, fuse_for_inference
 from resnetlab.runtime import non_finite_forward, probe_pixels, select_device
 
+PUBLISHED_MODEL = "model.safetensors"  # the weights in a `resnetlab publish` folder (the hubs' name)
 
 def output_dir(path: str | Path) -> Path:
     """Where outputs about ``path`` go: the run folder itself, or the checkpoint file's folder."""
     p = Path(path).expanduser()
     return p if p.is_dir() else p.parent
+
+
+def published_model(path: str | Path) -> Path | None:
+    """``FOLDER/model.safetensors`` when ``path`` is a folder written by ``resnetlab publish``
+    (or a shipped weight), else None; a run folder (with ``checkpoints/``) is never one."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / PUBLISHED_MODEL).is_file() and not (p / ckpt.CHECKPOINT_DIR).is_dir():
+        return p / PUBLISHED_MODEL
+    return None
 
 
 def parse_meta(meta: Mapping[str, Any], source: str | Path) -> DataMeta:
@@ -47,7 +58,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], Co
     Weights are the EMA copy when training kept one. Errors (:class:`CheckpointError`) name
     the file and say what to do, e.g. run ``resnetlab import`` for a bare state dict.
     """
-    file = ckpt.resolve(path)
+    file = published_model(path) or ckpt.resolve(path)
     found = ckpt.read(file)
     cfg, meta = found.parsed_config(), parse_meta(found.meta, file)
     return file, found.weights, cfg, meta
@@ -84,13 +95,21 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     Returns ``(model, config, meta)``: the model in eval mode on ``device`` (``"auto"`` picks
     cuda, mps, cpu) with gradients off; with ``fuse`` (default) every BatchNorm is folded into
     its convolution and the weights are channels_last (:func:`resnetlab.models.fuse_for_inference`).
+    A temperature stored by ``resnetlab calibrate`` (``calibration.json`` in the run folder) is
+    folded into the classifier, so the softmax of the logits is the calibrated probability.
     """
+    from resnetlab.calibration import apply_temperature, read_temperature
+
     file, state, cfg, meta = read_checkpoint(path)
     model = build_inference_model(state, cfg, meta, source=str(file))
+    temperature = read_temperature(path, file)  # `resnetlab calibrate` fitted one: logits / T
+    if temperature is not None:
+        model = apply_temperature(model, temperature)
     if fuse:
         model = fuse_for_inference(model)
     model.requires_grad_(False)
     return model.to(select_device(str(device))), cfg, meta
 
 
-__all__ = ["NonFiniteOutputError", "build_inference_model", "check_forward", "load_for_inference", "output_dir", "read_checkpoint"]
+__all__ = ["PUBLISHED_MODEL", "NonFiniteOutputError", "build_inference_model", "check_forward",
+           "load_for_inference", "output_dir", "published_model", "read_checkpoint"]

@@ -14,16 +14,19 @@ import os
 import sys
 from collections.abc import Callable
 
-from resnetlab.cli import analysis, info, serve, train, use
+from resnetlab.cli import analysis, info, serve, train, use, weights
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from resnetlab.calibration import CalibrationError
     from resnetlab.checkpoint import CheckpointError
     from resnetlab.config import ConfigError
     from resnetlab.data import DataError
     from resnetlab.engine.errors import TrainingError
+    from resnetlab.weights.zoo import WeightsError
 
-    return (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, TrainingError, WeightsError, CalibrationError,
+            FileNotFoundError)
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (it may be redirected after set-up)."""
@@ -50,6 +53,7 @@ def _setup_logging(quiet: bool = False) -> None:
 # `resnetlab --help` lists the commands in this order
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     **train.COMMANDS, **info.COMMANDS, **use.COMMANDS, **serve.COMMANDS, **analysis.COMMANDS,
+    **weights.COMMANDS,
 }
 
 

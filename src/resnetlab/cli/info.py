@@ -11,9 +11,25 @@ def add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the networks: parameters and multiply-adds")
     p.add_argument("pattern", nargs="?", default="*", help="glob on the name, e.g. 'resnet*'")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--pretrained", action="store_true",
+                   help="only the networks with weights that ship (`resnetlab weights` shows their cards)")
 
 def run_models(args: argparse.Namespace) -> int:
     import json
+
+    if args.pretrained:
+        from fnmatch import fnmatch
+
+        from resnetlab.weights.zoo import describe
+
+        rows_w = [r for r in describe() if fnmatch(r["arch"], args.pattern) or fnmatch(r["name"], args.pattern)]
+        if args.json:
+            print(json.dumps(rows_w, indent=2))
+        else:
+            for r in rows_w:
+                acc = f"{r['top1_acc']:.2f}%" if r["top1_acc"] is not None else "-"
+                print(f"{r['name']:<26} {r['arch']:<10} {r['dataset'] or '-':<14} test top-1 {acc}")
+        return 0
 
     from resnetlab.catalog import cached_rows
 

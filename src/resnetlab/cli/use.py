@@ -19,6 +19,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--out", metavar="DIR", help="write the report files here instead of the run folder "
                                                 "(for read-only runs)")
+    p.add_argument("--tta", choices=("flip",), help="also report top-1 with horizontal-flip test-time "
+                                                     "augmentation (mean softmax of the image and its mirror)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="data.*/train.* changes to the stored config, e.g. data.root=~/data/x train.device=cpu")
 
@@ -29,7 +31,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from resnetlab.inference import NonFiniteOutputError
 
     try:
-        report = evaluate_checkpoint(args.path, args.split, args.overrides, out_dir=args.out)
+        report = evaluate_checkpoint(args.path, args.split, args.overrides, out_dir=args.out, tta=args.tta)
     except NonFiniteOutputError as e:
         return _non_finite(args, e, {"source": str(args.path), "split": args.split, "metrics": None})
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
@@ -169,9 +171,12 @@ def add_import(sub: argparse._SubParsersAction) -> None:
                                    "checkpoint with config and ImageNet-style data meta (resize 256, crop "
                                    "224, ImageNet mean/std) that eval, predict and export accept.")
     p.add_argument("source", choices=("torchvision",), help="where the weights come from")
-    p.add_argument("file", metavar="FILE.pth", help="the state dict file")
+    p.add_argument("file", metavar="FILE.pth", help="the state dict file (.pth, .bin or .safetensors), or a "
+                                                    "timm / Hugging Face folder")
     p.add_argument("--arch", required=True, help="registry name, e.g. resnet50")
-    p.add_argument("--classes", metavar="FILE", help="class names, one per line (default 0..k-1)")
+    p.add_argument("--classes", metavar="FILE", help="class names, one per line (default: the source's "
+                                                      "own: a config.json beside FILE, torchvision's ImageNet "
+                                                      "categories for 1000 classes; else 0..k-1)")
     p.add_argument("--output", metavar="PATH", help="checkpoint to write (default FILE.resnetlab.pt)")
     p.add_argument("--data-root", default="data/imagenet",
                    help="image folder (train/, val/) stored for eval (default data/imagenet)")

@@ -212,6 +212,20 @@ def preprocess(images: Sequence[Image.Image], meta: DataMeta) -> torch.Tensor:
     return torch.stack([eval_transform(img, meta) for img in images])
 
 
+_MOVED = {"stratified_split": "splits", "channel_stats": "splits", "check_images": "sources.folder",
+          "safe_unpickle": "sources.cifar"}
+
+
+def __getattr__(name: str) -> Any:
+    """Names that moved out of this module in the split into sources/ and splits.py, still
+    importable from here (``from resnetlab.data.datasets import check_images``)."""
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f"resnetlab.data.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SPLITS", "ArraySplit", "DataMeta", "Datasets", "FileSplit",
     "build_datasets", "eval_transform", "preprocess", "resize_too_large",

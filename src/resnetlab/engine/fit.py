@@ -533,7 +533,10 @@ def _tensorboard(cfg: Config, run_dir: Path, dist: DistInfo) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
-    except ImportError:  # tensorboard is optional: `pip install resnetlab[tensorboard]`
+    except ImportError:  # tensorboard is optional: say so once, rather than a tb/ folder that never appears
+        log.info("TensorBoard logging is off (the tensorboard package is not installed); "
+                 "pip install 'resnetlab[tensorboard]' to get %s/tb, or set train.tensorboard=false "
+                 "to silence this line", run_dir)
         return None
     writer = SummaryWriter(log_dir=str(run_dir / "tb"))
     metrics = {tag: 0.0 for tag in ("val/top1_err", "val/top5_err", "val/loss", "train/err", "train/loss")}

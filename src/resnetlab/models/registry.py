@@ -95,6 +95,11 @@ def create_model(name: str, /, **overrides: Any) -> ClassifierNet:
     arguments raise ``TypeError`` naming the closest valid one. The model gets ``.arch = name``.
     """
     entry = _entry(name)
+    if overrides.pop("pretrained", False) or overrides.pop("weights", None) is not None:
+        # weights live a layer above the models (their cards need the data meta)
+        raise TypeError(f"resnetlab.models.create_model({name!r}) builds the network only; for "
+                        f"weights call resnetlab.create_model({name!r}, pretrained=True) or "
+                        "weights=NAME (`resnetlab models --pretrained` lists what ships)")
     _check_overrides(entry, overrides)
     model = entry.builder(**{**entry.defaults, **overrides})
     model.arch = name

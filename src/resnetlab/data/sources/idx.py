@@ -154,6 +154,7 @@ class IdxDataset:
         return [*map(Path, self.system_dirs), DEFAULT_ROOT / self.torchvision / "raw"]
 
     def download_dir(self, root: str | None) -> Path:
+        """Where data.download=true puts the files: torchvision's layout under the root."""
         return (Path(root).expanduser() if root is not None else DEFAULT_ROOT) / self.torchvision / "raw"
 
 
@@ -207,7 +208,12 @@ def locate(ds: IdxDataset, cfg: DataConfig) -> dict[str, Path]:
     an error listing every folder tried, and how to get the files, when they are nowhere."""
     tried = ds.candidates(cfg.root)
     for folder in tried:
-        found = _all_files(folder)
+        try:
+            found = _all_files(folder)
+        except DataError:  # some files only: an interrupted download is completed below
+            if not (cfg.download and folder == ds.download_dir(cfg.root)):
+                raise
+            found = None
         if found is not None:
             return found
     if cfg.download:

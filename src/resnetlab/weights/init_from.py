@@ -2,8 +2,9 @@
 
 Accepted sources (the kind is read off the file, not its name):
 
-- a resnetlab run folder (``checkpoints/best.pt``, else ``last.pt``) or checkpoint ``.pt``, or a
-  ``.safetensors`` from ``resnetlab export`` (EMA weights when the run kept them);
+- a resnetlab run folder (``checkpoints/best.pt``, else ``last.pt``) or checkpoint ``.pt``, a
+  ``.safetensors`` from ``resnetlab export`` (EMA weights when the run kept them), or a folder
+  written by ``resnetlab publish`` (its ``model.safetensors``);
 - a torchvision state dict (``torch.save(model.state_dict(), "resnet50.pth")``, as
   ``weights.get_state_dict()`` returns it), also wrapped as ``{"state_dict": ...}`` or with a DDP
   ``module.`` prefix;
@@ -41,7 +42,9 @@ from resnetlab import checkpoint as ckpt
 from resnetlab.config import Config, ConfigError
 from resnetlab.data import DataMeta
 from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from resnetlab.inference import parse_meta
+from resnetlab.inference import parse_meta, published_model
+from resnetlab.weights.zoo import get as get_weights
+from resnetlab.weights.zoo import list_weights
 
 log = logging.getLogger("resnetlab")
 
@@ -74,12 +77,19 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def resolve_file(path: str | Path) -> Path:
-    """The weights file ``path`` names: a run folder's best.pt (else last.pt), or the file."""
+    """The weights file ``path`` names: a run folder's best.pt (else last.pt), a published
+    folder's model.safetensors, the file, or a shipped weight by name (``resnet20.digits``)."""
     p = Path(path).expanduser()
+    published = published_model(p)  # a `resnetlab publish` folder
+    if published is not None:
+        return published.resolve()
     if p.is_dir():
         return ckpt.resolve(p).resolve()
+    if not p.exists() and str(path) in list_weights():  # a name from `resnetlab weights`
+        return get_weights(str(path)).file.resolve()
     if not p.is_file():
-        raise ConfigError(f"model.init_from: {p} is neither a file nor a run folder")
+        raise ConfigError(f"model.init_from: {p} is neither a file nor a run folder, nor the name of "
+                          f"shipped weights ({', '.join(list_weights()) or 'none ship'})")
     return p.resolve()
 
 
