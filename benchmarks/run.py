@@ -21,6 +21,9 @@ Cases (targets are for a 2-core CPU):
   pipeline  image-folder training pipeline vs torchvision's ImageFolder + transforms.v2,
             images/s (ratio >= 1.3), and start-up on 100,000 files     (bench_pipeline.py)
   landscape  loss-landscape grid points/s, batched (vmap) vs state-dict loop (no target)
+  speedrun  wall time to 93% Fashion-MNIST test accuracy (mean of 3 seeds), recipe fashion_speedrun
+            vs the same net and schedule in a torchvision DataLoader loop (ratio >= 1.3, <= 10 min;
+            bench_speedrun.py; the full case trains 6 runs: ~1 h on 2 idle cores, --quick 1 epoch)
 
 Writes ``benchmarks/results/<case>.json`` and ``benchmarks/results/summary.md`` (the machine it
 ran on heads the table). A case that fails is recorded as an error and the others still run;
@@ -52,7 +55,8 @@ from benchmarks.common import (
     write_json,
 )
 
-ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "backends", "quantize", "pipeline", "landscape", "scale")
+ALL_CASES = ("a", "b", "c", "d", "e", "f", "serve", "backends", "quantize", "pipeline", "landscape", "scale",
+             "speedrun")
 INFERENCE_TARGET = 0.85  # (d): resnetlab fused time / torchvision eager time, at most
 TITLES = {
     "a": "training images/s vs idiomatic loop",
@@ -67,6 +71,7 @@ TITLES = {
     "pipeline": "image-folder pipeline images/s vs torchvision",
     "scale": "multi-node scaling efficiency (model)",
     "landscape": "landscape grid points/s, batched (vmap) / state-dict loop",
+    "speedrun": "Fashion-MNIST time to 93%, torchvision loop time / resnetlab time",
 }
 
 
@@ -198,6 +203,10 @@ def _case_rows(case: str, p: dict[str, Any], r: dict[str, Any]) -> list[list[str
         ]
     if case == "scale":
         return _scale_rows(p, r)
+    if case == "speedrun":
+        from benchmarks.bench_speedrun import summary_row
+
+        return [summary_row(p, r)]
     if case == "serve":
         return _serve_rows(p, r)
     if case == "backends":
@@ -310,7 +319,8 @@ def write_summary(payloads: dict[str, dict[str, Any]], machine: dict[str, Any], 
               "checkpoint per block over every stage), (f) one process, (serve) the same images "
               "through predict_images in-process in batches of 16, (pipeline) torchvision "
               "ImageFolder + transforms.v2 with the same workers, (landscape) one "
-              "load_state_dict + forward per grid point, (scale) the efficiency range for "
+              "load_state_dict + forward per grid point, (speedrun) the same net and schedule in a torchvision "
+              "DataLoader loop with per-sample transforms, (scale) the efficiency range for "
               "no overlap - full backward overlap of the all-reduce (formula in scale_model.py). "
               "Details per case in `<case>.json`."]
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -400,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import scale_model
 
         guarded(["scale"], lambda: {"scale": scale_model.run(args.quick, str(device))})
+    if "speedrun" in cases:
+        from benchmarks import bench_speedrun
+
+        guarded(["speedrun"], lambda: {"speedrun": bench_speedrun.run(args.quick, str(device))})
 
     seconds = time.perf_counter() - t0
     machine["other_work_cpu_share"] = others.share()

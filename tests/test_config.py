@@ -91,6 +91,8 @@ def test_every_shipped_recipe_loads() -> None:
         cfg = load(path, ["data.root=/nowhere"] if path.stem in ("cifar10", "cifar100", "folder") else [])
         if path.stem.startswith("finetune_"):  # fine-tuning recipes: any net, the backbone frozen first
             assert "backbone" in cfg.train.freeze
+        elif path.stem == "fashion_speedrun":  # a task recipe (time to 93%): the net is its own choice
+            assert cfg.data.name == "fashion_mnist" and cfg.model.name
         else:
             assert cfg.model.name in path.stem or path.stem in DATASET_RECIPES.values()
     paper = load("cifar10_resnet110")

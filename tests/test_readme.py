@@ -210,3 +210,21 @@ def test_readme_make_train_accuracy_is_the_committed_run() -> None:
                 f"with the\nweights of its best validation epoch ({best['epoch']} of {doc['epochs']};")
     assert expected in README.read_text(), f"README's make train numbers differ from {RESULTS}/make-train:\n{expected}"
     assert test["weights"] == "best" and test["top1_acc"] >= 98.0  # the accuracy `make train` promises
+
+
+def test_readme_fashion_table_is_the_committed_run() -> None:
+    """The Fashion-MNIST table in the README is generated from docs/results/fashion-table (never typed)."""
+    from resnetlab.analysis.fashion_table import readme_block
+
+    expected = readme_block(RESULTS / "fashion-table", shown="docs/results/fashion-table")
+    assert expected in README.read_text(), ("README's Fashion-MNIST table differs from docs/results/fashion-table; "
+                                            "run python -m resnetlab.analysis.fashion_table")
+
+
+def test_readme_speedrun_is_the_committed_benchmark() -> None:
+    """The speedrun sentence in the README is benchmarks/results/speedrun.json's."""
+    from benchmarks.bench_speedrun import readme_sentence
+
+    doc = json.loads((ROOT / "benchmarks" / "results" / "speedrun.json").read_text())
+    expected = readme_sentence(doc)
+    assert expected in " ".join(README.read_text().split()), f"README's speedrun numbers differ:\n{expected}"

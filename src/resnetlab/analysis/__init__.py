@@ -7,6 +7,8 @@
 - :func:`plot_runs`: curves of one or more run folders (``resnetlab plot``).
 - :func:`train_seeds`: one recipe over several seeds, mean ± std (``resnetlab train --seeds``).
 - :func:`run_cifar_table`: the paper's Table 6 on CIFAR-10 (``resnetlab reproduce cifar-table``).
+- :func:`resnetlab.analysis.fashion_table.run_fashion_table`: Fashion-MNIST beside the published
+  leaderboard (``resnetlab reproduce fashion-table``).
 
 Plots and tables only read run folders (``metrics.jsonl``, ``result.json``), never models.
 """

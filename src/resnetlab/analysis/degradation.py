@@ -62,6 +62,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 RECIPES["cifar100"] = {**RECIPES["cifar10"], "data": {**RECIPES["cifar10"]["data"], "name": "cifar100"}}
 DEFAULT_EPOCHS = {"digits": 20, "cifar10": 164, "cifar100": 164}
+# The paper's warm-up for its 110-layer nets (Sec. 4.2): lr/10 "until the training error is below
+# 80% (about 400 iterations)", then the recipe's lr. Nets at least DEEP_LAYERS deep get a constant
+# warm-up at lr * DEEP_WARMUP_FACTOR for DEEP_WARMUP_STEPS steps, capped at DEEP_WARMUP_SHARE of
+# the run (digits has 9 steps per epoch: 400 steps would be the whole experiment).
+DEEP_LAYERS = 100
+DEEP_WARMUP_STEPS = 400
+DEEP_WARMUP_SHARE = 0.2
+DEEP_WARMUP_FACTOR = 0.1
 DEFAULT_DEPTHS = (20, 56)
 DEFAULT_SEEDS = (0, 1, 2)
 FAMILIES = ("plain", "resnet")
@@ -142,11 +150,12 @@ def base_config(data: str, overrides: Sequence[str] = (), epochs: int | None = N
     return validate(replace(cfg, train=replace(cfg.train, epochs=epochs))) if epochs else cfg
 
 
-def train_on_digits(kind: str, models: str | Sequence[str], *, epochs: int, seed: int,
-                    overrides: Sequence[str] = (), jobs: int | None = None,
-                    order: Sequence[str] | None = None) -> tuple[list[str], Path, int]:
-    """Train each of ``models`` once on digits (the degradation recipe, one ``seed``) into
-    ``<run.root>/<kind>-digits-<time>/<model>/``; returns ``(names, folder, worker processes)``.
+def train_models(kind: str, models: str | Sequence[str], *, epochs: int, seed: int, data: str = "digits",
+                 overrides: Sequence[str] = (), jobs: int | None = None,
+                 order: Sequence[str] | None = None) -> tuple[list[str], Path, int]:
+    """Train each of ``models`` once on ``data`` (the degradation recipe, one ``seed``, the deep
+    nets' warm-up) into ``<run.root>/<kind>-<data>-<time>/<model>/``; returns ``(names, folder,
+    worker processes)``.
 
     The shared first half of ``reproduce landscape`` and ``reproduce responses``. ``order`` is the
     order in which the runs are handed to the workers (e.g. deepest first); any run that did not
@@ -154,14 +163,16 @@ def train_on_digits(kind: str, models: str | Sequence[str], *, epochs: int, seed
     """
     names = args.models(models)
     args.check(epochs=epochs, seed=seed, jobs=jobs)
-    base = base_config("digits", overrides, epochs)
-    out_dir = Path(base.run.root).expanduser() / (base.run.name or f"{kind}-digits-{time.strftime('%Y%m%d-%H%M%S')}")
+    base = base_config(data, overrides, epochs)
+    steps = steps_per_epoch(base)
+    out_dir = Path(base.run.root).expanduser() / (base.run.name or f"{kind}-{data}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = default_jobs(base.train.device) if jobs is None else jobs
-    cfgs = [replace(base, seed=seed, model=replace(base.model, name=m),
-                    train=replace(base.train, quiet=True, tensorboard=False,
-                                  threads=1 if jobs > 1 else base.train.threads),
-                    run=replace(base.run, root=str(out_dir), name=m)) for m in (order or names)]
+    cfgs = [deep_warmup(replace(base, seed=seed, model=replace(base.model, name=m),
+                                train=replace(base.train, quiet=True, tensorboard=False,
+                                              threads=1 if jobs > 1 else base.train.threads),
+                                run=replace(base.run, root=str(out_dir), name=m)), steps, overrides)
+            for m in (order or names)]
     trained = {Path(t["run_dir"]).name: t for t in run_trainings(cfgs, jobs)}
     for m in names:
         t = trained.get(m)
@@ -202,18 +213,45 @@ def family_depth(model: str, extra: bool = False) -> tuple[str, int]:
     return (model, weighted_depth(model)) if extra else split_name(model)
 
 
+def steps_per_epoch(cfg: Config) -> int:
+    """Optimiser steps per epoch of ``cfg``'s training split (full batches; one process)."""
+    from resnetlab.data import build_datasets
+
+    n = len(build_datasets(cfg.data, seed=cfg.seed, needs=("train",)).train.labels)
+    return max(1, n // cfg.train.batch_size)
+
+
+def deep_warmup(cfg: Config, steps: int, overrides: Sequence[str] = ()) -> Config:
+    """``cfg`` with the paper's warm-up for very deep nets (see :data:`DEEP_LAYERS`), ``steps``
+    being the optimiser steps per epoch; unchanged for shallower nets or when the user's
+    ``overrides`` set any ``optim.warmup*`` key themselves."""
+    if any(o.split("=", 1)[0].strip().startswith("optim.warmup") for o in overrides):
+        return cfg
+    family, depth = (split_name(cfg.model.name) if re.fullmatch(r"(plain|resnet)\d+", cfg.model.name)
+                     else (cfg.model.name, weighted_depth(cfg.model.name)))
+    if depth < DEEP_LAYERS:
+        return cfg
+    warm_steps = min(DEEP_WARMUP_STEPS, DEEP_WARMUP_SHARE * steps * cfg.train.epochs)
+    optim = replace(cfg.optim, warmup="constant", warmup_lr=cfg.optim.lr * DEEP_WARMUP_FACTOR,
+                    warmup_epochs=round(warm_steps / steps, 3))
+    return validate(replace(cfg, optim=optim))
+
+
 def plan(base: Config, depths: Sequence[int], seeds: Sequence[int], out_dir: Path,
-         jobs: int, extra_models: Sequence[str] = ()) -> list[Config]:
+         jobs: int, extra_models: Sequence[str] = (), steps: int | None = None,
+         overrides: Sequence[str] = ()) -> list[Config]:
     """One config per (family, depth, seed), the deepest first (better packing on workers);
-    then one per (extra model, seed)."""
+    then one per (extra model, seed). With ``steps`` (per epoch), nets of :data:`DEEP_LAYERS`
+    layers or more get :func:`deep_warmup`."""
     cfgs = []
     names = [f"{family}{d}" for d in sorted(depths, reverse=True) for family in FAMILIES]
     for model_name in [*names, *extra_models]:
         for s in seeds:
             train = replace(base.train, quiet=True, tensorboard=False,
                             threads=1 if jobs > 1 else base.train.threads)
-            cfgs.append(validate(replace(base, seed=s, train=train, model=replace(base.model, name=model_name),
-                                         run=replace(base.run, root=str(out_dir), name=f"{model_name}-seed{s}"))))
+            cfg = validate(replace(base, seed=s, train=train, model=replace(base.model, name=model_name),
+                                   run=replace(base.run, root=str(out_dir), name=f"{model_name}-seed{s}")))
+            cfgs.append(deep_warmup(cfg, steps, overrides) if steps else cfg)
     return cfgs
 
 
@@ -341,9 +379,12 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     jobs = default_jobs(base.train.device) if jobs is None else int(jobs)
     name = base.run.name or f"degradation-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(base.run.root).expanduser() / name
+    steps = steps_per_epoch(base)  # reads the data: a missing dataset fails before any folder exists
     existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfgs = plan(base, depths, seeds, out_dir, jobs, extras)
+    cfgs = plan(base, depths, seeds, out_dir, jobs, extras, steps=steps, overrides=overrides)
+    deep = {c.model.name: c.optim.warmup_epochs for c in cfgs if c.optim.warmup == "constant"
+            and c.optim != base.optim}
     log.info("degradation on %s: %d runs (plain and resnet x depths %s x seeds %s), %d epochs each, "
              "%d worker process(es) -> %s", data, len(cfgs), ",".join(map(str, depths)),
              ",".join(map(str, seeds)), base.train.epochs, jobs, out_dir)
@@ -392,7 +433,9 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     seconds = time.perf_counter() - t0
     (out_dir / "experiment.json").write_text(json.dumps({
         "data": data, "depths": list(depths), "seeds": list(seeds), "epochs": base.train.epochs,
-        "extra_models": list(extras),
+        "extra_models": list(extras), "steps_per_epoch": steps,
+        "deep_warmup": {m: {"warmup": "constant", "warmup_lr": base.optim.lr * DEEP_WARMUP_FACTOR,
+                            "warmup_epochs": e} for m, e in deep.items()},
         "jobs": jobs, "recipe": recipe_for(data), "overrides": list(overrides),
         "wall_seconds": seconds, "interrupted": interrupted, "failed": failed,
         "curves": {"training": "train_err per epoch (running mean over the epoch, augmented)",

@@ -498,20 +498,20 @@ class ReproduceLandscapeResult:
 
 
 def reproduce_landscape(models: str | Sequence[str] = ("plain56", "resnet56"), *, epochs: int = 10,
-                        seed: int = 0, grid: int = 21, span: float = 1.0, dims: int = 2,
+                        seed: int = 0, data: str = "digits", grid: int = 21, span: float = 1.0, dims: int = 2,
                         images: int = 128, bn: str = "batch", chunk: int = 16, hessian_iters: int = 20,
                         overrides: Sequence[str] = (), jobs: int | None = None,
                         on_progress: Callable[[str], None] | None = None) -> ReproduceLandscapeResult:
-    """Train ``models`` on digits with the degradation recipe, then draw their landscapes side by
+    """Train ``models`` on ``data`` with the degradation recipe, then draw their landscapes side by
     side (``landscape.png``, ``landscape.csv`` with every net's grid, ``roughness.md``/``.csv``)."""
-    from resnetlab.analysis.degradation import train_on_digits
+    from resnetlab.analysis.degradation import train_models
     from resnetlab.analysis.seeds import final_metrics
 
     # every argument, the landscape's too, before the nets train
     check_landscape_args(grid=grid, span=span, dims=dims, images=images, bn=bn, seed=seed, chunk=chunk,
                          hessian_iters=hessian_iters)
-    names, out_dir, jobs = train_on_digits("landscape", models, epochs=epochs, seed=seed, overrides=overrides,
-                                           jobs=jobs)
+    names, out_dir, jobs = train_models("landscape", models, epochs=epochs, seed=seed, data=data,
+                                        overrides=overrides, jobs=jobs)
     jobs_kw = [dict(path=str(out_dir / m), grid=grid, span=span, dims=dims, split="train", images=images,
                     bn=bn, seed=seed, chunk=chunk, hessian_iters=hessian_iters,
                     out=str(out_dir / f"{m}-landscape")) for m in names]
@@ -531,7 +531,7 @@ def reproduce_landscape(models: str | Sequence[str] = ("plain56", "resnet56"), *
             on_progress(f"{m}: {res.info['grid_points']} points in {res.info['grid_seconds']:.0f} s "
                         f"({res.info['points_per_second']:.2f} points/s)")
     files = plot_landscapes(results, out_dir / "landscape.png", formats=("png", "svg"),
-                            title=f"Loss landscape on digits train, after {epochs} epochs")
+                            title=f"Loss landscape on {data} train, after {epochs} epochs")
     with open(out_dir / "landscape.csv", "w", newline="") as f:
         f.write("model,a,b,loss,acc\n")
     for r in results:  # every net's grid in one file

@@ -236,16 +236,17 @@ class ReproduceResponsesResult:
 
 
 def reproduce_responses(models: str | Sequence[str] = DEFAULT_MODELS, *, epochs: int = 10, seed: int = 0,
-                        overrides: Sequence[str] = (), jobs: int | None = None) -> ReproduceResponsesResult:
-    """Train ``models`` on digits (the degradation recipe, one seed), then measure and draw
-    their layer responses on the test split into ``runs/responses-digits-<time>/``."""
-    from resnetlab.analysis.degradation import train_on_digits
+                        data: str = "digits", overrides: Sequence[str] = (),
+                        jobs: int | None = None) -> ReproduceResponsesResult:
+    """Train ``models`` on ``data`` (the degradation recipe, one seed), then measure and draw
+    their layer responses on the test split into ``runs/responses-<data>-<time>/``."""
+    from resnetlab.analysis.degradation import train_models
     from resnetlab.analysis.seeds import final_metrics
 
     names = list(models.replace(",", " ").split() if isinstance(models, str) else models)
     # deepest first: better packing on the worker processes
-    names, out_dir, _ = train_on_digits("responses", names, epochs=epochs, seed=seed, overrides=overrides,
-                                        jobs=jobs, order=sorted(names, key=lambda n: -_depth_key(n)))
+    names, out_dir, _ = train_models("responses", names, epochs=epochs, seed=seed, data=data, overrides=overrides,
+                                     jobs=jobs, order=sorted(names, key=lambda n: -_depth_key(n)))
     runs = [out_dir / m for m in names]
     res = run_responses(runs, split="test", out=out_dir, labels=names)
     errs = {m: final_metrics(out_dir / m)["train_err"] for m in names}

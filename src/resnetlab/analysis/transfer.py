@@ -2,7 +2,8 @@
 few labelled images are available, and how should the pretrained network be trained?
 
 resnet20 is pretrained on digits 0-4 (one network per seed); then a new task, digits 5-9 with
-N labelled training images per class, is learnt four ways:
+N labelled training images per class, is learnt four ways (``--source``/``--target`` pick other
+data sources, e.g. Fashion-MNIST -> digits, every class of each):
 
 - ``scratch``: random initialisation;
 - ``probe``: linear probe, the pretrained backbone frozen (``train.freeze=backbone``);
@@ -45,13 +46,25 @@ DEFAULT_STEPS = 100  # optimiser steps of every fine-tuning run
 DEFAULT_PRETRAIN_EPOCHS = 30
 MAX_BATCH = 32  # images per step of the fine-tuning runs (fewer when 5 * N is smaller)
 
+# The net and the quiet runs, whatever the data.
+MODEL_COMMON = ("model.name=resnet20", "train.quiet=true", "train.tensorboard=false")
 # The digits recipe (recipe digits_resnet20) with the degradation experiment's lr 0.05.
-COMMON = ("data.name=digits", "model.name=resnet20", "data.augment.crop_padding=1",
-          "data.augment.flip=false", "optim.name=sgd", "optim.momentum=0.9",
-          "optim.weight_decay=5e-4", "optim.schedule=cosine", "train.quiet=true",
-          "train.tensorboard=false")
+DIGITS = ("data.name=digits", "data.augment.crop_padding=1", "data.augment.flip=false", "optim.name=sgd",
+          "optim.momentum=0.9", "optim.weight_decay=5e-4", "optim.schedule=cosine")
+COMMON = (*DIGITS, *MODEL_COMMON)
 PRETRAIN = (f"data.classes=[{','.join(SOURCE_CLASSES)}]", "optim.lr=0.05", "optim.warmup=linear",
             "optim.warmup_epochs=2", "train.batch_size=128")
+
+
+def data_args(data: str) -> tuple[str, ...]:
+    """The recipe keys of a transfer run on ``data``: digits' above, else the source's own packaged
+    recipe (applied by ``data.name``) with a cosine schedule."""
+    return DIGITS if data == "digits" else (f"data.name={data}", "optim.schedule=cosine")
+
+
+def same_source_split(source: str, target: str) -> bool:
+    """True for the default task (digits 0-4 -> digits 5-9); other pairs use every class of both."""
+    return source == target
 # Per way: what it changes. Pretrained starts take a 5x lower lr than scratch (they start near a
 # good solution); the probe's lone linear layer takes scratch's lr.
 WAY_OVERRIDES: dict[str, tuple[str, ...]] = {
@@ -105,21 +118,32 @@ def finetune_schedule(n: int, steps: int, classes: int = len(TARGET_CLASSES)) ->
 
 
 def plan(ns: Sequence[int], seeds: Sequence[int], ways: Sequence[str], out_dir: Path, *,
-         steps: int, pretrain_epochs: int, overrides: Sequence[str], jobs: int) -> tuple[list[Config], list[Config]]:
+         steps: int, pretrain_epochs: int, overrides: Sequence[str], jobs: int, source: str = "digits",
+         target: str = "digits", pretrain_images: int | None = None,
+         target_classes: int = len(TARGET_CLASSES)) -> tuple[list[Config], list[Config]]:
     """``(pretraining configs, fine-tuning configs)``: one pretraining per seed, then one run
-    per (way, N, seed), the largest N first (better packing on the workers)."""
+    per (way, N, seed), the largest N first (better packing on the workers).
+
+    digits -> digits splits the classes (0-4 pretrain, 5-9 fine-tune); any other pair pretrains
+    on every ``source`` class (``pretrain_images``: a seeded draw, equally many per class) and
+    fine-tunes on every ``target`` class (``target_classes`` of them)."""
     threads = ["train.threads=1"] if jobs > 1 else []
+    split = same_source_split(source, target)
+    pre_data = [*DIGITS, *PRETRAIN] if split else [*data_args(source)]
+    if pretrain_images is not None:
+        pre_data.append(f"data.train_per_class={pretrain_images // 10}")
+    fine_data = [*data_args(target), *([f"data.classes=[{','.join(TARGET_CLASSES)}]"] if split else [])]
     pre, fine = [], []
     for s in seeds:
-        pre.append(load(None, [*COMMON, *PRETRAIN, f"train.epochs={pretrain_epochs}", *overrides, *threads,
+        pre.append(load(None, [*pre_data, *MODEL_COMMON, f"train.epochs={pretrain_epochs}", *overrides, *threads,
                                f"seed={s}", f"run.root={out_dir}", f"run.name=pretrain-seed{s}"]))
     for n in sorted(ns, reverse=True):
-        batch, epochs = finetune_schedule(n, steps)
+        batch, epochs = finetune_schedule(n, steps, target_classes)
         for way in ways:
             for s in seeds:
                 init = [] if way == "scratch" else [f"model.init_from={out_dir / f'pretrain-seed{s}'}"]
                 fine.append(load(None, [
-                    *COMMON, f"data.classes=[{','.join(TARGET_CLASSES)}]", f"data.train_per_class={n}",
+                    *fine_data, *MODEL_COMMON, f"data.train_per_class={n}",
                     "data.val_fraction=0", f"train.batch_size={batch}", f"train.epochs={epochs}",
                     *WAY_OVERRIDES[way], *init, *overrides, *threads, f"seed={s}",
                     f"run.root={out_dir}", f"run.name={way}-n{n}-seed{s}"]))
@@ -148,19 +172,32 @@ def _check_largest_n(cfg: Config, n: int) -> None:
 def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int] = DEFAULT_SEEDS,
                  ways: str | Sequence[str] = WAYS, *, steps: int = DEFAULT_STEPS,
                  pretrain_epochs: int = DEFAULT_PRETRAIN_EPOCHS, overrides: Sequence[str] = (),
-                 jobs: int | None = None) -> TransferResult:
-    """Pretrain on digits 0-4, fine-tune on digits 5-9 with N images per class four ways; write
-    the table and the figure. ``overrides`` (``key=value``) apply to every run; ``run.root``
-    places the experiment folder."""
+                 jobs: int | None = None, source: str = "digits", target: str = "digits",
+                 pretrain_images: int | None = None) -> TransferResult:
+    """Pretrain on ``source``, fine-tune on ``target`` with N images per class four ways; write
+    the table and the figure. digits -> digits (the default) pretrains on digits 0-4 and
+    fine-tunes on 5-9; another pair (e.g. fashion_mnist -> digits) uses every class of both.
+    ``overrides`` (``key=value``) apply to every run; ``run.root`` places the experiment folder."""
+    from resnetlab.analysis.degradation import data_choices
+
     t0 = time.perf_counter()
     ns, seeds, ways = parse_ns(ns), parse_seeds(seeds), parse_ways(ways)
     args.check(steps=steps, pretrain_epochs=pretrain_epochs, jobs=jobs)
+    for flag, d in (("--source", source), ("--target", target)):
+        if d not in data_choices():
+            raise AnalysisError(f"{flag} must be one of {', '.join(data_choices())}, got {d!r}")
+    if pretrain_images is not None and (pretrain_images < 10 or pretrain_images % 10):
+        raise AnalysisError(f"--pretrain-images must be a positive multiple of 10, got {pretrain_images}")
     _check_overrides(overrides)
-    base = load(None, [*COMMON, *overrides])
+    split = same_source_split(source, target)
+    base = load(None, [*data_args(target), *MODEL_COMMON, *overrides])
+    target_classes = len(TARGET_CLASSES) if split else _class_count(base)
     jobs = default_jobs(base.train.device) if jobs is None else int(jobs)
-    out_dir = (Path(base.run.root).expanduser() / f"transfer-digits-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    task = "digits" if split and source == "digits" else f"{source}-to-{target}"
+    out_dir = (Path(base.run.root).expanduser() / f"transfer-{task}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     pre, fine = plan(ns, seeds, ways, out_dir, steps=steps, pretrain_epochs=pretrain_epochs,
-                     overrides=overrides, jobs=jobs)
+                     overrides=overrides, jobs=jobs, source=source, target=target,
+                     pretrain_images=pretrain_images, target_classes=target_classes)
     _check_largest_n(fine[0], max(ns))  # before pretraining: --n 100000 is refused now, not later
     out_dir.mkdir(parents=True, exist_ok=True)
     interrupted = None
@@ -193,22 +230,31 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
         if p.is_file():
             pre_acc.append(json.loads(p.read_text())["test"]["top1_acc"])
     rows = table_rows(runs)
-    title = (f"Transfer: resnet20 pretrained on digits 0-4, trained on digits 5-9 with N labelled "
+    src_txt, tgt_txt = ("digits 0-4", "digits 5-9") if split else (source, target)
+    title = (f"Transfer: resnet20 pretrained on {src_txt}, trained on {tgt_txt} with N labelled "
              f"images per class; test accuracy (%), mean ± std over seeds {','.join(map(str, seeds))}")
     markdown = table_markdown(rows, ns, ways, title=title, steps=steps,
-                              pretrain=mean_std(pre_acc) if pre_acc else None)
+                              pretrain=mean_std(pre_acc) if pre_acc else None, source=src_txt, target=tgt_txt)
     (out_dir / "table.md").write_text(markdown)
     write_rows_csv(out_dir / "table.csv", rows, ("way", "n", "seeds", "test_acc_mean", "test_acc_std"))
     write_rows_csv(out_dir / "runs.csv", runs)
-    figure = plot_transfer(rows, out_dir / "transfer.png", seeds=len(seeds))
+    figure = plot_transfer(rows, out_dir / "transfer.png", seeds=len(seeds), source=src_txt, target=tgt_txt)
     seconds = time.perf_counter() - t0
     (out_dir / "experiment.json").write_text(json.dumps({
+        "source": source, "target": target, "pretrain_images": pretrain_images,
         "ns": list(ns), "seeds": list(seeds), "ways": list(ways), "steps": steps,
         "pretrain_epochs": pretrain_epochs, "jobs": jobs, "common": list(COMMON),
         "pretrain": list(PRETRAIN), "way_overrides": {w: list(WAY_OVERRIDES[w]) for w in ways},
         "overrides": list(overrides), "pretrain_test_acc": pre_acc, "wall_seconds": seconds,
         "interrupted": interrupted}, indent=2) + "\n")
     return TransferResult(out_dir, rows, runs, markdown, figure, seconds, interrupted)
+
+
+def _class_count(cfg: Config) -> int:
+    """Classes of ``cfg``'s data source (its test split is read once)."""
+    from resnetlab.data import build_datasets
+
+    return len(build_datasets(cfg.data, seed=cfg.seed, needs=("test",)).meta.classes)
 
 
 def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -225,7 +271,8 @@ def table_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table_markdown(rows: Sequence[dict[str, Any]], ns: Sequence[int], ways: Sequence[str], *,
                    title: str = "", steps: int = DEFAULT_STEPS,
-                   pretrain: tuple[float, float | None] | None = None) -> str:
+                   pretrain: tuple[float, float | None] | None = None, source: str = "digits 0-4",
+                   target: str = "digits 5-9") -> str:
     """Ways down, N across: ``mean ± std`` test accuracy (%)."""
     cell = {(r["way"], r["n"]): format_pm(r["test_acc_mean"], r["test_acc_std"], digits=1) for r in rows}
     lines = [f"### {title}", ""] if title else []
@@ -233,15 +280,29 @@ def table_markdown(rows: Sequence[dict[str, Any]], ns: Sequence[int], ways: Sequ
               "|---|" + "---:|" * len(ns)]
     for way in ways:
         lines.append(f"| {way} | " + " | ".join(cell.get((way, n), "n/a") for n in ns) + " |")
-    note = (f"Every run: {steps} optimiser steps (batch min(32, 5N)), cosine lr, no validation "
-            "split (the last weights are tested on the whole digits 5-9 test split). scratch and "
+    if "scratch" in ways and len(ways) > 1:
+        lines.append("| **pretraining's gain** | " + " | ".join(_gain(rows, n) for n in ns) + " |")
+    note = ("Pretraining's gain: the best pretrained way's mean minus scratch's, in points (negative: "
+            f"it hurts). Every run: {steps} optimiser steps (batch min(32, classes x N)), cosine lr, no validation "
+            f"split (the last weights are tested on the whole {target} test split). scratch and "
             "probe: lr 0.05; finetune and stem-frozen: lr 0.01. ± is the sample std over seeds.")
     if pretrain is not None:
-        note += f" Pretrained nets on their own test split (digits 0-4): {format_pm(*pretrain, digits=1)}%."
+        note += f" Pretrained nets on their own test split ({source}): {format_pm(*pretrain, digits=1)}%."
     return "\n".join([*lines, "", note]) + "\n"
 
 
-def plot_transfer(rows: Sequence[dict[str, Any]], path: str | Path, *, seeds: int) -> Path:
+def _gain(rows: Sequence[dict[str, Any]], n: int) -> str:
+    """Best pretrained way's mean accuracy minus scratch's at ``n`` (points), with that way."""
+    mean = {r["way"]: r["test_acc_mean"] for r in rows if r["n"] == n}
+    pre = {w: a for w, a in mean.items() if w != "scratch"}
+    if "scratch" not in mean or not pre:
+        return "n/a"
+    best = max(pre, key=lambda w: pre[w])
+    return f"{pre[best] - mean['scratch']:+.1f} ({best})"
+
+
+def plot_transfer(rows: Sequence[dict[str, Any]], path: str | Path, *, seeds: int, source: str = "digits 0-4",
+                  target: str = "digits 5-9") -> Path:
     """Accuracy against N (log axis), one line per way, error bars one std; PNG and SVG."""
     import matplotlib
 
@@ -261,9 +322,9 @@ def plot_transfer(rows: Sequence[dict[str, Any]], path: str | Path, *, seeds: in
     ns = sorted({r["n"] for r in rows})
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.minorticks_off()  # the log axis's minor labels (6x10^0 ...) would crowd the N ticks
-    ax.set_xlabel("labelled training images per class (digits 5-9)")
+    ax.set_xlabel(f"labelled training images per class ({target})")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"resnet20 pretrained on digits 0-4; mean ± std of {seeds} seed(s)", fontsize=9)
+    ax.set_title(f"resnet20 pretrained on {source}; mean ± std of {seeds} seed(s)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

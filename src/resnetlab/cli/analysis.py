@@ -11,15 +11,16 @@ from resnetlab.data.sources import source_names
 
 def add_reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="experiments: degradation (Fig. 6), cifar-table (Table 6), landscape, "
-                                         "responses (Fig. 7), transfer (fine-tuning)",
+                                         "responses (Fig. 7), transfer (fine-tuning), fashion-table",
                        description="Reproduce an experiment of He et al. 2015.")
     exp = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    sources = source_names(split_folders=False)  # --data choices: the registry's labelled sets
     d = exp.add_parser("degradation", help="plain vs residual nets: figure + table of final errors",
                        description="Train plain<d> and resnet<d> with one recipe and the same seeds; "
                                    "write runs/degradation-<data>-<time>/ with degradation.png (Figure 6 "
                                    "style), table.md, table.csv; print the table.")
-    d.add_argument("--data", default="digits", choices=source_names(split_folders=False),
-                   help="data source (cifar: pass data.root=DIR)")
+    d.add_argument("--data", default="digits", choices=sources,
+                   help="data source (cifar: pass data.root=DIR; a subset: data.train_per_class=N)")
     d.add_argument("--depths", default="20,56", help="depths with a plain and a resnet twin (default 20,56)")
     d.add_argument("--seeds", default="0,1,2", help="seeds per net (default 0,1,2)")
     d.add_argument("--epochs", type=int, help="epochs per run (default 20 on digits, 164 on CIFAR)")
@@ -37,6 +38,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--models", default="plain56,resnet56", help="registry names (default plain56,resnet56)")
     ls.add_argument("--epochs", type=int, default=10, help="training epochs per net (default 10)")
     ls.add_argument("--seed", type=int, default=0, help="training seed and direction seed (default 0)")
+    ls.add_argument("--data", default="digits", choices=sources, help="data source (default digits)")
     _landscape_options(ls, images=128)
     ls.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
     ls.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
@@ -48,6 +50,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                     help="registry names (default plain20,plain56,resnet20,resnet56,resnet110)")
     rs.add_argument("--epochs", type=int, default=10, help="training epochs per net (default 10)")
     rs.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    rs.add_argument("--data", default="digits", choices=sources, help="data source (default digits)")
     rs.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
     rs.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
     t = exp.add_parser("transfer", help="pretrain on digits 0-4, then learn 5-9 from N images per class four ways",
@@ -60,6 +63,11 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--ways", default="scratch,probe,finetune,stem-frozen", help="which ways (default all four)")
     t.add_argument("--steps", type=int, default=100, help="optimiser steps per fine-tuning run (default 100)")
     t.add_argument("--pretrain-epochs", type=int, default=30, help="epochs of pretraining (default 30)")
+    t.add_argument("--source", default="digits", choices=sources,
+                   help="pretraining data (default digits: classes 0-4; another source: all its classes)")
+    t.add_argument("--target", default="digits", choices=sources,
+                   help="fine-tuning data (default digits: classes 5-9 when --source is digits, else all)")
+    t.add_argument("--pretrain-images", type=int, metavar="N", help="pretrain on a seeded draw of N images")
     t.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. run.root=out")
     c = exp.add_parser("cifar-table", help="Table 6: resnet20..110 on local CIFAR-10, ours vs the paper's",
@@ -72,11 +80,26 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--configs", metavar="DIR", help="folder with cifar10_resnet<d>.yaml (default: the packaged recipes)")
     c.add_argument("--estimate-steps", type=int, default=5, help="optimiser steps timed per net (default 5)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=~/data/cifar10")
+    f = exp.add_parser("fashion-table", help="resnet20/56/110, plain twins, densenet_bc100, lesson_resnet18 on "
+                                             "Fashion-MNIST beside the published leaderboard",
+                       description="Train each net with its packaged recipe fashion_mnist_<net> (plain twins with "
+                                   "their resnet's) once per seed; write runs/fashion-table-<time>/ with table.md, "
+                                   "table.csv (test accuracy mean ± std, parameters, epochs, wall time, beside the "
+                                   "published rows, marked), fashion-table.png; print the table.")
+    f.add_argument("--models", help="comma-separated subset of resnet20,plain20,resnet56,plain56,resnet110,"
+                                    "plain110,densenet_bc100,lesson_resnet18 (default all)")
+    f.add_argument("--epochs", type=int, help="epochs per run (default: each recipe's)")
+    f.add_argument("--seeds", default="0", help="seeds per net (default 0)")
+    f.add_argument("--train-images", type=int, metavar="N",
+                   help="train on a seeded draw of N training images, N/10 per class (default all 54,000)")
+    f.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
+    f.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="applied to every run, e.g. data.root=DIR run.root=out")
 
 def _reproduce_landscape(args: argparse.Namespace) -> int:
     from resnetlab.analysis.landscape import reproduce_landscape
 
-    res = reproduce_landscape(args.models, epochs=args.epochs, seed=args.seed, grid=args.grid,
+    res = reproduce_landscape(args.models, epochs=args.epochs, seed=args.seed, data=args.data, grid=args.grid,
                               span=args.span, dims=args.dims, images=args.images, bn=args.bn,
                               chunk=args.chunk, hessian_iters=args.hessian_iters,
                               overrides=args.overrides, jobs=args.jobs, on_progress=print)
@@ -88,8 +111,8 @@ def _reproduce_landscape(args: argparse.Namespace) -> int:
 def _reproduce_responses(args: argparse.Namespace) -> int:
     from resnetlab.analysis.responses import reproduce_responses
 
-    rr = reproduce_responses(args.models, epochs=args.epochs, seed=args.seed, overrides=args.overrides,
-                             jobs=args.jobs)
+    rr = reproduce_responses(args.models, epochs=args.epochs, seed=args.seed, data=args.data,
+                             overrides=args.overrides, jobs=args.jobs)
     print(rr.responses.markdown)
     print("final training error (%): " + ", ".join(f"{m} {e:.2f}" for m, e in rr.train_err.items()))
     print(" | ".join(str(f) for f in rr.responses.files))
@@ -111,7 +134,8 @@ def _reproduce_transfer(args: argparse.Namespace) -> int:
     from resnetlab.analysis.transfer import run_transfer
 
     tr = run_transfer(args.n, args.seeds, args.ways, steps=args.steps, pretrain_epochs=args.pretrain_epochs,
-                      overrides=args.overrides, jobs=args.jobs)
+                      overrides=args.overrides, jobs=args.jobs, source=args.source, target=args.target,
+                      pretrain_images=args.pretrain_images)
     print(tr.markdown)
     print(f"{tr.figure} | {tr.out_dir / 'table.md'} | {tr.out_dir / 'table.csv'} | {tr.seconds:.0f} s")
     return tr.exit_code
@@ -131,6 +155,16 @@ def _reproduce_cifar_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce_fashion_table(args: argparse.Namespace) -> int:
+    from resnetlab.analysis.fashion_table import run_fashion_table
+
+    ft = run_fashion_table(args.models, args.seeds, args.epochs, args.train_images, args.overrides,
+                           args.jobs, on_progress=print)
+    print(ft.markdown)
+    print(f"{ft.figure} | {ft.out_dir / 'table.md'} | {ft.out_dir / 'table.csv'} | {ft.seconds:.0f} s")
+    return ft.exit_code
+
+
 # `reproduce EXPERIMENT`: the experiment's name -> the function that runs it and prints its result
 REPRODUCE: dict[str, Callable[[argparse.Namespace], int]] = {
     "degradation": _reproduce_degradation,
@@ -138,6 +172,7 @@ REPRODUCE: dict[str, Callable[[argparse.Namespace], int]] = {
     "responses": _reproduce_responses,
     "transfer": _reproduce_transfer,
     "cifar-table": _reproduce_cifar_table,
+    "fashion-table": _reproduce_fashion_table,
 }
 
 
