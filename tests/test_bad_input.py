@@ -116,13 +116,16 @@ def test_readme_and_messages_name_exactly_the_allowed_formats() -> None:
 def test_over_limit_image_on_a_folder_run_is_400_like_other_limits() -> None:
     from resnetlab.data import DataMeta
     from resnetlab.serve.app import ApiError, decode_and_prepare
+    from resnetlab.serve.backends import Backend
 
-    meta = DataMeta("folder", ("a", "b"), 3, (8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), resize=16)
+    # preprocessing needs only the run's data meta, not a loaded network
+    backend = Backend("unused")
+    backend.meta = DataMeta("folder", ("a", "b"), 3, (8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), resize=16)
     strip = _encoded("PNG", size=(200_000, 1))  # 0.2 Mpx, but 51 M pixels once resized to 16 high
     with pytest.raises(ApiError) as info:
-        decode_and_prepare(strip, "strip.png", meta, 1_000_000)
+        decode_and_prepare(strip, "strip.png", backend, 1_000_000)
     assert info.value.status == 400 and "strip.png: a 200000x1 image" in info.value.message
-    assert decode_and_prepare(_encoded("PNG"), "ok.png", meta, 1_000_000).shape == (3, 8, 8)
+    assert decode_and_prepare(_encoded("PNG"), "ok.png", backend, 1_000_000).x.shape == (3, 8, 8)
 
 
 @pytest.mark.parametrize(("flags", "words"), [

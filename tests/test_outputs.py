@@ -102,7 +102,8 @@ def test_eval_on_a_read_only_run_names_it_and_writes_elsewhere_with_out(
     out = tmp_path / "reports"
     assert main(["eval", str(run), "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert sorted(p.name for p in out.iterdir()) == ["confusion-val.json", "confusion-val.png", "eval-val.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion-val.json", "confusion-val.png", "eval-val.json",
+                                                        "reliability-val.png"]
     assert report["files"]["json"] == str(out / "eval-val.json")
     assert _digest(run) == before
 

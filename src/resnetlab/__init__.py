@@ -102,7 +102,7 @@ def train(config: Config | str | Path | Mapping[str, Any] | None = None,
     ``on_step(info)`` is called after every optimiser step (see :func:`resnetlab.engine.fit`).
     Progress is logged (a stderr handler is added when logging is not configured).
     """
-    from resnetlab.config import Config, ConfigError, _flatten, apply_overrides, override_pairs
+    from resnetlab.config import Config, ConfigError, apply_overrides, flatten, override_pairs
     from resnetlab.config import load as load_config
 
     pairs = override_pairs(overrides)
@@ -110,12 +110,12 @@ def train(config: Config | str | Path | Mapping[str, Any] | None = None,
     if bad:
         raise ConfigError(f"resnetlab.train(): unknown keyword {bad[0]!r}; keyword overrides are the "
                           f"sections model, data, optim, train, run (dicts) and seed")
-    pairs += override_pairs(dict(_flatten(sections)))
+    pairs += override_pairs(dict(flatten(sections)))
     overrides_map = dict(pairs)
     if isinstance(config, Config):
         cfg = apply_overrides(config, overrides_map)
     elif isinstance(config, Mapping):
-        cfg = load_config(None, {**dict(_flatten(config)), **overrides_map})
+        cfg = load_config(None, {**dict(flatten(config)), **overrides_map})
     else:
         cfg = load_config(config, overrides_map)
     _ensure_logging()

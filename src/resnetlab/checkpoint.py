@@ -102,9 +102,44 @@ def atomic_write(path: str | Path, write_fn: Callable[[IO[bytes]], object]) -> N
     _fsync_dir(path.parent)
 
 
+class _WriteWatch:
+    """A file object that remembers the OS error of a failed write: torch's zip writer turns it
+    into ``RuntimeError: ... unexpected pos``, which no longer says what happened."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
-    """Atomically ``torch.save`` a checkpoint dict (tensors, numbers, strings, lists, dicts)."""
-    atomic_write(path, lambda f: torch.save(dict(state), f))
+    """Atomically ``torch.save`` a checkpoint dict (tensors, numbers, strings, lists, dicts).
+
+    A write the OS refuses (disk full, file-size limit, quota) raises that OSError, naming
+    ``path``, instead of the RuntimeError torch's zip writer makes of it; ``path`` is untouched.
+    """
+    watch: list[_WriteWatch] = []
+
+    def write(f: IO[bytes]) -> None:
+        watch.append(_WriteWatch(f))
+        torch.save(dict(state), watch[-1])  # type: ignore[arg-type]  # torch calls write/flush only
+
+    try:
+        atomic_write(path, write)
+    except RuntimeError:
+        err = watch[-1].error if watch else None
+        if err is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -319,14 +319,73 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def _field_type(dotted: str) -> Any:
+    """The declared type of config key ``dotted`` (``run.name`` -> ``str | None``), or None."""
+    cls: Any = Config
+    *path, last = dotted.split(".")
+    for part in path:
+        tp = _type_hints(cls).get(part)
+        if tp is None or not is_dataclass(tp):
+            return None
+        cls = typing.cast(type, tp)
+    return _type_hints(cls).get(last)
+
+
+def _text_kind(tp: Any) -> str | None:
+    """``"str"``, ``"optional"`` (``str | None``) or ``"tuple"`` (``tuple[str, ...]``) for the
+    string fields whose command-line text is taken literally; None for every other type."""
+    if tp is str:
+        return "str"
+    if get_origin(tp) in (Union, types.UnionType) and set(get_args(tp)) == {str, type(None)}:
+        return "optional"
+    if get_origin(tp) is tuple and get_args(tp)[:1] == (str,):
+        return "tuple"
+    return None
+
+
+def _unquote(text: str) -> str:
+    """``'0x10'`` or ``"null"`` -> the text inside the quotes (how to spell a literal ``null``)."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        return loaded if isinstance(loaded, str) else text
+    return text
+
+
+# Command-line text of a ``str | None`` field that means None (the field's "unset" default):
+# exactly these words; anything else, ``~`` included, is the literal text.
+NULL_WORDS = ("", "null")
+
+
+def _literal(raw: str, kind: str) -> Any:
+    """The value of a string field's command-line text, taken literally (not by YAML's scalar
+    rules, which turn ``0x10`` into 16, ``007`` into 7 and ``yes`` into True)."""
+    if kind == "optional" and raw.strip() in NULL_WORDS:
+        return None
+    if kind == "tuple":
+        inner = raw.strip()
+        if inner.startswith("[") and inner.endswith("]"):  # YAML flow syntax: [cat, dog]
+            inner = inner[1:-1]
+        return [_unquote(v) for v in inner.replace(",", " ").split() if v]
+    return _unquote(raw)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"optim.lr=0.05"`` -> ``("optim.lr", 0.05)``; values are read as YAML scalars."""
+    """``"optim.lr=0.05"`` -> ``("optim.lr", 0.05)``: values are read as YAML scalars, except in
+    string fields, which take the text as given (``run.name=007`` is the string ``"007"``; quotes
+    are removed; in a ``str | None`` field ``null`` or an empty value means None)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
+    kind = _text_kind(_field_type(RENAMED.get(key, key)))
+    if kind is not None:
+        return key, _literal(raw, kind)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -423,6 +482,9 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:  # e.g. a binary file written over it
+        raise ConfigError(f"{path}: not a YAML text file (it holds binary data); restore it, e.g. "
+                          f"from the config inside a checkpoint") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -439,11 +501,12 @@ def _apply_file(cfg: Config, data: Mapping[str, Any], path: Path) -> Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"train": {"epochs": 5}}`` -> ``[("train.epochs", 5)]``: nested mappings as dotted keys."""
     out: list[tuple[str, Any]] = []
     for key, value in data.items():
         if isinstance(value, Mapping):
-            out.extend(_flatten(value, f"{prefix}{key}."))
+            out.extend(flatten(value, f"{prefix}{key}."))
         else:
             out.append((f"{prefix}{key}", value))
     return out
@@ -463,7 +526,7 @@ def override_pairs(overrides: Overrides | None) -> list[tuple[str, Any]]:
         raise ConfigError(f"overrides must be a list of 'key=value' strings or a dict, not the string "
                           f"{overrides!r}; write [{overrides!r}]")
     if isinstance(overrides, Mapping):
-        pairs = _flatten(overrides)
+        pairs = flatten(overrides)
     else:
         pairs = []
         for item in overrides:
@@ -573,6 +636,80 @@ def _leaves(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
             yield f"{prefix}{f.name}", value
 
 
+# Upper bounds of the integer keys that have a sane range: (bound, why). A value above its bound
+# is a typo (train.epochs=1000000000000 would run until killed), refused with the bound named.
+BOUNDS: dict[str, tuple[int, str]] = {
+    "train.epochs": (100_000, "ImageNet's longest published schedules are under 1,000 epochs"),
+    "train.batch_size": (1_048_576, "2**20 images per optimiser step"),
+    "train.eval_batch_size": (1_048_576, "2**20 images per forward pass"),
+    "data.image_size": (8_192, "pixels per side"),
+    "data.resize": (16_384, "pixels on the shorter side"),
+    "data.num_workers": (512, "DataLoader worker processes"),
+    "train.threads": (4_096, "torch CPU threads"),
+}
+NAME_MAX = 255  # bytes in one path component on ext4, XFS, btrfs, APFS and NTFS
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a run folder name (one path component under ``run.root``), or None."""
+    if not name:
+        return "empty; give a folder name, or leave run.name unset for a timestamped one"
+    if "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+        return ("a run name is one folder name under run.root, without '/', '\\', NUL, '.' or '..'; "
+                "to put runs elsewhere set run.root")
+    if name.startswith("-"):
+        return "a run name may not start with '-' (commands would read it as an option); pick another name"
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        return f"{len(name.encode('utf-8', 'surrogateescape'))} bytes; file systems allow {NAME_MAX} per folder name; use a shorter name"
+    return None
+
+
+# Keys that may change when a run is resumed: how long it trains (train.epochs, never below the
+# epochs already done), where and how fast it runs, what it logs. Every other key defines the
+# run (seed, data and its split, model, batch size, optimiser): changing one mid-run would redraw
+# the split (images move between train, val and test) or make the result another run's.
+RESUMABLE_KEYS = frozenset({
+    "train.epochs", "train.device", "train.threads", "train.quiet", "train.tensorboard",
+    "train.compile", "train.channels_last", "train.cudnn_benchmark", "train.tf32", "train.sync_every",
+    "train.checkpoint_every_steps", "train.eval_every", "train.eval_batch_size", "train.test_at_end",
+    "train.test_every_epoch", "train.resume", "train.sync_bn",  # SyncBN over W ranks = one process's BN
+    "data.num_workers", "data.in_memory", "data.check_images",
+    "data.root",  # the same files moved elsewhere; the split is drawn from the seed and the files
+})
+
+
+def resume_changes(saved: Config, new: Config, where: str) -> dict[str, tuple[Any, Any]]:
+    """``{key: (run's value, new value)}`` of the keys ``new`` changes from the run's ``saved``
+    config; ConfigError naming the first key that defines the run (``where``: the run folder)."""
+    old, changed = dict(_leaves(saved)), {}
+    for key, value in _leaves(new):
+        if old.get(key, value) == value:
+            continue
+        base = key.split("[", 1)[0]
+        if base not in RESUMABLE_KEYS:
+            raise ConfigError(
+                f"{base} cannot change when resuming {where}: it defines the run (the run's value: "
+                f"{_shown(getattr_dotted(saved, base))}); start a new run (another run.name) to change it")
+        changed[key] = (old[key], value)
+    for key in old.keys() - dict(_leaves(new)).keys():  # a tuple got shorter
+        base = key.split("[", 1)[0]
+        raise ConfigError(f"{base} cannot change when resuming {where}: it defines the run (the run's "
+                          f"value: {_shown(getattr_dotted(saved, base))}); start a new run to change it")
+    return changed
+
+
+def getattr_dotted(cfg: Any, dotted: str) -> Any:
+    """``getattr_dotted(cfg, "data.val_fraction")`` -> ``cfg.data.val_fraction``."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _shown(value: Any) -> str:
+    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True,
+                          width=10**6).strip().removesuffix("...").strip()
+
+
 def _data_source(name: str) -> Source:
     """The registry's source for ``data.name``; ConfigError with the closest name otherwise."""
     try:
@@ -592,6 +729,14 @@ def validate(cfg: Config) -> Config:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
     need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    for key, value in _leaves(cfg):  # sane ranges: a typo of a few zeros must not run for years
+        if key in BOUNDS and isinstance(value, int) and value > BOUNDS[key][0]:
+            raise ConfigError(f"{key}={value} is above its bound of {BOUNDS[key][0]:,} ({BOUNDS[key][1]}); "
+                              f"give a value up to {BOUNDS[key][0]}")
+    if cfg.run.name is not None:
+        problem = run_name_problem(cfg.run.name)
+        shown = cfg.run.name if len(cfg.run.name) <= 60 else cfg.run.name[:57] + "..."
+        need(problem is None, f"run.name={shown!r}: {problem}")
     need(0 <= cfg.seed < 2**64, f"seed must be in [0, 2**64), got {cfg.seed}")
     need(cfg.train.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {cfg.train.threads}")
     need(0 <= cfg.optim.momentum < 1,
@@ -653,5 +798,6 @@ __all__ = [
     "AugmentConfig", "Config", "apply_overrides", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig",
     "RunConfig", "TrainConfig", "from_dict", "load", "parse_override",
     "to_dict", "validate", "DATASET_RECIPES", "RECIPE_DIR", "describe_keys", "list_recipes",
-    "override_pairs", "recipe_names", "recipe_path",
+    "override_pairs", "recipe_names", "recipe_path", "BOUNDS", "RESUMABLE_KEYS", "run_name_problem",
+    "resume_changes", "getattr_dotted", "flatten",
 ]

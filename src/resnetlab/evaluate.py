@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from resnetlab.calibration import (
 from resnetlab.config import Config, ConfigError, parse_override
 from resnetlab.data import DataError, DataMeta, build_loader
 from resnetlab.engine.metrics import SumMeter
-from resnetlab.inference import open_run, output_dir
+from resnetlab.inference import NonFiniteOutputError, open_run, output_dir
 from resnetlab.outputs import write_output
 
 SPLITS = ("val", "test")
@@ -246,6 +247,9 @@ def split_pass(path: str | Path, split: str, overrides: Sequence[str] = (), *, t
                           batch_size=cfg.train.eval_batch_size, device=device, seed=cfg.seed)
     metrics, cm, seen = run_split(model, loader, label_map, len(meta.classes), device,
                                   tta_flip=tta == "flip")
+    if not math.isfinite(metrics["loss"]):  # NaN would pass as a number into the report and the JSON
+        raise NonFiniteOutputError(f"{file}: loss {metrics['loss']} on the {split} split: the network's "
+                                   f"outputs are not finite; this checkpoint is unusable, use an earlier one")
     return file, cfg, meta, metrics, cm, seen
 
 

@@ -35,10 +35,11 @@ from resnetlab.data import (
     Loader,
     build_datasets,
     build_loader,
+    normalize,
 )
 from resnetlab.data.sources import get_source
 from resnetlab.models import build_model, fuse_for_inference
-from resnetlab.runtime import select_device
+from resnetlab.runtime import non_finite_forward, probe_pixels, select_device
 
 SPLITS = ("train", "val", "test")
 
@@ -85,7 +86,23 @@ def build_inference_model(state: Mapping[str, torch.Tensor], cfg: Config, meta: 
     """The network ``cfg`` names, sized by ``meta``, with ``state`` loaded strictly, in eval mode."""
     model = build_model(cfg, meta)
     ckpt.load_weights(model, state, source=source)
+    check_forward(model, meta, source)
     return model.eval()
+
+
+class NonFiniteOutputError(ckpt.CheckpointError):
+    """The network's outputs are NaN or infinite (diverged weights); the message names the file."""
+
+
+def check_forward(model: nn.Module, meta: DataMeta, source: str | Path) -> None:
+    """Refuse ``model`` when its forward pass on a blank and a noise image is not finite
+    (:func:`resnetlab.runtime.non_finite_forward`, the check training applies before each save)."""
+    device = next(model.parameters()).device
+    x = normalize(probe_pixels(meta.in_chans, meta.input_size).to(device), meta)  # [2, c, h, w]
+    problem = non_finite_forward(model, x)
+    if problem is not None:
+        raise NonFiniteOutputError(f"{source}: {problem} (a blank and a noise image): its weights diverged; "
+                                   f"use an earlier checkpoint or retrain with a lower optim.lr")
 
 
 @dataclass
@@ -160,5 +177,5 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     return run.model, run.config, run.meta
 
 
-__all__ = ["PUBLISHED_MODEL", "SPLITS", "OpenRun", "build_inference_model", "load_for_inference", "open_run",
-           "output_dir", "parse_meta", "published_model", "read_checkpoint"]
+__all__ = ["PUBLISHED_MODEL", "SPLITS", "NonFiniteOutputError", "OpenRun", "build_inference_model", "check_forward",
+           "load_for_inference", "open_run", "output_dir", "parse_meta", "published_model", "read_checkpoint"]

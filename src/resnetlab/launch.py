@@ -76,7 +76,9 @@ def fit_cleanly(cfg: Config, *, on_step: Callable[[dict[str, Any]], bool | None]
     except OSError as e:
         # A write into a folder deleted mid-run fails on whatever file it was (often a temp file,
         # `.last.pt.xxxx.tmp`): name the run folder instead. config.yaml exists once a step ran.
-        if stepped[0] and not isinstance(e, RunFolderGoneError) and not (run_dir / "config.yaml").is_file():
+        if not stepped[0]:  # e.g. an unreadable data.root: no step, no run folder left behind
+            discard_untrained(run_dir, existed)
+        elif not isinstance(e, RunFolderGoneError) and not (run_dir / "config.yaml").is_file():
             raise RunFolderGoneError(run_dir) from e
         raise
     except BaseException:

@@ -23,26 +23,56 @@ class OutputError(ConfigError):
 class OutputWriteError(OSError):
     """The operating system refused a write; ``str()`` is one line naming the path."""
 
-    def __str__(self) -> str:
-        return f"{self.filename}: {self.strerror}{_HINTS.get(self.errno or 0, '')}"
+    def __str__(self) -> str:  # a write, known to be one: its permission hint says so
+        hint = _WRITE_DENIED if self.errno in (errno.EACCES, errno.EPERM) else _HINTS.get(self.errno or 0, "")
+        return f"{self.filename}: {self.strerror}{hint}"
 
 
 _HINTS = {
     errno.ENOSPC: " (disk full: free space or write elsewhere; nothing already saved was changed)",
     errno.EDQUOT: " (disk quota exceeded; nothing already saved was changed)",
     errno.EROFS: " (read-only file system: write elsewhere)",
-    errno.EACCES: " (no permission to write there: write elsewhere)",
-    errno.EPERM: " (no permission to write there: write elsewhere)",
     errno.ENOTDIR: " (a file stands where a folder should be)",
     errno.EEXIST: " (a file stands where a folder should be)",
 }
+
+
+_EFFECTIVE = os.access in os.supports_effective_ids  # judge as the process acts (set-uid, seteuid)
+_WRITE_DENIED = " (no permission to write there: write elsewhere)"
+
+
+def _denied(where: str | Path | None) -> str:
+    """What a permission error on ``where`` denied, read from the path's own permissions (an
+    OSError does not say whether it was a read or a write)."""
+    if where is None:
+        return " (permission denied)"
+    p = Path(where)
+    try:
+        return _denied_at(p)
+    except OSError:  # cannot even look at it: a folder on the way is closed to us
+        return " (no permission to read it, or a folder above it: check their owner and mode)"
+
+
+def _can(p: Path, mode: int) -> bool:
+    return os.access(p, mode, effective_ids=_EFFECTIVE)
+
+
+def _denied_at(p: Path) -> str:
+    if p.exists():
+        if not _can(p, os.R_OK) or (p.is_dir() and not _can(p, os.X_OK)):
+            return " (no permission to read it: check its owner and mode)"
+        if not _can(p, os.W_OK):
+            return _WRITE_DENIED
+    elif p.parent.exists() and not _can(p.parent, os.W_OK):
+        return _WRITE_DENIED
+    return " (permission denied)"
 
 
 def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
     """``"<path>: <reason> (<hint>)"`` for ``err``, naming ``err.filename`` or else ``path``."""
     where = err.filename if err.filename is not None else path
     reason = err.strerror or str(err)
-    hint = _HINTS.get(err.errno or 0, "")
+    hint = _denied(where) if err.errno in (errno.EACCES, errno.EPERM) else _HINTS.get(err.errno or 0, "")
     return f"{where}: {reason}{hint}" if where is not None else f"{reason}{hint}"
 
 
@@ -51,6 +81,21 @@ def is_run_checkpoint(path: str | Path) -> bool:
     ``epoch_*.pt``): such files are never overwritten by an export or import."""
     p = Path(path).expanduser().absolute()
     return p.parent.name == CHECKPOINT_DIR
+
+
+# A training run's own files, beside its checkpoints/ folder: never an export's or import's output.
+RUN_OWN_FILES = ("config.yaml", "history.jsonl", "metrics.jsonl", "summary.csv", "result.json", ".lock")
+
+
+def is_run_file(path: str | Path) -> bool:
+    """True for a run folder's own record (``config.yaml``, ``metrics.jsonl``, ``result.json``...):
+    the folder holds ``config.yaml`` and ``checkpoints/``. Links are followed."""
+    p = Path(path).expanduser().absolute()
+    for q in (p, p.resolve()):
+        folder = q.parent
+        if q.name in RUN_OWN_FILES and (folder / "config.yaml").is_file() and (folder / CHECKPOINT_DIR).is_dir():
+            return True
+    return False
 
 
 def check_output(path: str | Path, *, force: bool, sources: Iterable[str | Path] = (),
@@ -62,7 +107,10 @@ def check_output(path: str | Path, *, force: bool, sources: Iterable[str | Path]
     for src in sources:
         if Path(src).expanduser().resolve() == real:
             raise OutputError(f"{p} is the file being read; write the {what} to another path")
-    if is_run_checkpoint(p):
+    if is_run_file(p):
+        raise OutputError(f"{p} is one of a training run's own files and is never overwritten, --force "
+                          f"or not; write the {what} to another path")
+    if is_run_checkpoint(p) or is_run_checkpoint(real):
         raise OutputError(f"{p} is a training run's checkpoint and is never overwritten; write "
                           f"the {what} to another path")
     if p.is_dir():
@@ -100,5 +148,5 @@ def printable(text: str) -> str:
                    for c in text)
 
 
-__all__ = ["OutputError", "OutputWriteError", "check_output", "describe_os_error",
-           "is_run_checkpoint", "printable", "write_output"]
+__all__ = ["OutputError", "OutputWriteError", "RUN_OWN_FILES", "check_output", "describe_os_error",
+           "is_run_checkpoint", "is_run_file", "printable", "write_output"]

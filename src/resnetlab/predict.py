@@ -136,10 +136,16 @@ def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
         if not good:
             continue
         probs = runner.predict_batch(torch.stack([p.x for p in prepared]))  # [n, classes]
+        finite = torch.isfinite(probs).all(dim=1).tolist()
         top = probs.topk(min(topk, probs.shape[1]), dim=1)
-        for f, p, i, item in zip(good, top.values.tolist(), top.indices.tolist(), prepared, strict=True):
-            result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, item.inverted,
-                                                 item.preprocess))
+        for f, p, i, item, ok in zip(good, top.values.tolist(), top.indices.tolist(), prepared, finite,
+                                     strict=True):
+            if ok:
+                result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, item.inverted,
+                                                     item.preprocess))
+            else:  # never a NaN probability (nor a bare NaN in the JSON): the file is an error
+                result.errors.append((str(f), "the network's output for it is not finite (NaN or inf); "
+                                              "the checkpoint's weights diverged: use an earlier one"))
     return result
 
 

@@ -6,6 +6,8 @@ below all of them, so none of them imports another to get it.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +35,19 @@ def collect_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[tuple
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*")
-                           if f.is_file() and is_image_file(f)
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
+            denied: list[OSError] = []  # folders that could not be listed: said, never hidden
+            found = []
+            for root, dirs, names in os.walk(p, onerror=denied.append):  # symlinked folders: not entered
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                found += [f for n in names if not n.startswith(".")
+                          and (f := Path(root) / n).is_file() and is_image_file(f)]
+            for e in denied:
+                errors.append((str(e.filename or p), f"cannot read this folder: {e.strerror} (no permission "
+                                                     f"to read it: check its owner and mode)"
+                               if e.errno in (errno.EACCES, errno.EPERM) else f"cannot read this folder: {e.strerror}"))
+            if not found and not denied:
                 errors.append((str(p), "folder holds no image files"))
-            files.extend(found)
+            files.extend(sorted(found))
         elif p.exists():
             files.append(p)
         else:

@@ -111,5 +111,36 @@ def checkpoint_interval(every: int, sync_every: int) -> int:
     return math.ceil(every / sync_every) * sync_every
 
 
-__all__ = ["EXIT_CODES", "EXIT_FAILURE", "EXIT_USER_ERROR", "exit_code", "apply_speed_flags", "checkpoint_interval", "default_run_name", "newest_run", "run_dir",
+def non_finite_forward(model: torch.nn.Module, x: torch.Tensor) -> str | None:
+    """Why ``model`` is not usable on the normalised batch ``x`` ``[b, c, h, w]``, or None.
+
+    The one finiteness check of a network that training (before a checkpoint is kept), predict,
+    eval and serve (before answering) share: finite weights are not enough, since weights of
+    4.6e29 are finite and their logits are not. The forward runs in eval mode (running BN
+    statistics, as inference uses them) without gradients; the mode is restored afterwards.
+    """
+    modes = [(m, m.training) for m in model.modules()]  # per module: frozen BN layers stay in eval
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x).float()  # [b, classes]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    bad = (~torch.isfinite(logits)).sum().item()
+    if bad:
+        return f"its forward pass gives {bad} non-finite logit(s) of {logits.numel()} on {x.shape[0]} image(s)"
+    return None
+
+
+def probe_pixels(in_chans: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """uint8 ``[2, c, h, w]``: a blank image and a seeded noise image, to check a network's forward
+    when no data is at hand (serve, predict)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, 256, (in_chans, *size), dtype=torch.uint8, generator=g)
+    return torch.stack([torch.zeros_like(noise), noise])
+
+
+__all__ = ["EXIT_CODES", "EXIT_FAILURE", "EXIT_USER_ERROR", "apply_speed_flags", "checkpoint_interval",
+           "default_run_name", "exit_code", "newest_run", "non_finite_forward", "probe_pixels", "run_dir",
            "seed_everything", "select_device", "sync_interval"]

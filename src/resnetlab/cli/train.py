@@ -47,7 +47,12 @@ def resolve_train_config(args: argparse.Namespace) -> Any:
     from resnetlab.config import load, validate
 
     if args.resume:
+        from resnetlab.config import ConfigError
         from resnetlab.engine import resume_config
+
+        if args.config:
+            raise ConfigError(f"-c {args.config} does not combine with --resume: the run's own config.yaml "
+                              f"is its recipe; leave out -c (or start a new run without --resume)")
 
         cfg = resume_config(args.resume, args.overrides)
     else:

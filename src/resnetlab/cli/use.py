@@ -28,10 +28,24 @@ def run_eval(args: argparse.Namespace) -> int:
     import json
 
     from resnetlab.evaluate import evaluate_checkpoint, format_report
+    from resnetlab.inference import NonFiniteOutputError
 
-    report = evaluate_checkpoint(args.path, args.split, args.overrides, out_dir=args.out, tta=args.tta)
+    try:
+        report = evaluate_checkpoint(args.path, args.split, args.overrides, out_dir=args.out, tta=args.tta)
+    except NonFiniteOutputError as e:
+        return _non_finite(args, e, {"source": str(args.path), "split": args.split, "metrics": None})
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
+
+def _non_finite(args: argparse.Namespace, err: Exception, doc: dict) -> int:
+    """A diverged checkpoint: one line on stderr, exit 2; with --json also a valid JSON document
+    on stdout (``null`` results and an ``error`` field, never a bare NaN)."""
+    import json
+
+    if args.json:
+        print(json.dumps({**doc, "error": str(err)}, indent=2, allow_nan=False))
+    print(f"resnetlab {args.command}: error: {err}", file=sys.stderr)
+    return 2
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes and probabilities for image files or folders",
@@ -51,6 +65,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     import json
 
+    from resnetlab.inference import NonFiniteOutputError
     from resnetlab.outputs import printable
     from resnetlab.predict import format_predictions, predict
 
@@ -58,8 +73,11 @@ def run_predict(args: argparse.Namespace) -> int:
         print("resnetlab predict: error: standard output is closed, so no prediction could be shown; "
               "send it to a file (> predictions.txt) or a pipe", file=sys.stderr)
         return 1
-    result = predict(args.path, args.inputs, topk=args.topk, device=args.device, invert=args.invert,
-                     centre=args.centre, backend=args.backend, model_file=args.model_file)
+    try:
+        result = predict(args.path, args.inputs, topk=args.topk, device=args.device, invert=args.invert,
+                         centre=args.centre, backend=args.backend, model_file=args.model_file)
+    except NonFiniteOutputError as e:
+        return _non_finite(args, e, {"predictions": None})
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     elif result.predictions:

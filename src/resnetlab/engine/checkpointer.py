@@ -9,10 +9,12 @@ the last good one. What a checkpoint holds (its schema) and how it is read and w
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +25,7 @@ import yaml
 from torch import nn
 
 from resnetlab import checkpoint as ckpt
-from resnetlab.config import Config, to_dict
+from resnetlab.config import Config, ConfigError, flatten, from_dict, resume_changes, to_dict
 from resnetlab.data.augment import derive_seed
 from resnetlab.engine.dist import (
     DistInfo,
@@ -38,16 +40,17 @@ from resnetlab.engine.errors import (
     RunFolderGoneError,
     TrainingError,
 )
-from resnetlab.engine.metrics import SumMeter
+from resnetlab.engine.metrics import SumMeter, append_jsonl
 from resnetlab.engine.optim import ModelEMA
 from resnetlab.engine.state import TrainState
-from resnetlab.runtime import default_run_name
+from resnetlab.runtime import default_run_name, non_finite_forward
 
 log = logging.getLogger("resnetlab")
 
 LOCK_FILE = ".lock"  # in the run folder; holds "pid host" of the process that trains in it
 # Files that only a training run writes: their presence means the folder holds a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.csv", "result.json",
+HISTORY = "history.jsonl"  # one line per resume that changed a key: {"time", "changed": {key: [old, new]}}
+RUN_FILES = ("config.yaml", HISTORY, "metrics.jsonl", "summary.csv", "result.json",
              f"{ckpt.CHECKPOINT_DIR}/{ckpt.LAST}", f"{ckpt.CHECKPOINT_DIR}/{ckpt.BEST}", "tb")
 
 
@@ -73,6 +76,25 @@ class Checkpointer:
         self.run_dir, self.dist, self.device, self.resume = run_dir, dist, device, resume
         self.last_good: Path | None = ckpt.latest(run_dir)
         self._lock: int | None = None
+        self.probe: torch.Tensor | None = None  # [b, c, h, w] normalised validation images, see set_probe
+
+    def set_probe(self, loader: Any, max_images: int = 32) -> None:
+        """Keep the first ``max_images`` of ``loader``'s first batch (a validation loader: no
+        augmentation, no random draws) to check every save's forward pass on."""
+        if loader is None:
+            return
+        for x, _ in loader.iterate(0):
+            self.probe = x[:max_images]
+            break
+
+    def _forward_problem(self, parts: TrainParts) -> str | None:
+        if self.probe is None:
+            return None
+        problem = non_finite_forward(parts.model, self.probe)
+        if problem is None and parts.ema is not None:
+            ema = non_finite_forward(parts.ema.module, self.probe)
+            problem = f"EMA weights: {ema}" if ema else None
+        return problem
 
     # -- the run folder --------------------------------------------------------------------------
 
@@ -135,9 +157,25 @@ class Checkpointer:
         really started, so a resume that fails to load leaves the old config as it was."""
         if self.dist.is_main:
             resolved = replace(cfg, run=replace(cfg.run, name=self.run_dir.name))
+            self._record_history(resolved)
             text = yaml.safe_dump(to_dict(resolved), sort_keys=False)
             ckpt.atomic_write(self.run_dir / "config.yaml", lambda f: f.write(text.encode()))
         barrier()
+
+    def _record_history(self, cfg: Config) -> None:
+        """Append the keys a resume changed (``{key: [before, after]}``) to ``history.jsonl``."""
+        path = self.run_dir / "config.yaml"
+        if not path.is_file():
+            return
+        try:
+            before = dict(flatten(yaml.safe_load(path.read_text()) or {}))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return  # unreadable: resume_config refused it already, unless train.resume=auto
+        after = dict(flatten(to_dict(cfg)))
+        changed = {k: [before.get(k), v] for k, v in after.items() if before.get(k) != v and k != "run.root"}
+        if changed:
+            append_jsonl(self.run_dir / HISTORY, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                  "resumed": True, "changed": changed})
 
     def finished_result(self) -> dict[str, Any] | None:
         """``result.json`` of a finished run, or None."""
@@ -162,14 +200,22 @@ class Checkpointer:
         weights = parts.model.state_dict()
         bad = ckpt.non_finite(weights) + [f"ema.{k}" for k in
                                           (ckpt.non_finite(parts.ema.state_dict()) if parts.ema else [])]
+        forward = None if bad else self._forward_problem(parts)
         # rank 0 writes: it alone looks for the run folder, and every rank learns the answer here
         # (one rank raising alone would leave the others waiting in the next collective)
         meter_sums = all_reduce_sum(parts.meter.sums.clone())  # every rank's samples, in any process count
         gone = self.dist.is_main and not self.run_dir.is_dir()  # saving would re-create a stub
-        gathered = all_gather_object((ckpt.rng_state(self.device), bad, gone))
-        if any(g for _, _, g in gathered):
+        gathered = all_gather_object((ckpt.rng_state(self.device), bad, forward, gone))
+        if any(g for _, _, _, g in gathered):
             raise RunFolderGoneError(self.run_dir)
-        bad_anywhere = sorted({k for _, b, _ in gathered for k in b})
+        bad_anywhere = sorted({k for _, b, _, _ in gathered for k in b})
+        forward = next((f for _, _, f, _ in gathered if f), None)
+        if forward is not None and not bad_anywhere:
+            raise NonFiniteLossError(
+                f"the weights at epoch {state.epoch + 1}, step {state.step} are not usable: {forward} of "
+                f"the validation split (finite weights, diverged); not saving over {self.path(name)}. "
+                f"Last good checkpoint: {self.last_good or 'none saved yet'}. Try a lower optim.lr or set "
+                f"optim.clip_grad_norm.")
         if bad_anywhere:
             raise NonFiniteLossError(
                 f"weights or statistics are not finite at epoch {state.epoch + 1}, step {state.step} "
@@ -178,7 +224,7 @@ class Checkpointer:
                 f"Try a lower optim.lr or set optim.clip_grad_norm.")
         target = self.path(name)
         if self.dist.is_main:
-            ckpt.write(target, ckpt.Checkpoint(
+            _save_reporting_os_errors(ckpt.Checkpoint(
                 model=weights,
                 optimizer=parts.optimizer.state_dict(),
                 ema=parts.ema.state_dict() if parts.ema is not None else None,
@@ -186,11 +232,11 @@ class Checkpointer:
                 # summed over the ranks: restored on rank 0 and zeros elsewhere (restore), so the
                 # epoch's all-reduce counts each sample once with any number of processes
                 meter={"sums": meter_sums.cpu()},
-                rng=ckpt.pack_rng([r for r, _, _ in gathered]),
+                rng=ckpt.pack_rng([r for r, *_ in gathered]),
                 state=state.state_dict(),
                 config=to_dict(cfg),
                 meta=dict(meta),
-            ))
+            ), target)
         if name == ckpt.LAST:
             self.last_good = target
         return target
@@ -200,21 +246,20 @@ class Checkpointer:
     def restore(self, path: Path, parts: TrainParts, state: TrainState, cfg: Config) -> None:
         """Put every piece of ``path`` back so the run continues as if it had never stopped.
 
-        Refuses (naming the file) a checkpoint that is malformed, holds non-finite weights, or
-        was saved mid-epoch with another ``train.batch_size``.
+        Refuses (naming the file) a checkpoint that is malformed or holds non-finite weights,
+        ``cfg`` changing a key that defines the run (:func:`resnetlab.config.resume_changes`:
+        seed, data split, model, batch size...), and ``train.epochs`` below the epochs begun.
         """
         loaded = ckpt.read_training(path, map_location=self.device)
         assert loaded.state is not None and loaded.rng is not None  # read_training checked them
         saved = TrainState()
         saved.load_state_dict(loaded.state)
-        saved_train = loaded.config.get("train")
-        saved_bs = saved_train.get("batch_size") if isinstance(saved_train, Mapping) else None
-        if saved.batch > 0 and saved_bs is not None and saved_bs != cfg.train.batch_size:
-            raise TrainingError(
-                f"{path} was saved mid-epoch (epoch {saved.epoch + 1}, after batch {saved.batch}) with "
-                f"train.batch_size={saved_bs}; resuming with train.batch_size={cfg.train.batch_size} "
-                f"would replay or skip samples of that epoch. Resume with train.batch_size={saved_bs} "
-                f"(it can change at the next epoch boundary)")
+        self._check_resume_config(loaded.config, cfg)
+        started = saved.epoch + (1 if saved.batch > 0 else 0)  # epochs done, plus one begun mid-way
+        if cfg.train.epochs < started:
+            raise ConfigError(
+                f"train.epochs={cfg.train.epochs} is fewer than the {started} epoch(s) {path} has already "
+                f"{'begun' if saved.batch > 0 else 'done'}; resume with train.epochs={started} or more")
         ckpt.load_weights(parts.model, loaded.model, source=str(path))
         try:
             parts.optimizer.load_state_dict(loaded.optimizer)  # type: ignore[arg-type]  # checked
@@ -232,6 +277,23 @@ class Checkpointer:
         state.load_state_dict(loaded.state)
         self._restore_rng(loaded.rng, cfg.seed, state.step)
 
+    def _check_resume_config(self, stored: Any, cfg: Config) -> None:
+        """Refuse to continue a checkpoint under a config whose run-defining keys differ from
+        ``stored``, the config it was trained with (``train.resume=auto`` reaches here without
+        :func:`~resnetlab.engine.fit.resume_config`)."""
+        if not isinstance(stored, Mapping):
+            return  # a checkpoint without its config: the weights check still guards the model
+        try:
+            saved = from_dict({k: v for k, v in stored.items() if k != "run"}, check=False)
+        except ConfigError:  # written by another resnetlab version: its keys are not ours to judge
+            return
+        # run.*: the folder may have been moved or copied. model.init_*: the weights and their
+        # preprocessing come from this checkpoint (resolve_init_from never ran for this resume).
+        ours = replace(cfg, run=saved.run, model=replace(
+            cfg.model, init_from=saved.model.init_from, init_sha256=saved.model.init_sha256,
+            init_preprocess=saved.model.init_preprocess))
+        resume_changes(saved, ours, str(self.run_dir))
+
     def _restore_rng(self, saved: Mapping[str, Any], seed: int, step: int) -> None:
         own, note = ckpt.unpack_rng(saved, self.dist.rank, self.dist.world_size)
         if own is None:  # a rank the saving run did not have
@@ -247,6 +309,23 @@ def save_weights_checkpoint(path: str | Path, model: nn.Module, cfg: Config, met
     """A checkpoint of weights, config and meta without training state (what ``resnetlab import``
     writes): eval, predict and export accept it; resuming from it is refused (no optimizer)."""
     return ckpt.write_weights(path, model.state_dict(), cfg, meta, source=source)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # disk full, file-size limit, quota
+
+
+def _save_reporting_os_errors(checkpoint: ckpt.Checkpoint, target: Path) -> None:
+    """``ckpt.write``; a full disk (or file-size limit, or quota) is one TrainingError naming the
+    file, the previous file left as it was (the write is atomic)."""
+    try:
+        ckpt.write(target, checkpoint)
+    except OSError as err:
+        if err.errno not in _NO_SPACE:
+            raise
+        raise TrainingError(
+            f"{target}: cannot save the checkpoint: no space left to write it ({err.strerror}); "
+            f"the previous {target.name} is intact. Free space (or raise the file-size limit or quota) "
+            f"and resume with `resnetlab train --resume {target.parent.parent}`") from None
 
 
 def _lock(path: Path) -> int:

@@ -290,6 +290,7 @@ def start_run(cfg: Config, dist: DistInfo, device: torch.device, ckpts: Checkpoi
                  cfg.train.checkpoint_every_steps, every, sync_every)
     total_steps = cfg.train.epochs * steps_per_epoch
     ckpts.write_config(cfg)
+    ckpts.set_probe(loaders.val)  # every save checks its forward pass on these validation images
     run = Run(cfg, dist, device, ckpts, loaders, parts, net, criterion, state,
               StepGuard(device, dist, sync_every, on_step),
               lambda s: lr_at(s, total_steps, steps_per_epoch, cfg.optim), steps_per_epoch, every,
@@ -589,15 +590,23 @@ def _write_result(run_dir: Path, result: Result, skipped: list[tuple[str, str]])
 def resume_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The config to continue ``run_dir`` with: its config.yaml, then ``overrides``, resume=auto.
 
-    The run folder's own name and parent are set as typed values (never re-parsed as YAML: a
-    folder named ``0x10`` or ``null`` stays that string).
+    Only :data:`~resnetlab.config.RESUMABLE_KEYS` may change (epochs, device, logging, workers);
+    a key that defines the run (seed, data and its split, model, batch size, optimiser, run.name)
+    is refused naming the key and the run's value. The run folder's own name and parent are set
+    as typed values (never re-parsed as YAML: a folder named ``0x10`` or ``null`` stays that string).
     """
-    from resnetlab.config import load
+    from resnetlab.config import load, override_pairs, resume_changes
 
     run_dir = Path(run_dir).expanduser()
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
+    for key, _ in override_pairs(overrides):
+        if key.startswith("run."):
+            raise ConfigError(f"{key} cannot change when resuming {run_dir}: --resume continues that "
+                              f"folder; to start another run, leave out --resume")
+    saved = load(path)
     cfg = load(path, list(overrides))
+    resume_changes(saved, cfg, str(run_dir))
     return validate(replace(cfg, run=replace(cfg.run, root=str(run_dir.parent), name=run_dir.name),
                             train=replace(cfg.train, resume="auto")))

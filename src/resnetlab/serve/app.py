@@ -135,7 +135,8 @@ def load_served_model(path: str | Path, device: str = "cpu", backend: str = "tor
                       model_file: str | Path | None = None, model_name: str | None = None,
                       centre: bool = True, threads: int | None = None) -> ServedModel:
     """Load the network at ``path`` (run folder or checkpoint; for onnxruntime also a ``.onnx``
-    file) with ``backend``, as ``predict`` does."""
+    file) with ``backend``, as ``predict`` does. A network whose forward pass is not finite is
+    refused here, before anything listens (:meth:`~resnetlab.serve.backends.Backend.load`)."""
     b = make_backend(path, backend, device=device, model_file=model_file, centre=centre,
                      threads=threads).load()
     return ServedModel(b, str(path), check_model_name(model_name) if model_name else default_model_name(path))
@@ -230,7 +231,9 @@ class ServeApp:
         m = self.backend.meta
         blank = torch.zeros(m.in_chans, *m.input_size, dtype=torch.uint8)
         try:
-            await self.batcher.predict(torch.zeros(blank.shape))
+            probs, _ = await self.batcher.predict(torch.zeros(blank.shape))
+            if not torch.isfinite(probs).all():  # a diverged checkpoint: answering would give 500s
+                raise ValueError("the network's output is not finite (NaN or inf); its weights diverged")
             if self.backend.explains:  # Grad-CAM's first backward pass allocates too
                 await asyncio.get_running_loop().run_in_executor(self.model_pool, self.backend.cams, blank[None], [0])
         except Exception as e:  # stays not ready (503) and says why

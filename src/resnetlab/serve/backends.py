@@ -85,9 +85,23 @@ class Backend:
         """Load the model (once, before serving); returns ``self``. Errors name the file."""
         start = time.perf_counter()
         self._load()
+        self._check_finite()
         self.sha256 = file_sha256(self.file)
         self.load_seconds = time.perf_counter() - start
         return self
+
+    def _check_finite(self) -> None:
+        """Refuse a model whose outputs on a blank and a noise image are not finite (diverged
+        weights): served, it would answer every request with a 500. The torch backend's loader
+        has checked the logits already (:func:`resnetlab.inference.check_forward`)."""
+        from resnetlab.inference import NonFiniteOutputError
+        from resnetlab.runtime import probe_pixels
+
+        x = normalize(probe_pixels(self.meta.in_chans, self.meta.input_size), self.meta)  # [2, c, h, w]
+        probs = self.predict_batch(x)
+        if not torch.isfinite(probs).all():
+            raise NonFiniteOutputError(f"{self.file}: its outputs on a blank and a noise image are not finite "
+                                       f"(NaN or inf): its weights diverged; use an earlier checkpoint")
 
     def preprocess(self, img: Image.Image) -> PreparedImage:
         """A decoded image (any mode and size) -> :class:`PreparedImage` (runs in a worker thread)."""

@@ -77,7 +77,13 @@ class _Lister:
         self.seen[real] = str(folder)
 
     def class_folders(self) -> list[Path]:
-        """The class folders of the split (an unreadable split folder is always an error)."""
+        """The class folders of the split (an unreadable split folder is always an error; so is a
+        split folder linked to another place inside data.root, e.g. ``test -> train``)."""
+        real = self.split_dir.resolve()
+        if _inside(real, self.root) and real != self.root / self.split_dir.name:
+            raise DataError(f"split folder {self.split_dir} is a link to {real}, inside data.root: its "
+                            f"images would count in two splits (test scored on training images); "
+                            f"remove the link")
         entries = self._entries(self.split_dir, skip=False) or []
         return [Path(e.path) for e in entries if _is_dir(e)]
 
