@@ -93,7 +93,7 @@ def run_resnetlab(seed: int, data_root: Path, out: Path, device: str, epochs: in
     if per_class is not None:
         overrides.append(f"data.train_per_class={per_class}")
     t0 = time.perf_counter()
-    cfg = resnetlab.load(RECIPE, overrides)
+    cfg = resnetlab.load_config(RECIPE, overrides)
     result = resnetlab.train(cfg)
     seconds = time.perf_counter() - t0
     assert result.test is not None, "the recipe scores the test set"
@@ -112,7 +112,7 @@ def run_torchvision(seed: int, tv_root: Path, device: torch.device, epochs: int 
     from resnetlab.engine.optim import lr_at
     from resnetlab.models import create_model
 
-    cfg = resnetlab.load(RECIPE, [f"seed={seed}"] + ([f"train.epochs={epochs}"] if epochs else []))
+    cfg = resnetlab.load_config(RECIPE, [f"seed={seed}"] + ([f"train.epochs={epochs}"] if epochs else []))
     o, tr, aug = cfg.optim, cfg.train, cfg.data.augment
     torch.manual_seed(seed)
     t0 = time.perf_counter()

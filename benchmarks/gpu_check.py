@@ -626,7 +626,7 @@ def _race_resnetlab(device: torch.device, plan: Plan, workdir: Path, root: Path 
                  "train.quiet=true", "train.tensorboard=false", f"run.root={workdir}", f"run.name={run_dir.name}"]
     if root is not None:
         overrides.append(f"data.root={root}")
-    cfg = resnetlab.load("fashion_mnist", overrides + _race_overrides(plan))
+    cfg = resnetlab.load_config("fashion_mnist", overrides + _race_overrides(plan))
     result = resnetlab.train(cfg, on_step=on_step)
     for r in read_jsonl(run_dir / "metrics.jsonl")[len(curve):]:  # epochs after the last check
         curve.append((r["epoch"], time.perf_counter() - t0, 100.0 - r["test_top1_err"]))
@@ -651,7 +651,7 @@ def _race_reference(device: torch.device, plan: Plan, files: dict[str, Path], wo
     import resnetlab
 
     t0 = time.perf_counter()
-    cfg = resnetlab.load("fashion_mnist", _race_overrides(plan))
+    cfg = resnetlab.load_config("fashion_mnist", _race_overrides(plan))
     raw = workdir / "tv" / "FashionMNIST" / "raw"  # torchvision reads the unzipped files from here
     raw.mkdir(parents=True, exist_ok=True)
     for path in files.values():
