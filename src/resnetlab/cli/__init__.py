@@ -29,6 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, CheckpointError, TrainingError, WeightsError, CalibrationError,
             FileNotFoundError)
 
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (it may be redirected after set-up)."""
 
@@ -39,6 +40,7 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _value) -> None:
         pass
+
 
 def _setup_logging(quiet: bool = False) -> None:
     logger = logging.getLogger("resnetlab")
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     return parser
 
+
 _OPTION_KEYS = {"model": "model.name", "arch": "model.name", "a": "model.name", "dataset": "data.name",
                 "data": "data.name", "data_path": "data.root", "data_dir": "data.root", "root": "data.root",
                 "b": "train.batch_size", "lr": "optim.lr", "wd": "optim.weight_decay", "opt": "optim.name",
@@ -79,6 +82,7 @@ _OPTION_KEYS = {"model": "model.name", "arch": "model.name", "a": "model.name", 
                 "output": "run.root", "output_dir": "run.root", "out_dir": "run.root",
                 "warmup_epochs": "optim.warmup_epochs", "smoothing": "optim.label_smoothing",
                 "pretrained": "model.init_from", "weights": "model.init_from", "num_classes": "model.num_classes"}
+
 
 def option_hint(option: str, value: str | None) -> str | None:
     """For an unknown ``--option [value]``: the ``key=value`` override it most likely meant."""
@@ -101,6 +105,7 @@ def option_hint(option: str, value: str | None) -> str | None:
     shown = value if value is not None else "VALUE"
     return f"config values are key=value words: did you mean `{key}={shown}`?"
 
+
 def _unknown_options(extra: list[str], argv: list[str]) -> str:
     """The message for unrecognised arguments, with a key=value hint where one fits."""
     for tok in extra:
@@ -116,6 +121,7 @@ def _unknown_options(extra: list[str], argv: list[str]) -> str:
         if hint:
             return f"unrecognized option {tok.split('=', 1)[0]}; {hint}"
     return f"unrecognized arguments: {' '.join(extra)}"
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)

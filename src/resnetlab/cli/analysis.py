@@ -96,6 +96,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     f.add_argument("overrides", nargs="*", metavar="key=value",
                    help="applied to every run, e.g. data.root=DIR run.root=out")
 
+
 def _reproduce_landscape(args: argparse.Namespace) -> int:
     from resnetlab.analysis.landscape import reproduce_landscape
 
@@ -192,6 +193,7 @@ def add_gradients(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="init, split and probe batch")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.batch_size=64")
 
+
 def run_gradients(args: argparse.Namespace) -> int:
     from resnetlab.analysis.gradients import format_ratios, gradient_flow
 
@@ -199,6 +201,7 @@ def run_gradients(args: argparse.Namespace) -> int:
     print(format_ratios(res))
     print(" | ".join(str(f) for f in res.files))
     return 0
+
 
 def add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="training/validation curves and learning rate of run folders",
@@ -209,11 +212,13 @@ def add_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="FILE", help="figure path; .png and .svg are written "
                                                     "(default RUN/curves_<metric>.png)")
 
+
 def run_plot(args: argparse.Namespace) -> int:
     from resnetlab.analysis import plot_runs
 
     print(" | ".join(str(f) for f in plot_runs(args.runs, args.metric, args.output)))
     return 0
+
 
 def _landscape_options(p: argparse.ArgumentParser, images: int = 256) -> None:
     p.add_argument("--grid", type=int, default=21, help="points per direction (default 21)")
@@ -226,6 +231,7 @@ def _landscape_options(p: argparse.ArgumentParser, images: int = 256) -> None:
     p.add_argument("--chunk", type=int, default=16, help="grid points per batched forward pass (default 16)")
     p.add_argument("--hessian-iters", type=int, default=20,
                    help="power-iteration steps per Hessian eigenvalue; 0 skips them (default 20)")
+
 
 def add_landscape(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("landscape", help="loss landscape around a trained net (filter-normalised directions)",
@@ -240,6 +246,7 @@ def add_landscape(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, or auto (default cpu)")
     _landscape_options(p)
 
+
 def run_landscape(args: argparse.Namespace) -> int:
     from resnetlab.analysis.landscape import roughness_markdown
     from resnetlab.analysis.landscape import run_landscape as landscape
@@ -252,6 +259,7 @@ def run_landscape(args: argparse.Namespace) -> int:
           f"{res.info['grid_seconds']:.1f} s | " + " | ".join(str(f) for f in res.files))
     return 0
 
+
 def add_responses(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("responses", help="std of every 3x3 layer's response (the paper's Fig. 7)",
                        description="For each run, the standard deviation of every 3x3 layer's response "
@@ -260,6 +268,7 @@ def add_responses(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders or checkpoints")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="default test")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/responses-<time>)")
+
 
 def run_responses(args: argparse.Namespace) -> int:
     from resnetlab.analysis.responses import run_responses as responses

@@ -14,6 +14,7 @@ def add_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", action="store_true",
                    help="only the networks with weights that ship (`resnetlab weights` shows their cards)")
 
+
 def run_models(args: argparse.Namespace) -> int:
     import json
 
@@ -50,10 +51,12 @@ def run_models(args: argparse.Namespace) -> int:
     print(format_model_table(rows))
     return 0
 
+
 def add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="one network's stages: output shapes and parameters")
     p.add_argument("name", help="registry name, e.g. resnet56")
     p.add_argument("--json", action="store_true", help="print the stages as JSON")
+
 
 def run_info(args: argparse.Namespace) -> int:
     import difflib

@@ -19,6 +19,7 @@ def _bounded(flag: str) -> Callable[[str], int | float]:
     parse.__name__ = flag.lstrip("-")
     return parse
 
+
 def add_backend_options(p: argparse.ArgumentParser) -> None:
     """--backend, --model-file and --no-centre: shared by serve and predict."""
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
@@ -31,6 +32,7 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                    help="digit-like runs (digits, MNIST, Fashion-MNIST): do not crop images to their "
                         "ink and centre it as the dataset was framed (the answer's preprocess field "
                         "says what was done)")
+
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP API + web page for a trained network (127.0.0.1:8000)",
@@ -74,6 +76,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="an idle keep-alive connection is closed after this many seconds (default 5)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
                    help="uvicorn's log level (default warning; info logs every request)")
+
 
 def run_serve(args: argparse.Namespace) -> int:
     from resnetlab.serve import Limits, Timeouts, serve

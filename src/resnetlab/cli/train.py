@@ -40,6 +40,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="list every config key with its type, default and meaning, and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.05 train.epochs=30")
 
+
 def resolve_train_config(args: argparse.Namespace) -> Any:
     """The Config ``resnetlab train`` would run with these arguments (nothing is created)."""
     from dataclasses import replace
@@ -59,6 +60,7 @@ def resolve_train_config(args: argparse.Namespace) -> Any:
         cfg = load(args.config, args.overrides)
     # --quiet is a typed value, not a "train.quiet=true" string to re-parse
     return validate(replace(cfg, train=replace(cfg.train, quiet=True))) if args.quiet else cfg
+
 
 def run_train(args: argparse.Namespace) -> int:
     if args.help_keys:
@@ -92,6 +94,7 @@ def run_train(args: argparse.Namespace) -> int:
               f"top-5 acc {t['top5_acc']:.2f}%, loss {t['loss']:.4f} | {result.run_dir}")
     return result.exit_code
 
+
 def add_recipes(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recipes", help="the packaged training recipes (-c NAME)",
                        description="List the YAML recipes shipped with resnetlab; `train -c NAME` uses "
@@ -99,6 +102,7 @@ def add_recipes(sub: argparse._SubParsersAction) -> None:
                                    "first whenever data.name is that dataset.")
     p.add_argument("name", nargs="?", help="print this recipe's YAML instead of the list")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
+
 
 def run_recipes(args: argparse.Namespace) -> int:
     import json
@@ -118,6 +122,7 @@ def run_recipes(args: argparse.Namespace) -> int:
         print(f"{r['name']:<{width}}  {r['description']}{tag}")
     return 0
 
+
 def add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="config keys: type, default and meaning of each",
                        description="Inspect the configuration. `config keys [PATTERN]` lists every key "
@@ -128,6 +133,7 @@ def add_config(sub: argparse._SubParsersAction) -> None:
     k.add_argument("pattern", nargs="?", default="*", help="glob on the key, e.g. 'optim.*'")
     k.add_argument("--json", action="store_true", help="print the keys as JSON")
 
+
 def format_keys(rows: list[dict[str, Any]]) -> str:
     """One line per key: ``key  type  default  # comment`` in aligned columns."""
     import json
@@ -136,6 +142,7 @@ def format_keys(rows: list[dict[str, Any]]) -> str:
     w = [max(len(c[i]) for c in cells) for i in range(3)]
     return "\n".join(f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {'# ' + d if d else ''}".rstrip()
                      for a, b, c, d in cells)
+
 
 def run_config(args: argparse.Namespace) -> int:
     import fnmatch

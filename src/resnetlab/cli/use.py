@@ -24,6 +24,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value",  # default: optional in usage
                    help="data.*/train.* changes to the stored config, e.g. data.root=~/data/x train.device=cpu")
 
+
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -37,6 +38,7 @@ def run_eval(args: argparse.Namespace) -> int:
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 
+
 def _non_finite(args: argparse.Namespace, err: Exception, doc: dict) -> int:
     """A diverged checkpoint: one line on stderr, exit 2; with --json also a valid JSON document
     on stdout (``null`` results and an ``error`` field, never a bare NaN)."""
@@ -46,6 +48,16 @@ def _non_finite(args: argparse.Namespace, err: Exception, doc: dict) -> int:
         print(json.dumps({**doc, "error": str(err)}, indent=2, allow_nan=False))
     print(f"resnetlab {args.command}: error: {err}", file=sys.stderr)
     return 2
+
+
+def _report_errors(command: str, errors: list[tuple[str, str]]) -> int:
+    """One stderr line per input that failed (names escaped: no forged lines); exit 1 if any."""
+    from resnetlab.outputs import printable
+
+    for file, reason in errors:
+        print(f"resnetlab {command}: error: {printable(file)}: {printable(reason)}", file=sys.stderr)
+    return 1 if errors else 0
+
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k classes and probabilities for image files or folders",
@@ -62,11 +74,11 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
                         "the image border and inverts dark-on-light images (default auto)")
     add_backend_options(p)
 
+
 def run_predict(args: argparse.Namespace) -> int:
     import json
 
     from resnetlab.inference import NonFiniteOutputError
-    from resnetlab.outputs import printable
     from resnetlab.predict import format_predictions, predict
 
     if sys.stdout is None:  # started with stdout closed (`>&-`): print() would drop every line
@@ -83,9 +95,8 @@ def run_predict(args: argparse.Namespace) -> int:
     elif result.predictions:
         print(format_predictions(result))
     sys.stdout.flush()  # a full disk or a closed pipe shows here, inside the error handling
-    for file, reason in result.errors:
-        print(f"resnetlab predict: error: {printable(file)}: {printable(reason)}", file=sys.stderr)
-    return 1 if result.errors else 0
+    return _report_errors("predict", result.errors)
+
 
 def add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="Grad-CAM heatmaps: where the network looked, per image",
@@ -100,6 +111,7 @@ def add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--device", default="cpu", help="torch device, or auto (default cpu)")
 
+
 def run_explain(args: argparse.Namespace) -> int:
     from resnetlab.explain import explain
     from resnetlab.outputs import printable
@@ -111,9 +123,8 @@ def run_explain(args: argparse.Namespace) -> int:
         print(printable(f"{e.file}: {top} -> {png} (Grad-CAM of {e.target_class})"))
     if result.summary is not None:
         print(f"wrote {len(result.written)} overlays and {result.summary}")
-    for file, reason in result.errors:
-        print(f"resnetlab explain: error: {printable(file)}: {printable(reason)}", file=sys.stderr)
-    return 1 if result.errors else 0
+    return _report_errors("explain", result.errors)
+
 
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="safetensors / TorchScript / ONNX, checked against PyTorch",
@@ -126,6 +137,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output (never a "
                                                         "run's checkpoint)")
 
+
 def run_export(args: argparse.Namespace) -> int:
     from resnetlab.export import ExportError, export_model
 
@@ -137,6 +149,7 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {res.path} and {res.metadata_path.name} | max |{res.format} - pytorch| = "
           f"{res.max_abs_diff:.2e} (limit {res.metadata['tolerance']:.0e})")
     return 0
+
 
 def add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="int8 post-training quantization (onnxruntime) with a top-1/size/latency report",
@@ -157,6 +170,7 @@ def add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="data.* changes to the stored config for reading the images, e.g. data.root=~/data/x")
 
+
 def run_quantize(args: argparse.Namespace) -> int:
     from resnetlab.quantize import format_report, quantize_run
 
@@ -164,6 +178,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                           threads=args.threads, overrides=args.overrides)
     print(format_report(report))
     return 0
+
 
 def add_import(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="turn torchvision weights on disk into a resnetlab checkpoint",
@@ -182,6 +197,7 @@ def add_import(sub: argparse._SubParsersAction) -> None:
                    help="image folder (train/, val/) stored for eval (default data/imagenet)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output (never a "
                                                         "run's checkpoint)")
+
 
 def run_import(args: argparse.Namespace) -> int:
     from resnetlab.importers import import_torchvision
