@@ -6,7 +6,7 @@ from the command line, ``argtype`` makes an argparse ``type=``; all refuse with 
 
     --grid must be an integer from 3 to 201 (a 2-D grid of 201 is 40,401 forward passes), got 100000
 
-A leaf module (imports nothing of resnetlab): the serve options and the reproduce arguments both
+A leaf module (imports nothing of resnetlab but the leaf :mod:`resnetlab.params`): the serve options and the reproduce arguments both
 use it.
 """
 
@@ -18,6 +18,8 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from resnetlab.params import named
+
 
 class BoundError(ValueError):
     """A value outside its :class:`Bound`; the message names the argument, the range and the value."""
@@ -27,7 +29,7 @@ class BoundError(ValueError):
 class Bound:
     """``low <= value <= high`` (``low < value`` when ``low_open``), integer or finite float."""
 
-    name: str  # as the user writes it, e.g. "--grid"
+    name: str  # the Python parameter, e.g. "grid"; the CLI shows its flag (resnetlab.params)
     low: float
     high: float
     integer: bool = True
@@ -42,7 +44,7 @@ class Bound:
 
     def _refuse(self, shown: object) -> BoundError:
         why = f" ({self.why})" if self.why else ""
-        return BoundError(f"{self.name} must be {self.rule()}{why}, got {shown}")
+        return named(BoundError, self.name, f"must be {self.rule()}{why}, got {shown}")  # type: ignore[return-value]
 
     def check(self, value: object) -> int | float:
         """``value`` when it is in range (ints stay ints), else :class:`BoundError`."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from resnetlab.cli import analysis, info, serve, train, use, weights
 from resnetlab.exit_codes import EXIT_FAILURE, EXIT_USER_ERROR, exit_code
+from resnetlab.params import flags_of, for_cli
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -72,7 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in COMMANDS.values():
         add(sub)
+    _record_flags(parser)
     return parser
+
+
+def _record_flags(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command's parser a ``_flags`` default: its ``dest -> flag`` table, which
+    turns a library error naming a parameter (``grid``) into the flag the user typed (``--grid``)."""
+    children = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in children:
+        for child in set(action.choices.values()):
+            _record_flags(child)
+    if not children:  # the leaf that runs: its table is the one the error is read against
+        parser.set_defaults(_flags=flags_of(parser))
 
 
 _OPTION_KEYS = {"model": "model.name", "arch": "model.name", "a": "model.name", "dataset": "data.name",
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             args.path = str(newest_run())
         return COMMANDS[args.command][1](args)
     except _user_errors() as e:
-        print(f"resnetlab {args.command}: error: {e}", file=sys.stderr)
+        print(f"resnetlab {args.command}: error: {for_cli(e, getattr(args, '_flags', {}))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return exit_code("SIGINT")
