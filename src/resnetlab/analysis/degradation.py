@@ -47,6 +47,7 @@ from resnetlab.engine import NonFiniteLossError, fit
 from resnetlab.exit_codes import exit_code
 from resnetlab.launch import discard_untrained, removed_on_failure
 from resnetlab.models import create_model, list_models, model_defaults
+from resnetlab.params import named
 from resnetlab.runtime import select_device
 
 log = logging.getLogger("resnetlab")
@@ -104,7 +105,7 @@ class DegradationResult:
 
 def parse_depths(text: str | Sequence[int]) -> tuple[int, ...]:
     """``"20,56"`` -> ``(20, 56)``; every depth must have a CIFAR-style plain and resnet twin."""
-    return tuple(sorted(args.int_choices(text, "--depths", "20,56", twin_depths(),
+    return tuple(sorted(args.int_choices(text, "depths", "20,56", twin_depths(),
                                          "a depth with a plain and a residual twin")))
 
 
@@ -131,7 +132,7 @@ def recipe_for(data: str) -> dict[str, Any]:
     if data in RECIPES:
         return {**RECIPES[data], "train": {**RECIPES[data]["train"], "epochs": DEFAULT_EPOCHS[data]}}
     if data not in data_choices():
-        raise AnalysisError(f"--data must be one of {', '.join(data_choices())}, got {data!r}")
+        args.one_of(data, "data", data_choices())
     recipe = dict(yaml.safe_load(recipe_path(get_source(data).default_recipe)[0].read_text()) or {})
     recipe.pop("model", None)  # the nets are the experiment's
     changes = RECIPE_CHANGES.get(data, {})
@@ -145,9 +146,7 @@ def recipe_for(data: str) -> dict[str, Any]:
 def base_config(data: str, overrides: Sequence[str] = (), epochs: int | None = None) -> Config:
     """The shared recipe for ``data``, then the user's ``overrides``, then ``epochs``."""
     recipe = recipe_for(data)
-    for o in overrides:
-        if o.split("=", 1)[0].strip() in ("model.name", "seed"):
-            raise AnalysisError(f"{o!r}: the model and seed are set by --depths and --seeds")
+    args.fixed_by_experiment(overrides, ("model.name", "seed"), "the nets and seeds")
     # validated after the overrides: data.root may only come with them
     cfg = apply_overrides(from_dict(recipe, check=False), overrides)
     # --epochs wins over a train.epochs=... override: it is the experiment's own flag
@@ -190,10 +189,10 @@ def parse_extra_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"densenet_bc100,lesson_resnet18"`` -> registered names trained beside the twins."""
     if text is None or not (text.replace(",", " ").split() if isinstance(text, str) else text):
         return ()
-    names = tuple(args.models(text, "--extra-models"))  # registered, none twice
+    names = tuple(args.models(text, "extra_models"))  # registered, none twice
     for n in names:
         if re.fullmatch(r"(plain|resnet)\d+", n):
-            raise AnalysisError(f"--extra-models: {n!r} is a plain/resnet twin; use --depths")
+            raise named(AnalysisError, "extra_models", f"names {n!r}, a plain/resnet twin; give its depth in depths")
     return names
 
 

@@ -38,6 +38,7 @@ from resnetlab.analysis.transfer import TransferResult
 from resnetlab.config import apply_overrides, from_dict, load, recipe_names
 from resnetlab.launch import discard_untrained, removed_on_failure
 from resnetlab.models import create_model
+from resnetlab.params import named
 from resnetlab.runtime import select_device
 
 log = logging.getLogger("resnetlab")
@@ -86,7 +87,8 @@ def recipe_for(model: str) -> str:
     m = re.fullmatch(r"plain(\d+)", model)
     name = f"fashion_mnist_resnet{m.group(1)}" if m else f"fashion_mnist_{model}"
     if name not in recipe_names():
-        raise AnalysisError(f"--models: {model!r} has no packaged recipe {name}; choose from {', '.join(MODELS)}")
+        raise named(AnalysisError, "models", f"names {model!r}, which has no packaged recipe {name}; "
+                    f"choose from {', '.join(MODELS)}")
     return name
 
 
@@ -97,10 +99,10 @@ def parse_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
     names = tuple(n for n in (text.replace(",", " ").split() if isinstance(text, str) else text) if n)
     bad = [n for n in names if n not in MODELS]
     if not names or bad:
-        raise AnalysisError(f"--models: {bad[0] if bad else 'none given'!r} is not a net of the table; "
-                            f"choose from {', '.join(MODELS)}")
+        raise named(AnalysisError, "models", f"names {bad[0] if bad else 'none given'!r}, which is not a net of "
+                    f"the table; choose from {', '.join(MODELS)}")
     if len(set(names)) != len(names):
-        raise AnalysisError(f"--models: repeated name in {text!r}")
+        raise named(AnalysisError, "models", f"has a repeated name in {text!r}")
     return names
 
 
@@ -154,10 +156,8 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
     seed_list = parse_seeds(seeds)
     args.check(epochs=epochs, jobs=jobs)  # the experiments' shared bounds
     if train_images is not None and (train_images < 10 or train_images % 10):
-        raise AnalysisError(f"--train-images must be a positive multiple of 10 (ten classes), got {train_images}")
-    for o in overrides:
-        if o.split("=", 1)[0].strip() in ("model.name", "seed", "data.name"):
-            raise AnalysisError(f"{o!r}: the nets, seeds and data are set by --models and --seeds")
+        raise named(AnalysisError, "train_images", f"must be a positive multiple of 10 (ten classes), got {train_images}")
+    args.fixed_by_experiment(overrides, ("model.name", "seed", "data.name"), "the nets, seeds and data")
     # run.root / run.name / train.device come from the overrides alone (no recipe applies to them)
     where = apply_overrides(from_dict({}, check=False), [o for o in overrides if o.startswith(("run.", "train.device"))])
     out_dir = Path(where.run.root).expanduser() / (where.run.name or f"fashion-table-{time.strftime('%Y%m%d-%H%M%S')}")

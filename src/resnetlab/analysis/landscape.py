@@ -59,7 +59,8 @@ from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.gradients import torch_threads
 from resnetlab.analysis.plots import save_figure
 from resnetlab.analysis.seeds import final_metrics
-from resnetlab.inference import OpenRun, open_run, output_dir
+from resnetlab.inference import SPLITS, OpenRun, open_run, output_dir
+from resnetlab.params import named
 from resnetlab.runtime import select_device
 
 BN_MODES = ("batch", "eval")
@@ -99,7 +100,7 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator | N
 
 
 @contextmanager
-def bn_mode(model: nn.Module, mode: str):
+def bn_mode(model: nn.Module, mode: args.BnMode):
     """Put ``model`` in the evaluation mode for ``mode`` for the block, then restore it.
 
     ``"eval"``: ``model.eval()``. ``"batch"``: ``model.eval()`` except that every BN normalises
@@ -107,7 +108,7 @@ def bn_mode(model: nn.Module, mode: str):
     in training mode), so the landscape sees the images' own statistics.
     """
     if mode not in BN_MODES:
-        raise AnalysisError(f"--bn must be one of {', '.join(BN_MODES)}, got {mode!r}")
+        args.one_of(mode, "mode", BN_MODES)
     was_training = {m: m.training for m in model.modules()}
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     tracked = {m: m.track_running_stats for m in bns}
@@ -142,14 +143,14 @@ def grid_points(coords_a: Sequence[float], coords_b: Sequence[float] | None) -> 
 
 def landscape_batched(model: nn.Module, x: torch.Tensor, y: torch.Tensor, d1: Directions,
                       d2: Directions | None, points: Sequence[tuple[float, float]], *,
-                      bn: str = "batch", chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                      bn: args.BnMode = "batch", chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and accuracy at ``w + a d1 + b d2`` for every ``(a, b)`` in ``points``.
 
     ``chunk`` grid points at a time share one vmapped forward pass over the images ``x``
     (``[n, c, h, w]``, labels ``y`` ``[n]``). Returns ``(loss [P], acc [P])`` on the CPU.
     """
     if chunk < 1:
-        raise AnalysisError(f"--chunk must be >= 1, got {chunk}")
+        raise named(AnalysisError, "chunk", f"must be >= 1, got {chunk}")
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     coef = torch.tensor(points, dtype=torch.float32, device=x.device)  # [P, 2]
@@ -179,7 +180,7 @@ def landscape_batched(model: nn.Module, x: torch.Tensor, y: torch.Tensor, d1: Di
 
 def landscape_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, d1: Directions,
                    d2: Directions | None, points: Sequence[tuple[float, float]], *,
-                   bn: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
+                   bn: args.BnMode = "batch") -> tuple[torch.Tensor, torch.Tensor]:
     """The straightforward reference: per grid point, load the perturbed state dict and run.
 
     Same results as :func:`landscape_batched`, one point at a time; ``model`` is not changed.
@@ -214,11 +215,11 @@ def second_difference(loss: torch.Tensor, step: float) -> float:
         second = loss.narrow(dim, 2, n - 2) - 2 * loss.narrow(dim, 1, n - 2) + loss.narrow(dim, 0, n - 2)
         diffs.append(second.abs().flatten())
     if not diffs:
-        raise AnalysisError("--grid must be >= 3 for a second difference")
+        raise named(AnalysisError, "loss", f"needs 3 or more points along an axis for a second difference, got shape {tuple(loss.shape)}")
     return float(torch.cat(diffs).double().mean()) / step**2
 
 
-def hessian_extremes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bn: str = "batch",
+def hessian_extremes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bn: args.BnMode = "batch",
                      iters: int = 20, seed: int = 0) -> dict[str, float]:
     """Largest and smallest Hessian eigenvalues of the mean cross-entropy at ``model``'s weights.
 
@@ -294,12 +295,11 @@ def check_landscape_args(*, grid: int, span: float, dims: int, images: int, bn: 
     against :data:`BN_MODES`): :class:`AnalysisError` naming the first bad one."""
     args.check(grid=grid, span=span, dims=dims, images=images, seed=seed, chunk=chunk,
                hessian_iters=hessian_iters)
-    if bn not in BN_MODES:
-        raise AnalysisError(f"--bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+    args.one_of(bn, "bn", BN_MODES)
 
 
 def run_landscape(path: str | Path, *, grid: int = 21, span: float = 1.0, dims: int = 2,
-                  split: str = "train", images: int = 256, bn: str = "batch", seed: int = 0,
+                  split: args.Split = "train", images: int = 256, bn: args.BnMode = "batch", seed: int = 0,
                   chunk: int = 16, hessian_iters: int = 20, out: str | Path | None = None,
                   device: str = "cpu") -> LandscapeResult:
     """The landscape of the network saved at ``path`` (run folder or checkpoint).
@@ -309,8 +309,7 @@ def run_landscape(path: str | Path, *, grid: int = 21, span: float = 1.0, dims: 
     """
     check_landscape_args(grid=grid, span=span, dims=dims, images=images, bn=bn, seed=seed, chunk=chunk,
                          hessian_iters=hessian_iters)
-    if split not in ("train", "val", "test"):
-        raise AnalysisError(f"--split must be train, val or test, got {split!r}")
+    args.one_of(split, "split", SPLITS)
     t0 = time.perf_counter()
     dev = select_device(device)
 
@@ -321,8 +320,8 @@ def run_landscape(path: str | Path, *, grid: int = 21, span: float = 1.0, dims: 
                               out, dev, t0)
 
 
-def _run_landscape(path: str | Path, grid: int, span: float, dims: int, split: str, images: int,
-                   bn: str, seed: int, chunk: int, hessian_iters: int, out: str | Path | None,
+def _run_landscape(path: str | Path, grid: int, span: float, dims: int, split: args.Split, images: int,
+                   bn: args.BnMode, seed: int, chunk: int, hessian_iters: int, out: str | Path | None,
                    dev: torch.device, t0: float) -> LandscapeResult:
     run = open_run(path, dev, fuse=False)
     model, cfg, file = run.model.requires_grad_(True), run.config, run.file
@@ -484,7 +483,7 @@ class ReproduceLandscapeResult:
 
 def reproduce_landscape(models: str | Sequence[str] = ("plain56", "resnet56"), *, epochs: int = 10,
                         seed: int = 0, data: str = "digits", grid: int = 21, span: float = 1.0, dims: int = 2,
-                        images: int = 128, bn: str = "batch", chunk: int = 16, hessian_iters: int = 20,
+                        images: int = 128, bn: args.BnMode = "batch", chunk: int = 16, hessian_iters: int = 20,
                         overrides: Sequence[str] = (), jobs: int | None = None,
                         on_progress: Callable[[str], None] | None = None) -> ReproduceLandscapeResult:
     """Train ``models`` on ``data`` with the degradation recipe, then draw their landscapes side by

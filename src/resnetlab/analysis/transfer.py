@@ -41,6 +41,7 @@ from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
 from resnetlab.config import Config, load
 from resnetlab.data import DataError, build_datasets
 from resnetlab.exit_codes import exit_code
+from resnetlab.params import named
 
 SOURCE_CLASSES = ("0", "1", "2", "3", "4")
 TARGET_CLASSES = ("5", "6", "7", "8", "9")
@@ -99,7 +100,7 @@ class TransferResult:
 
 def parse_ns(text: str | Sequence[int]) -> tuple[int, ...]:
     """``"5,10,20,50"`` -> ``(5, 10, 20, 50)``; each N within ``args.BOUNDS["n"]``, no repeats."""
-    return tuple(sorted(args.int_list(text, "n", "--n", "5,10,20,50")))
+    return tuple(sorted(args.int_list(text, "ns", "5,10,20,50", key="n")))
 
 
 def parse_ways(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -107,7 +108,8 @@ def parse_ways(text: str | Sequence[str]) -> tuple[str, ...]:
     ways = [w for w in text.replace(",", " ").split()] if isinstance(text, str) else list(text)
     bad = [w for w in ways if w not in WAYS]
     if not ways or bad:
-        raise AnalysisError(f"--ways: {bad[0] if bad else 'none given'!r} is not one of {', '.join(WAYS)}")
+        raise named(AnalysisError, "ways", f"names {bad[0] if bad else 'none given'!r}, which is not one of "
+                    f"{', '.join(WAYS)}")
     return tuple(w for w in WAYS if w in ways)
 
 
@@ -155,9 +157,7 @@ def plan(ns: Sequence[int], seeds: Sequence[int], ways: Sequence[str], out_dir: 
 def _check_overrides(overrides: Sequence[str]) -> None:
     fixed = ("model.init_from", "train.freeze", "data.classes", "data.train_per_class", "seed",
              "run.name", "data.name")
-    for o in overrides:
-        if o.split("=", 1)[0].strip() in fixed:
-            raise AnalysisError(f"{o!r}: set by the experiment itself (--n, --seeds, the four ways)")
+    args.fixed_by_experiment(overrides, fixed, "the N, seeds and ways")
 
 
 def _check_largest_n(cfg: Config, n: int) -> None:
@@ -166,7 +166,7 @@ def _check_largest_n(cfg: Config, n: int) -> None:
     try:
         build_datasets(cfg.data, seed=cfg.seed, needs=("train",))
     except DataError as e:
-        raise AnalysisError(f"--n {n}: {e}") from None
+        raise named(AnalysisError, "ns", f"has {n}, more than the data gives: {e}") from None
 
 
 def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int] = DEFAULT_SEEDS,
@@ -181,11 +181,10 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
     t0 = time.perf_counter()
     ns, seeds, ways = parse_ns(ns), parse_seeds(seeds), parse_ways(ways)
     args.check(steps=steps, pretrain_epochs=pretrain_epochs, jobs=jobs)
-    for flag, d in (("--source", source), ("--target", target)):
-        if d not in data_choices():
-            raise AnalysisError(f"{flag} must be one of {', '.join(data_choices())}, got {d!r}")
+    for param, d in (("source", source), ("target", target)):
+        args.one_of(d, param, data_choices())
     if pretrain_images is not None and (pretrain_images < 10 or pretrain_images % 10):
-        raise AnalysisError(f"--pretrain-images must be a positive multiple of 10, got {pretrain_images}")
+        raise named(AnalysisError, "pretrain_images", f"must be a positive multiple of 10, got {pretrain_images}")
     _check_overrides(overrides)
     split = same_source_split(source, target)
     base = load(None, [*data_args(target), *MODEL_COMMON, *overrides])

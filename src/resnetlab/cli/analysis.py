@@ -58,7 +58,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                                    "5-9 with N labelled images per class: from scratch, linear probe, full "
                                    "fine-tune, stem frozen. Writes runs/transfer-digits-<time>/ with table.md, "
                                    "table.csv, transfer.png; prints the table.")
-    t.add_argument("--n", default="5,10,20,50", help="labelled images per class (default 5,10,20,50)")
+    t.add_argument("--n", dest="ns", default="5,10,20,50", help="labelled images per class (default 5,10,20,50)")
     t.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
     t.add_argument("--ways", default="scratch,probe,finetune,stem-frozen", help="which ways (default all four)")
     t.add_argument("--steps", type=int, default=100, help="optimiser steps per fine-tuning run (default 100)")
@@ -77,7 +77,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--depths", default="20,32,44,56,110", help="which of Table 6's nets (default all five)")
     c.add_argument("--seeds", default="0", help="seeds per net (default 0)")
     c.add_argument("--yes", action="store_true", help="train even on a CPU")
-    c.add_argument("--configs", metavar="DIR", help="folder with cifar10_resnet<d>.yaml (default: the packaged recipes)")
+    c.add_argument("--configs", dest="configs_dir", metavar="DIR", help="folder with cifar10_resnet<d>.yaml (default: the packaged recipes)")
     c.add_argument("--estimate-steps", type=int, default=5, help="optimiser steps timed per net (default 5)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=~/data/cifar10")
     f = exp.add_parser("fashion-table", help="resnet20/56/110, plain twins, densenet_bc100, lesson_resnet18 on "
@@ -134,7 +134,7 @@ def _reproduce_degradation(args: argparse.Namespace) -> int:
 def _reproduce_transfer(args: argparse.Namespace) -> int:
     from resnetlab.analysis.transfer import run_transfer
 
-    tr = run_transfer(args.n, args.seeds, args.ways, steps=args.steps, pretrain_epochs=args.pretrain_epochs,
+    tr = run_transfer(args.ns, args.seeds, args.ways, steps=args.steps, pretrain_epochs=args.pretrain_epochs,
                       overrides=args.overrides, jobs=args.jobs, source=args.source, target=args.target,
                       pretrain_images=args.pretrain_images)
     print(tr.markdown)
@@ -145,7 +145,7 @@ def _reproduce_transfer(args: argparse.Namespace) -> int:
 def _reproduce_cifar_table(args: argparse.Namespace) -> int:
     from resnetlab.analysis import run_cifar_table
 
-    table = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs,
+    table = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs_dir,
                             estimate_steps=args.estimate_steps, on_estimate=print)
     if not table.ran:
         print("resnetlab reproduce cifar-table: this is meant for a GPU; on this CPU it would take the "
