@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from resnetlab.analysis import args
-from resnetlab.analysis.degradation import run_trainings, write_rows_csv
+from resnetlab.analysis.degradation import write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
+from resnetlab.analysis.trainings import run_trainings
 from resnetlab.config import RECIPE_DIR, Config, load, validate
 from resnetlab.data import build_datasets, build_loader
 from resnetlab.engine.loop import train_step

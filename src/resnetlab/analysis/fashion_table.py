@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.analysis import args
-from resnetlab.analysis.degradation import default_jobs, run_trainings, write_rows_csv
+from resnetlab.analysis.degradation import write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.plots import save_figure
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
+from resnetlab.analysis.trainings import default_jobs, run_trainings
 from resnetlab.analysis.transfer import TransferResult
 from resnetlab.config import apply_overrides, from_dict, load, recipe_names
 from resnetlab.launch import discard_untrained, removed_on_failure
@@ -172,18 +173,7 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
     with removed_on_failure(out_dir, existed):
         results = run_trainings(cfgs, jobs)
     interrupted = next((r["interrupted"] for r in results if r["interrupted"]), None)
-    runs = []
-    for cfg, r in zip(cfgs, results, strict=False):
-        if r["interrupted"] or r["error"]:
-            continue
-        doc = json.loads((Path(r["run_dir"]) / "result.json").read_text())
-        if not doc.get("test"):
-            continue
-        runs.append({"model": cfg.model.name, "seed": cfg.seed, "recipe": recipe_for(cfg.model.name),
-                     "epochs": doc.get("epochs", cfg.train.epochs),
-                     "train_images": train_images or _kept_training_images(cfg.data.val_fraction),
-                     "test_acc": float(doc["test"]["top1_acc"]), "test_images": int(doc["test"]["count"]),
-                     "wall_seconds": float(r["wall_seconds"]), "run_dir": Path(r["run_dir"]).name})
+    runs = _tested_runs(cfgs, results, train_images)
     if not runs:
         discard_untrained(out_dir, existed)
         raise AnalysisError(f"{out_dir}: no run finished ({interrupted or 'nothing trained'})")
@@ -203,6 +193,25 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
     (out_dir / "table.md").write_text(markdown)
     figure = plot_table(rows, published, out_dir / "fashion-table.png")
     return FashionTableResult(out_dir, [*rows, *published], runs, markdown, figure, seconds, interrupted)
+
+
+def _tested_runs(cfgs: Sequence[Any], results: Sequence[dict[str, Any]],
+                 train_images: int | None) -> list[dict[str, Any]]:
+    """One row per run that finished and was tested: net, seed, recipe, epochs, training
+    images, test accuracy, wall time and its folder's name (relative: the table moves)."""
+    runs = []
+    for cfg, r in zip(cfgs, results, strict=False):
+        if r["interrupted"] or r["error"]:
+            continue
+        doc = json.loads((Path(r["run_dir"]) / "result.json").read_text())
+        if not doc.get("test"):
+            continue
+        runs.append({"model": cfg.model.name, "seed": cfg.seed, "recipe": recipe_for(cfg.model.name),
+                     "epochs": doc.get("epochs", cfg.train.epochs),
+                     "train_images": train_images or _kept_training_images(cfg.data.val_fraction),
+                     "test_acc": float(doc["test"]["top1_acc"]), "test_images": int(doc["test"]["count"]),
+                     "wall_seconds": float(r["wall_seconds"]), "run_dir": Path(r["run_dir"]).name})
+    return runs
 
 
 def _kept_training_images(val_fraction: float, n: int = 60000) -> int:

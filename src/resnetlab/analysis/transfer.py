@@ -34,10 +34,11 @@ from typing import Any
 
 from resnetlab import runtime
 from resnetlab.analysis import args
-from resnetlab.analysis.degradation import data_choices, default_jobs, run_trainings, write_rows_csv
+from resnetlab.analysis.degradation import data_choices, write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.plots import save_figure
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
+from resnetlab.analysis.trainings import default_jobs, run_trainings
 from resnetlab.config import Config, load
 from resnetlab.data import DataError, build_datasets
 from resnetlab.exit_codes import exit_code
@@ -197,35 +198,9 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
                      pretrain_images=pretrain_images, target_classes=target_classes)
     _check_largest_n(fine[0], max(ns))  # before pretraining: --n 100000 is refused now, not later
     out_dir.mkdir(parents=True, exist_ok=True)
-    interrupted = None
     need_pretrain = any(w != "scratch" for w in ways)
-    if need_pretrain:
-        done = run_trainings(pre, jobs)
-        interrupted = next((r["interrupted"] for r in done if r["interrupted"]), None)
-        failed = [r for r in done if r["error"]]
-        if failed:
-            raise AnalysisError(f"pretraining failed: {failed[0]['error']}")
-    results = [] if interrupted else run_trainings(fine, jobs)
-    interrupted = interrupted or next((r["interrupted"] for r in results if r["interrupted"]), None)
-    finished = {r["run_dir"] for r in results if not r["interrupted"] and not r["error"]}
-
-    runs = []
-    for cfg in fine:
-        run_dir = out_dir / str(cfg.run.name)
-        if str(run_dir) not in finished:
-            continue
-        doc = json.loads((run_dir / "result.json").read_text())
-        way = str(cfg.run.name).rsplit("-n", 1)[0]
-        runs.append({"way": way, "n": cfg.data.train_per_class, "seed": cfg.seed,
-                     "test_acc": doc["test"]["top1_acc"], "steps": doc["steps"],
-                     "epochs": doc["epochs"], "run_dir": str(run_dir)})
-    if not runs:
-        raise AnalysisError(f"{out_dir}: no fine-tuning run finished ({interrupted or 'nothing trained'})")
-    pre_acc = []
-    for cfg in pre if need_pretrain else []:
-        p = out_dir / str(cfg.run.name) / "result.json"
-        if p.is_file():
-            pre_acc.append(json.loads(p.read_text())["test"]["top1_acc"])
+    runs, interrupted = _train(pre if need_pretrain else [], fine, out_dir, jobs)
+    pre_acc = _test_accuracies(pre if need_pretrain else [], out_dir)
     rows = table_rows(runs)
     src_txt, tgt_txt = ("digits 0-4", "digits 5-9") if split else (source, target)
     title = (f"Transfer: resnet20 pretrained on {src_txt}, trained on {tgt_txt} with N labelled "
@@ -245,6 +220,45 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
         "overrides": list(overrides), "pretrain_test_acc": pre_acc, "wall_seconds": seconds,
         "interrupted": interrupted}, indent=2) + "\n")
     return TransferResult(out_dir, rows, runs, markdown, figure, seconds, interrupted)
+
+
+def _train(pre: Sequence[Config], fine: Sequence[Config], out_dir: Path,
+           jobs: int) -> tuple[list[dict[str, Any]], str | None]:
+    """Pretrain (``pre``; none when only scratch runs), then fine-tune; ``(one row per finished
+    fine-tuning run, what interrupted the experiment or None)``."""
+    interrupted = None
+    if pre:
+        done = run_trainings(pre, jobs)
+        interrupted = next((r["interrupted"] for r in done if r["interrupted"]), None)
+        failed = [r for r in done if r["error"]]
+        if failed:
+            raise AnalysisError(f"pretraining failed: {failed[0]['error']}")
+    results = [] if interrupted else run_trainings(fine, jobs)
+    interrupted = interrupted or next((r["interrupted"] for r in results if r["interrupted"]), None)
+    finished = {r["run_dir"] for r in results if not r["interrupted"] and not r["error"]}
+    runs = []
+    for cfg in fine:
+        run_dir = out_dir / str(cfg.run.name)
+        if str(run_dir) not in finished:
+            continue
+        doc = json.loads((run_dir / "result.json").read_text())
+        way = str(cfg.run.name).rsplit("-n", 1)[0]
+        runs.append({"way": way, "n": cfg.data.train_per_class, "seed": cfg.seed,
+                     "test_acc": doc["test"]["top1_acc"], "steps": doc["steps"],
+                     "epochs": doc["epochs"], "run_dir": str(run_dir)})
+    if not runs:
+        raise AnalysisError(f"{out_dir}: no fine-tuning run finished ({interrupted or 'nothing trained'})")
+    return runs, interrupted
+
+
+def _test_accuracies(cfgs: Sequence[Config], out_dir: Path) -> list[float]:
+    """Test top-1 accuracy of each of ``cfgs``' runs that wrote a result.json."""
+    accs = []
+    for cfg in cfgs:
+        p = out_dir / str(cfg.run.name) / "result.json"
+        if p.is_file():
+            accs.append(json.loads(p.read_text())["test"]["top1_acc"])
+    return accs
 
 
 def _class_count(cfg: Config) -> int:
