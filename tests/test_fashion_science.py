@@ -177,3 +177,16 @@ def test_fashion_table_refuses_bad_arguments_before_training(tmp_path: Path) -> 
     with pytest.raises(AnalysisError, match="^epochs must be an integer from 1"):
         ft.run_fashion_table("resnet20", "0", epochs=0)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_committed_fashion_table_names_no_machine_path_and_reads_the_same_anywhere(tmp_path: Path) -> None:
+    """The README block comes from the results alone: a copy elsewhere gives the same text, and the
+    committed records name the run root relative to the repository, not a machine's /tmp."""
+    import shutil
+
+    results = ROOT / "docs" / "results" / "fashion-table"
+    for f in [results / "experiment.json", *results.glob("*/config.yaml"), *results.glob("*/result.json")]:
+        assert "/tmp/" not in f.read_text() and "/home/" not in f.read_text(), f
+    copy = shutil.copytree(results, tmp_path / "elsewhere")
+    shown = "docs/results/fashion-table"
+    assert ft.readme_block(copy, shown=shown) == ft.readme_block(results, shown=shown)
