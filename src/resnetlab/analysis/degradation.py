@@ -186,7 +186,7 @@ def parse_extra_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
     names = tuple(args.models(text, "extra_models"))  # registered, none twice
     for n in names:
         if re.fullmatch(r"(plain|resnet)\d+", n):
-            raise named(AnalysisError, "extra_models", f"names {n!r}, a plain/resnet twin; give its depth in depths")
+            raise named(AnalysisError, "extra_models", f"names {n!r}, a plain/resnet twin; choose twins by their depth instead")
     return names
 
 
