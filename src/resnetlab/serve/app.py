@@ -132,9 +132,10 @@ def load_served_model(path: str | Path, device: str = "cpu", backend: BackendNam
     """Load the network at ``path`` (run folder or checkpoint; for onnxruntime also a ``.onnx``
     file) with ``backend``, as ``predict`` does. A network whose forward pass is not finite is
     refused here, before anything listens (:meth:`~resnetlab.serve.backends.Backend.load`)."""
+    name = check_model_name(model_name) if model_name is not None else default_model_name(path)  # before loading
     b = make_backend(path, backend, device=device, model_file=model_file, centre=centre,
                      threads=threads).load()
-    return ServedModel(b, str(path), check_model_name(model_name) if model_name else default_model_name(path))
+    return ServedModel(b, str(path), name)
 
 
 def _error(status: int, message: str) -> JSONResponse:
