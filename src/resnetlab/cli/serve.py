@@ -96,7 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
                      backend=args.backend, model_file=args.model_file, model_name=args.model_name,
                      centre=args.centre)
     except OSError as e:
-        print(f"resnetlab serve: error: {for_cli(e, args._flags)}", file=sys.stderr)
+        print(f"resnetlab serve: error: {for_cli(e, getattr(args, '_flags', {}))}", file=sys.stderr)
         return 1
 
 

@@ -204,7 +204,7 @@ class OnnxRuntimeBackend(Backend):
             if self.model_file:
                 raise named(BackendError, "model_file", f"{file}: no such ONNX model file")
             hint = ("" if src.suffix == ".onnx" else
-                    "; export the run to ONNX first (`resnetlab export` in format onnx writes it "
+                    "; export the run to ONNX first (`resnetlab export` with format onnx writes it "
                     "there), or name another model file")
             raise BackendError(f"{file}: no such ONNX model file{hint}")
         opts = ort.SessionOptions()
