@@ -25,7 +25,8 @@ from resnetlab.serve.errors import ApiError
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits; each is a parameter of :func:`resnetlab.serve.serve` (and a CLI flag)."""
+    """Request limits (``serve(limits=...)``); the CLI sets each field with the flag of the same
+    name (``max_body_mb``: ``--max-body-mb``)."""
 
     max_body_mb: float = 10.0  # whole request body, MiB
     max_images: int = 32  # images in one request
