@@ -214,12 +214,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module
 
 
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted config key of dataclass ``cls`` (``["model.name", ..., "seed"]``), in field
+    order; nested dataclasses are walked, so only leaf keys are listed."""
     keys = []
     hints = _type_hints(cls)
     for f in fields(cls):
         if is_dataclass(hints[f.name]):
-            keys.extend(_all_keys(hints[f.name], f"{prefix}{f.name}."))
+            keys.extend(all_keys(hints[f.name], f"{prefix}{f.name}."))
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
@@ -244,9 +246,9 @@ FOREIGN_KEYS: dict[str, str] = {
 
 def _unknown_key(key: str) -> ConfigError:
     last = key.rsplit(".", 1)[-1]
-    if last in FOREIGN_KEYS and key not in _all_keys(Config):
+    if last in FOREIGN_KEYS and key not in all_keys(Config):
         return ConfigError(f"unknown config key {key!r}: {FOREIGN_KEYS[last]}")
-    close = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, all_keys(Config), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
 
@@ -394,7 +396,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _check_key(dotted: str) -> None:
-    if dotted not in _all_keys(Config):
+    if dotted not in all_keys(Config):
         raise _unknown_key(dotted)
 
 
@@ -799,5 +801,5 @@ __all__ = [
     "RunConfig", "TrainConfig", "from_dict", "load", "parse_override",
     "to_dict", "validate", "DATASET_RECIPES", "RECIPE_DIR", "describe_keys", "list_recipes",
     "override_pairs", "recipe_names", "recipe_path", "BOUNDS", "RESUMABLE_KEYS", "run_name_problem",
-    "resume_changes", "getattr_dotted", "flatten",
+    "resume_changes", "getattr_dotted", "flatten", "all_keys",
 ]
