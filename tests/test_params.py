@@ -46,3 +46,16 @@ def test_every_leaf_command_knows_its_flags():
     assert args._flags["grid"] == "--grid"
     args = parser.parse_args(["serve", "runs/x", "--max-batch", "4"])
     assert args._flags["max_batch"] == "--max-batch"
+
+
+def test_topk_below_one_names_the_flag_on_the_command_line(capsys, tmp_path):
+    """predict and explain refuse --topk 0 before opening the run (the library says ``topk``)."""
+    from resnetlab.cli import main
+    from resnetlab.inference import check_topk
+
+    with pytest.raises(ValueError) as info:
+        check_topk(0)
+    assert str(info.value) == "topk must be >= 1, got 0" and param_of(info.value) == "topk"
+    for command in ("predict", "explain"):
+        assert main([command, str(tmp_path / "run"), str(tmp_path / "img.png"), "--topk", "0"]) != 0
+        assert f"resnetlab {command}: error: --topk must be >= 1, got 0" in capsys.readouterr().err
