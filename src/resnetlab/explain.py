@@ -27,6 +27,7 @@ from torch import nn
 
 from resnetlab.data import DataError, DataMeta, load_image, normalize, preprocess
 from resnetlab.inference import check_topk, class_probs, load_for_inference, output_dir, top_classes
+from resnetlab.params import named
 from resnetlab.prepare import apply_polarity, collect_images
 
 #: Shorter side of a written overlay, pixels: an 8x8 digit is upscaled (nearest) to be seen.
@@ -133,8 +134,8 @@ def resolve_target(target: str | int | None, meta: DataMeta) -> int | None:
     if 0 <= idx < meta.num_classes:
         return idx
     shown = ", ".join(meta.classes[:12]) + (", ..." if meta.num_classes > 12 else "")
-    raise DataError(f"target {text!r} is neither a class name ({shown}) nor an id in "
-                    f"0..{meta.num_classes - 1}")
+    raise named(DataError, "target", f"{text!r} is neither a class name ({shown}) nor an id in "
+                                     f"0..{meta.num_classes - 1}")
 
 
 @dataclass

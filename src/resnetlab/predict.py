@@ -39,6 +39,7 @@ from resnetlab.config import Config
 from resnetlab.data import DataError, DataMeta, load_image, normalize, preprocess
 from resnetlab.inference import check_topk, load_for_inference, top_classes, topk_pixels
 from resnetlab.outputs import printable
+from resnetlab.params import named
 from resnetlab.prepare import (
     INK_FRAMES,
     INVERT_CHOICES,
@@ -170,7 +171,7 @@ class Predictor:
     def __init__(self, model: nn.Module, cfg: Config, meta: DataMeta, invert: Invert = "auto",
                  centre: bool = True) -> None:
         if invert not in INVERT_CHOICES:
-            raise DataError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+            raise named(DataError, "invert", f"must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
         self.model, self.config, self.meta, self.invert, self.centre = model, cfg, meta, invert, centre
 
     @classmethod
