@@ -104,3 +104,20 @@ def test_library_names_the_parameter_and_the_cli_the_flag(call, argv: list[str],
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"resnetlab reproduce: error: {flag} {detail}"), err
+
+
+def test_topk_below_one_names_the_flag_on_the_command_line(capsys, tmp_path):
+    """predict and explain refuse --topk 0 before opening the run (the library says ``topk``)."""
+    import torch
+
+    from resnetlab.cli import main
+    from resnetlab.inference import check_topk, top_classes
+
+    with pytest.raises(ValueError) as info:
+        check_topk(0)
+    assert str(info.value) == "topk must be >= 1, got 0" and param_of(info.value) == "topk"
+    values, ids = top_classes(torch.tensor([[0.1, 0.7, 0.2]]), 5)  # k is capped at the class count
+    assert ids.tolist() == [[1, 2, 0]] and values[0].tolist() == pytest.approx([0.7, 0.2, 0.1])
+    for command in ("predict", "explain"):
+        assert main([command, str(tmp_path / "run"), str(tmp_path / "img.png"), "--topk", "0"]) != 0
+        assert f"resnetlab {command}: error: --topk must be >= 1, got 0" in capsys.readouterr().err
