@@ -399,7 +399,8 @@ class Checkpoint:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise CheckpointError(
                 f"{path}: a bare state dict without resnetlab's config and data meta; turn torchvision "
-                f"weights into a checkpoint with `resnetlab import torchvision {path} --arch <name>`")
+                f"weights into a checkpoint with `resnetlab import torchvision {path}` and the model's "
+                "architecture (in Python resnetlab.importers.import_torchvision)")
         missing = [k for k in ("model", "config", "meta") if obj.get(k) is None]
         if missing:
             raise CheckpointError(
@@ -463,7 +464,8 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
         if SAFETENSORS_CONFIG_KEY not in header or SAFETENSORS_META_KEY not in header:
             raise CheckpointError(
                 f"{file}: safetensors header has no {SAFETENSORS_CONFIG_KEY!r}/{SAFETENSORS_META_KEY!r}; "
-                "only files written by `resnetlab export --format safetensors` can be loaded by name")
+                "only safetensors files resnetlab wrote (`resnetlab export` to safetensors, `resnetlab publish`) "
+                "can be loaded by name")
         try:
             config = json.loads(header[SAFETENSORS_CONFIG_KEY])
             meta = json.loads(header[SAFETENSORS_META_KEY])

@@ -37,6 +37,7 @@ from resnetlab.data import DataMeta
 from resnetlab.inference import build_inference_model, output_dir, read_checkpoint
 from resnetlab.models import fuse_for_inference
 from resnetlab.outputs import check_output, write_output
+from resnetlab.params import named
 from resnetlab.version import __version__
 
 FORMATS: tuple[str, ...] = ("safetensors", "torchscript", "onnx")
@@ -177,7 +178,7 @@ def export_model(path: str | Path, fmt: str, output: str | Path | None = None, *
     (:class:`~resnetlab.outputs.OutputError`).
     """
     if fmt not in FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise named(ConfigError, "fmt", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
     file, state, cfg, meta = read_checkpoint(path)
     out, meta_path = _output_paths(path, output, cfg, fmt, file, force)
     reference = build_inference_model(state, cfg, meta, source=str(file))  # unfused, eval, CPU

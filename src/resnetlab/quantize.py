@@ -39,6 +39,7 @@ from resnetlab.data.datasets import ArraySplit, FileSplit, preprocess
 from resnetlab.data.images import load_image
 from resnetlab.inference import load_for_inference, output_dir, read_checkpoint
 from resnetlab.outputs import check_output, write_output
+from resnetlab.params import named
 
 METHODS = ("static", "dynamic")
 LATENCY_BATCHES = (1, 64)
@@ -214,9 +215,9 @@ def quantize_run(path: str | Path, method: str = "static", calibration: int = 25
     from resnetlab.export import default_output, export_model
 
     if method not in METHODS:
-        raise QuantizeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+        raise named(QuantizeError, "method", f"must be one of {', '.join(METHODS)}, got {method!r}")
     if calibration < 1:
-        raise QuantizeError(f"--calibration must be >= 1 image, got {calibration}")
+        raise named(QuantizeError, "calibration", f"must be >= 1 image, got {calibration}")
     threads = threads or torch.get_num_threads()
     file, _state, cfg, meta = read_checkpoint(path)
     if overrides:

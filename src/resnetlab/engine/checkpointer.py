@@ -129,7 +129,7 @@ class Checkpointer:
             if found:
                 raise TrainingError(
                     f"{self.run_dir} already holds a training run ({', '.join(found)}); resume it with "
-                    f"`resnetlab train --resume {self.run_dir}` (train.resume=auto) or pick another run.name")
+                    "train.resume=auto or pick another run.name")
         stale = [p for d in (self.run_dir, self.run_dir / ckpt.CHECKPOINT_DIR) for p in d.glob(".*.tmp")]
         for p in stale:  # left by a save that was killed; we hold the lock, so nobody writes them now
             p.unlink(missing_ok=True)
@@ -325,7 +325,7 @@ def _save_reporting_os_errors(checkpoint: ckpt.Checkpoint, target: Path) -> None
         raise TrainingError(
             f"{target}: cannot save the checkpoint: no space left to write it ({err.strerror}); "
             f"the previous {target.name} is intact. Free space (or raise the file-size limit or quota) "
-            f"and resume with `resnetlab train --resume {target.parent.parent}`") from None
+            f"and resume the run in {target.parent.parent} (train.resume=auto)") from None
 
 
 def _lock(path: Path) -> int:

@@ -603,8 +603,8 @@ def resume_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = 
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
     for key, _ in override_pairs(overrides):
         if key.startswith("run."):
-            raise ConfigError(f"{key} cannot change when resuming {run_dir}: --resume continues that "
-                              f"folder; to start another run, leave out --resume")
+            raise ConfigError(f"{key} cannot change when resuming {run_dir}: resuming continues that "
+                              "folder; start another run instead of resuming this one")
     saved = load(path)
     cfg = load(path, list(overrides))
     resume_changes(saved, cfg, str(run_dir))

@@ -32,6 +32,7 @@ import yaml
 from resnetlab import __version__
 from resnetlab.config import Config, to_dict
 from resnetlab.data import DataError
+from resnetlab.params import mention
 from resnetlab.weights.zoo import CARD_FILE, CONFIG_FILE, MODEL_FILE, WeightsError, pretrained_cfg
 
 TRAIN_CONFIG = "train_config.yaml"
@@ -180,8 +181,8 @@ def publish(path: str | Path, out: str | Path, *, force: bool = False, command: 
 
     dest = Path(out).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
-        raise WeightsError(f"{dest}: exists and is not an empty folder; pass --force to overwrite "
-                              "its files or name another folder")
+        raise mention(WeightsError, f"{dest}: exists and is not an empty folder; pass force=True to "
+                           "overwrite its files or name another folder", force="force=True")
     file, state, cfg, meta = read_checkpoint(path)
     run = Path(path).expanduser() if Path(path).expanduser().is_dir() else None
     origin = ckpt.read(file).source if file.suffix == ".pt" else None  # set by `resnetlab import`
