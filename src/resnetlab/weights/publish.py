@@ -31,6 +31,8 @@ import yaml
 from torch import nn
 
 from resnetlab import __version__
+from resnetlab import checkpoint as ckpt
+from resnetlab.calibration import apply_temperature, read_temperature
 from resnetlab.config import Config, to_dict
 from resnetlab.data import DataError, DataMeta
 from resnetlab.params import mention
@@ -168,8 +170,6 @@ def _calibrate(model: nn.Module, metrics: dict[str, dict[str, Any]],
     """Divide ``model``'s logits by ``temperature`` (``resnetlab calibrate``; None: leave it) and
     make ``metrics``' ECE and NLL the calibrated ones, as the published logits are; the card's
     ``calibration`` entry (None without a temperature)."""
-    from resnetlab.calibration import apply_temperature
-
     if temperature is None:
         return None
     apply_temperature(model, temperature)
@@ -198,8 +198,6 @@ def _write_folder(dest: Path, model: nn.Module, cfg: Config, meta: DataMeta, doc
                   figures: list[Path]) -> list[Path]:
     """Write model.safetensors, config.json (``doc``), train_config.yaml, the figures and the
     README.md card into ``dest`` (each file atomically); the files written."""
-    from resnetlab import checkpoint as ckpt
-
     header = {**ckpt.safetensors_header(cfg, meta.to_dict()), "format": "pt"}  # "pt": timm's loader
     dest.mkdir(parents=True, exist_ok=True)
     written = [dest / MODEL_FILE, dest / CONFIG_FILE, dest / TRAIN_CONFIG, dest / CARD_FILE]
@@ -228,8 +226,6 @@ def publish(path: str | Path, out: str | Path, *, force: bool = False, command: 
     """
     import tempfile
 
-    from resnetlab import checkpoint as ckpt
-    from resnetlab.calibration import read_temperature
     from resnetlab.inference import build_inference_model, read_checkpoint
     from resnetlab.models import count_macs, count_params
 
