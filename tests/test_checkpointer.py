@@ -46,7 +46,9 @@ def test_new_run_refuses_a_folder_holding_an_earlier_runs_files(quick: list[str]
     run = tmp_path / "runs" / "old"
     (run / "checkpoints").mkdir(parents=True)
     (run / leftover).write_text("earlier run\n")
-    with pytest.raises(TrainingError, match="already holds a training run"):
+    # the advice is a config key, which the library and the command line both take (no --flag)
+    with pytest.raises(TrainingError, match=r"already holds a training run \(.+\); resume it with "
+                                            r"train\.resume=auto or pick another run\.name$"):
         resnetlab.train(None, [*quick, "run.name=old", "train.epochs=1"])
     assert (run / leftover).read_text() == "earlier run\n"
 

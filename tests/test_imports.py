@@ -155,3 +155,18 @@ def test_the_checker_sees_package_inits_and_function_local_cycles(tmp_path: Path
     assert _cycles(edges)  # weights -> engine/__init__ -> fit -> weights, behind a local import
     packages = {m for m, f in mods.items() if f.name == "__init__.py"}
     assert _leaves(edges, packages) == {"resnetlab", "resnetlab.engine.checkpoint"}  # import nothing
+
+
+def test_one_module_writes_tensorboard_event_files() -> None:
+    """TensorBoard events have one owner, engine.runlog (RunLog): no other module opens a writer
+    or adds scalars, so the tags and the step axis cannot drift apart between two writers."""
+    writers = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            called = node.func if isinstance(node, ast.Call) else None
+            shown = (called.attr if isinstance(called, ast.Attribute)
+                     else called.id if isinstance(called, ast.Name) else None)
+            if shown in ("SummaryWriter", "add_scalar", "add_scalars", "FileWriter"):
+                writers.append(name)
+    assert writers and set(writers) == {"resnetlab.engine.runlog"}, writers
