@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import RESULTS_DIR, Window, machine_info, peak_memory_after_warmup
+from benchmarks.common import RESULTS_DIR, Window, autocast, machine_info, peak_memory_after_warmup
+from benchmarks.reference import backward_step
 
 NUM_CLASSES = 1000
 NO_CUDA_EXIT = 2  # no CUDA device and no --dry-run: nothing was measured
@@ -223,22 +224,13 @@ def reference_contender(case: Case, device: torch.device, plan: Plan) -> Callabl
     net = torch.compile(model, backend=plan.compile_backend) if case.compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
     scaler = torch.amp.GradScaler(device.type) if case.amp == "fp16" else None
-    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[case.amp]
     x, y = _batch(case, device)
 
     def run(n: int) -> None:
         for _ in range(n):
-            ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-            with ctx:
+            with autocast(device, case.amp):
                 loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            backward_step(loss, opt, scaler)
 
     return run
 
@@ -763,18 +755,15 @@ def _torchvision_train_rate(loader: Any, device: torch.device, plan: Plan, amp: 
     net: nn.Module = (model(num_classes=10) if model is not None else _cifar_resnet(20, 10)).to(device)
     net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    dtype = torch.bfloat16 if amp == "bf16" else None
     rate = 0.0
     for _epoch in range(plan.folder_epochs):  # the last epoch's rate, as fit()'s
         t0, images = time.perf_counter(), 0
         for x, y in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            with autocast(device, amp):
                 loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            backward_step(loss, opt, None)
             images += y.shape[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)

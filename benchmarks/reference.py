@@ -71,6 +71,18 @@ def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, steps_per_epoch:
     return torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[warm])
 
 
+def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """The plain loop's update: zero the gradients, backward, step (through ``scaler`` for fp16)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+
+
 @dataclass
 class ReferenceResult:
     """What one run of the loop did: wall seconds from its start to the last test score, the last
@@ -154,15 +166,8 @@ def train(cfg: Config, tv_root: Path, device: torch.device, *, workers: int, cha
             y = y.to(device, non_blocking=True)
             with autocast(device, tr.amp):
                 loss = criterion(model(x), y)
-            opt.zero_grad(set_to_none=True)
             out.lrs.append(opt.param_groups[0]["lr"])
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            backward_step(loss, opt, scaler)
             sched.step()
             out.steps += 1
         out.epochs = epoch + 1
