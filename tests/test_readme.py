@@ -228,3 +228,14 @@ def test_readme_speedrun_is_the_committed_benchmark() -> None:
     doc = json.loads((ROOT / "benchmarks" / "results" / "speedrun.json").read_text())
     expected = readme_sentence(doc)
     assert expected in " ".join(README.read_text().split()), f"README's speedrun numbers differ:\n{expected}"
+
+
+def test_readme_included_results_are_the_committed_files() -> None:
+    """Every `<!-- include PATH -->` block is PATH's text verbatim (tools/readme_include.py)."""
+    from tools.readme_include import blocks
+
+    found = blocks(README.read_text())
+    assert found, "README has no include blocks; the Fashion-MNIST degradation table is one"
+    for path, text in found:
+        committed = (ROOT / path).read_text().strip()
+        assert text.strip() == committed, f"README's copy of {path} differs: run python tools/readme_include.py"
