@@ -184,6 +184,19 @@ def test_readme_gradient_ratios_are_the_committed_measurement() -> None:
     assert expected in README.read_text(), f"README's gradient block differs from {RESULTS}/gradients:\n{expected}"
 
 
+def test_readme_gradient_paragraph_is_the_committed_measurement() -> None:
+    """The sentences reading the gradient run (spans, peak block) are made from its committed CSV."""
+    import csv
+
+    from resnetlab.analysis.findings import gradient_paragraph
+
+    doc = _gradient_summary()
+    with (RESULTS / "gradients" / "gradients.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = gradient_paragraph(doc["ratio_first_to_last_block"], rows, doc["steps"])
+    assert expected in " ".join(README.read_text().split()), f"README's gradient paragraph differs:\n{expected}"
+
+
 def test_gradient_ratios_at_init_recomputed(tmp_path: Path) -> None:
     """Recompute the cheap half (initialisation: one forward/backward per model) and compare.
 
