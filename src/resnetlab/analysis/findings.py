@@ -94,6 +94,12 @@ def responses_sentence(summary: Mapping[str, Mapping[str, float]], pairs: Sequen
     return "Mean std over the 3x3 layers: " + "; ".join(parts) + "."
 
 
+def training_errors_sentence(train_err: Mapping[str, float], epochs: int) -> str:
+    """``"Final training errors after 10 epochs: plain20 17.45%, ..."`` (model -> percent)."""
+    return (f"Final training errors after {epochs} epochs: "
+            + ", ".join(f"{m} {float(e):.2f}%" for m, e in train_err.items()) + ".")
+
+
 def landscape_sentence(results: Sequence[Mapping[str, Any]], classes: int) -> str:
     """Loss at the trained weights of each net against chance, ``ln(classes)``, from
     :func:`resnetlab.analysis.landscape.roughness_rows` (``model``, ``loss_at_zero``, ``ratio``)."""
@@ -111,4 +117,4 @@ def landscape_sentence(results: Sequence[Mapping[str, Any]], classes: int) -> st
 
 
 __all__ = ["CLOSE_POINTS", "block_spans", "compare_training", "gradient_paragraph", "gradient_ratio_sentences",
-           "landscape_sentence", "responses_sentence"]
+           "landscape_sentence", "responses_sentence", "training_errors_sentence"]
