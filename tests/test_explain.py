@@ -18,6 +18,7 @@ from resnetlab.explain import (
     resolve_target,
 )
 from resnetlab.models import create_model, fuse_for_inference
+from resnetlab.params import param_of
 
 META = DataMeta(name="digits", classes=("zero", "one", "two"), in_chans=1, input_size=(16, 16),
                 mean=(0.3,), std=(0.4,))
@@ -63,6 +64,10 @@ def test_explain_pixels_top_class_and_requested_target(tiny) -> None:
         assert e.overlay.mode == "RGB" and e.overlay.size == (224, 224)  # 16 px * 14
     forced = explain_pixels(tiny, META, x, ["a", "b"], target=2, topk=3)
     assert [e.target_class for e in forced] == ["two", "two"]
+    # the target's probability is read from every class, not only the top-k shown
+    narrow = explain_pixels(tiny, META, x, ["a", "b"], target=2, topk=1)
+    for e, p in zip(narrow, probs, strict=True):
+        assert len(e.indices) == 1 and abs(e.target_prob - float(p[2])) < 1e-5
 
 
 def test_overlay_upscales_with_square_pixels_and_colours_the_map() -> None:
@@ -80,8 +85,9 @@ def test_resolve_target_by_name_or_id_and_refusal() -> None:
     assert resolve_target("two", META) == 2 and resolve_target("1", META) == 1
     assert resolve_target(0, META) == 0
     for bad in ("seven", "3", "-1"):
-        with pytest.raises(DataError, match=f"target '{bad}'"):
+        with pytest.raises(DataError, match=f"target '{bad}'") as info:
             resolve_target(bad, META)
+        assert param_of(info.value) == "target"  # the CLI shows it as --target
 
 
 def test_ink_polarity_inverts_dark_on_light_digits_only() -> None:

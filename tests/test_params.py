@@ -46,3 +46,20 @@ def test_every_leaf_command_knows_its_flags():
     assert args._flags["grid"] == "--grid"
     args = parser.parse_args(["serve", "runs/x", "--max-batch", "4"])
     assert args._flags["max_batch"] == "--max-batch"
+
+
+def test_topk_below_one_names_the_flag_on_the_command_line(capsys, tmp_path):
+    """predict and explain refuse --topk 0 before opening the run (the library says ``topk``)."""
+    import torch
+
+    from resnetlab.cli import main
+    from resnetlab.inference import check_topk, top_classes
+
+    with pytest.raises(ValueError) as info:
+        check_topk(0)
+    assert str(info.value) == "topk must be >= 1, got 0" and param_of(info.value) == "topk"
+    values, ids = top_classes(torch.tensor([[0.1, 0.7, 0.2]]), 5)  # k is capped at the class count
+    assert ids.tolist() == [[1, 2, 0]] and values[0].tolist() == pytest.approx([0.7, 0.2, 0.1])
+    for command in ("predict", "explain"):
+        assert main([command, str(tmp_path / "run"), str(tmp_path / "img.png"), "--topk", "0"]) != 0
+        assert f"resnetlab {command}: error: --topk must be >= 1, got 0" in capsys.readouterr().err

@@ -229,7 +229,7 @@ def _premultiplied_grey_alpha_tiff() -> bytes:
 
 
 BAD_INPUTS = {  # name: (body, content type, status, words the message must contain)
-    "over the body limit": (b"\0" * (1_100_000), "image/png", 413, "--max-body-mb"),
+    "over the body limit": (b"\0" * (1_100_000), "image/png", 413, "(the server's max_body_mb)"),
     "not an image": (b"just some text, no pixels", "image/png", 415, "not an image"),
     "EPS named as PNG": (None, "image/png", 415, "supported format (PNG, JPEG, GIF, BMP, TIFF or WebP)"),
     "wrong content type": (b"{}", "application/json", 415, "application/json"),
@@ -237,7 +237,7 @@ BAD_INPUTS = {  # name: (body, content type, status, words the message must cont
     "empty body": (b"", "image/png", 400, "empty image"),
     "truncated": (None, "image/png", 400, "truncated"),
     "decompression bomb": (None, "image/png", 400, "decompression bomb"),
-    "too many images": (None, None, 413, "--max-images"),
+    "too many images": (None, None, 413, "(the server's max_images)"),
     "bad topk": (None, None, 400, "topk"),
 }
 
@@ -469,7 +469,7 @@ def _v2_bad(case: str, png: bytes) -> tuple[str, dict[str, str], bytes | None, i
         "not an image": ("", {}, None, 415, "not an image"),  # built in the test
         "bad base64": ("", {}, json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
                                                        "data": ["%%%"]}]}).encode(), 400, "base64"),
-        "too many images": ("", {}, doc(shape=[5, 1, 8, 8], data=[0.0] * 320), 413, "--max-images"),
+        "too many images": ("", {}, doc(shape=[5, 1, 8, 8], data=[0.0] * 320), 413, "(the server's max_images)"),
     }[case]
 
 
@@ -639,7 +639,7 @@ def test_onnxruntime_backend_answers_as_torch_in_predict_and_serve(digits_run: P
         probs = np.array(r.json()["outputs"][0]["data"]).reshape(len(images), 10)
         assert np.allclose(probs, torch_b.predict_batch(x).numpy(), atol=TOLERANCE)
         explain = client.post("/v1/explain", content=digit_files[0].read_bytes(), headers={"content-type": "image/png"})
-        assert explain.status_code == 501 and "--backend torch" in explain.json()["error"]
+        assert explain.status_code == 501 and "serve with the torch backend" in explain.json()["error"]
 
 
 def test_quantize_writes_an_int8_model_and_its_report(digits_run: Path, onnx_file: Path, tmp_path: Path) -> None:

@@ -69,19 +69,22 @@ def cached_names() -> list[str] | None:
 # text tables (torch-free, so `resnetlab models` never imports torch)
 
 
-def _fmt_params(n: int) -> str:
+def format_params(n: int) -> str:
+    """A parameter count in millions: ``272474`` -> ``"0.27M"``."""
     return f"{n / 1e6:.2f}M"
 
 
-def _fmt_macs(n: int) -> str:
+def format_macs(n: int) -> str:
+    """Multiply-adds in billions from 1e9 up, else millions: ``"4.09G"``, ``"40.8M"``."""
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def _fmt_shape(shape: Sequence[int]) -> str:
+def format_shape(shape: Sequence[int]) -> str:
+    """A tensor shape as ``"3x32x32"``."""
     return "x".join(str(s) for s in shape)
 
 
-def _render(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 1) -> str:
+def render_table(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 1) -> str:
     """Aligned text table; the first ``left`` columns are left-aligned, the rest right."""
     table = [list(header), *[list(r) for r in body]]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
@@ -99,11 +102,11 @@ def _render(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 1)
 def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
     """Render ``model_table()`` rows: name, parameters (M), multiply-adds (M/G), input size."""
     body = [
-        (r["name"], _fmt_params(r["params"]), _fmt_macs(r["macs"]), _fmt_shape(r["input_size"]))
+        (r["name"], format_params(r["params"]), format_macs(r["macs"]), format_shape(r["input_size"]))
         for r in rows
     ]
-    return _render(("model", "params", "MACs", "input"), body)
+    return render_table(("model", "params", "MACs", "input"), body)
 
 
-__all__ = ["CATALOG_FILE", "REGENERATE", "cached_names", "cached_rows", "format_model_table",
-           "models_fingerprint", "read_catalog"]
+__all__ = ["CATALOG_FILE", "REGENERATE", "cached_names", "cached_rows", "format_macs", "format_model_table",
+           "format_params", "format_shape", "models_fingerprint", "read_catalog", "render_table"]

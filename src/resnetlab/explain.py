@@ -26,7 +26,8 @@ from PIL import Image
 from torch import nn
 
 from resnetlab.data import DataError, DataMeta, load_image, normalize, preprocess
-from resnetlab.inference import load_for_inference, output_dir
+from resnetlab.inference import check_topk, class_probs, load_for_inference, output_dir, top_classes
+from resnetlab.params import named
 from resnetlab.prepare import apply_polarity, collect_images
 
 #: Shorter side of a written overlay, pixels: an 8x8 digit is upscaled (nearest) to be seen.
@@ -47,17 +48,6 @@ def match_ink_polarity(img: Image.Image, meta: DataMeta) -> Image.Image:
 def prepare_pixels(images: Sequence[Image.Image], meta: DataMeta) -> torch.Tensor:
     """Decoded images (any mode, any size) -> uint8 ``[n, c, h, w]`` as ``predict`` feeds them."""
     return preprocess([match_ink_polarity(img, meta) for img in images], meta)
-
-
-@torch.no_grad()
-def topk_pixels(model: nn.Module, meta: DataMeta, x_uint8: torch.Tensor,
-                topk: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[n, c, h, w]`` -> ``(probs [n, k], ids [n, k])``, most probable first."""
-    device = next(model.parameters()).device
-    x = normalize(x_uint8.to(device), meta).contiguous(memory_format=torch.channels_last)
-    probs = model(x).float().softmax(dim=1)  # [n, classes]
-    top = probs.topk(min(topk, probs.shape[1]), dim=1)
-    return top.values.cpu(), top.indices.cpu()
 
 
 # ---------------------------------------------------------------------------------------------- Grad-CAM
@@ -144,8 +134,8 @@ def resolve_target(target: str | int | None, meta: DataMeta) -> int | None:
     if 0 <= idx < meta.num_classes:
         return idx
     shown = ", ".join(meta.classes[:12]) + (", ..." if meta.num_classes > 12 else "")
-    raise DataError(f"target {text!r} is neither a class name ({shown}) nor an id in "
-                    f"0..{meta.num_classes - 1}")
+    raise named(DataError, "target", f"{text!r} is neither a class name ({shown}) nor an id in "
+                                     f"0..{meta.num_classes - 1}")
 
 
 @dataclass
@@ -166,16 +156,13 @@ def explain_pixels(model: nn.Module, meta: DataMeta, x_uint8: torch.Tensor, name
                    target: int | None = None, topk: int = 5) -> list[Explanation]:
     """uint8 ``[n, c, h, w]`` (see :func:`prepare_pixels`) -> one :class:`Explanation` each,
     for class ``target`` or, when None, each image's most probable class."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        x = normalize(x_uint8.to(device), meta).contiguous(memory_format=torch.channels_last)
-        probs = model(x).float().softmax(dim=1).cpu()  # [n, classes]
-    top = probs.topk(min(topk, probs.shape[1]), dim=1)
-    targets = [target if target is not None else int(i[0]) for i in top.indices]
+    probs = class_probs(model, meta, x_uint8).cpu()  # [n, classes]: target_prob may be outside the top-k
+    values, indices = top_classes(probs, topk)
+    targets = [target if target is not None else int(i[0]) for i in indices]
     cams = grad_cam(model, meta, x_uint8, targets)  # [n, h, w]
     return [Explanation(name, [meta.classes[j] for j in ids], ids, p, t, meta.classes[t],
                         float(probs[k, t]), overlay(x_uint8[k], cams[k]))
-            for k, (name, p, ids, t) in enumerate(zip(names, top.values.tolist(), top.indices.tolist(),
+            for k, (name, p, ids, t) in enumerate(zip(names, values.tolist(), indices.tolist(),
                                                       targets, strict=True))]
 
 
@@ -196,8 +183,7 @@ def explain(path: str | Path, inputs: Sequence[str | Path], out: str | Path | No
 
     ``out`` defaults to ``<run>/explain``. Unreadable images land in ``result.errors``.
     """
-    if topk < 1:
-        raise DataError(f"--topk must be >= 1, got {topk}")
+    check_topk(topk)  # before the network is loaded
     model, _cfg, meta = load_for_inference(path, device=device)
     target_id = resolve_target(target, meta)
     out_dir = Path(out).expanduser() if out is not None else output_dir(path) / "explain"
@@ -237,5 +223,4 @@ def explain(path: str | Path, inputs: Sequence[str | Path], out: str | Path | No
 
 
 __all__ = ["ExplainResult", "Explanation", "cam_layer", "explain", "explain_pixels", "grad_cam",
-           "match_ink_polarity", "overlay", "png_data_url", "prepare_pixels", "resolve_target",
-           "topk_pixels"]
+           "match_ink_polarity", "overlay", "png_data_url", "prepare_pixels", "resolve_target"]

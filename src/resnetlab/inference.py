@@ -12,6 +12,10 @@ Accepted sources: a run folder (``checkpoints/best.pt``, else ``last.pt``), any 
 checkpoint written by training or by ``resnetlab import``, a ``.safetensors`` file written
 by ``resnetlab export`` (its header carries the config and meta), and a folder written by
 ``resnetlab publish`` (its ``model.safetensors``), which is also how shipped weights are stored.
+
+Running the opened network on prepared pixels has one owner too: :func:`class_probs` (softmax
+probabilities) and :func:`top_classes` (the top-k, ``topk`` checked by :func:`check_topk`), which
+``predict``, ``explain`` and ``resnetlab.load(RUN).predict`` share.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from resnetlab.data import (
 )
 from resnetlab.data.sources import get_source
 from resnetlab.models import build_model, fuse_for_inference
+from resnetlab.params import named
 from resnetlab.runtime import non_finite_forward, probe_pixels, select_device
 
 SPLITS = ("train", "val", "test")
@@ -177,5 +182,42 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     return run.model, run.config, run.meta
 
 
+# ---------------------------------------------------------------------------------------------- running it
+
+
+def check_topk(topk: int) -> int:
+    """``topk`` when it is at least 1; else a DataError naming the parameter ``topk``."""
+    if topk < 1:
+        raise named(DataError, "topk", f"must be >= 1, got {topk}")
+    return topk
+
+
+@torch.no_grad()
+def class_probs(model: nn.Module, meta: DataMeta, x_uint8: torch.Tensor,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 ``[n, c, h, w]`` -> softmax probabilities float32 ``[n, classes]`` on ``device``
+    (default: the model's). The pixels are normalised with ``meta``'s statistics and fed to the
+    eval-mode network in channels_last, the fused network's layout."""
+    device = next(model.parameters()).device if device is None else device
+    x = normalize(x_uint8.to(device), meta)  # [n, c, h, w] float32
+    x = x.contiguous(memory_format=torch.channels_last)
+    return model(x).float().softmax(dim=1)
+
+
+def top_classes(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities ``[n, classes]`` -> ``(probs [n, k], ids [n, k])``, most probable first,
+    ``k = min(topk, classes)``: the one top-k of ``predict``, ``explain`` and ``resnetlab.load(RUN).predict``."""
+    values, indices = probs.topk(min(check_topk(topk), probs.shape[1]), dim=1)
+    return values, indices
+
+
+def topk_pixels(model: nn.Module, meta: DataMeta, x_uint8: torch.Tensor, topk: int = 5,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``[n, c, h, w]`` -> ``(probs [n, k], ids [n, k])`` on ``device`` (default: the
+    model's), most probable first: :func:`class_probs` then :func:`top_classes`."""
+    return top_classes(class_probs(model, meta, x_uint8, device), topk)
+
+
 __all__ = ["PUBLISHED_MODEL", "SPLITS", "NonFiniteOutputError", "OpenRun", "build_inference_model", "check_forward",
-           "load_for_inference", "open_run", "output_dir", "parse_meta", "published_model", "read_checkpoint"]
+           "check_topk", "class_probs", "load_for_inference", "open_run", "output_dir", "parse_meta", "published_model",
+           "read_checkpoint", "top_classes", "topk_pixels"]

@@ -37,8 +37,9 @@ from torch import nn
 
 from resnetlab.config import Config
 from resnetlab.data import DataError, DataMeta, load_image, normalize, preprocess
-from resnetlab.inference import load_for_inference
+from resnetlab.inference import check_topk, load_for_inference, top_classes, topk_pixels
 from resnetlab.outputs import printable
+from resnetlab.params import named
 from resnetlab.prepare import (
     INK_FRAMES,
     INVERT_CHOICES,
@@ -85,16 +86,6 @@ def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
         yield items[i : i + size]
 
 
-@torch.no_grad()
-def _topk(model: nn.Module, meta: DataMeta, x_uint8: torch.Tensor, topk: int,
-          device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[n, c, h, w]`` -> ``(probs [n, k], ids [n, k])``, most probable first."""
-    x = normalize(x_uint8.to(device), meta)  # [n, c, h, w] float32
-    x = x.contiguous(memory_format=torch.channels_last)  # the fused net's layout
-    probs = model(x).float().softmax(dim=1)  # [n, classes]
-    return probs.topk(min(topk, probs.shape[1]), dim=1)
-
-
 def predict_images(model: nn.Module, meta: DataMeta, images: Sequence[Image.Image], topk: int = 5,
                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """PIL images (any mode, any size) -> ``(probs [n, k], ids [n, k])``, most probable first.
@@ -102,7 +93,7 @@ def predict_images(model: nn.Module, meta: DataMeta, images: Sequence[Image.Imag
     ``model`` is an eval-mode network trained on ``meta``'s data (see
     :func:`resnetlab.inference.load_for_inference`); ``k = min(topk, classes)``.
     """
-    return _topk(model, meta, preprocess(list(images), meta), topk, device)
+    return topk_pixels(model, meta, preprocess(list(images), meta), topk, device)
 
 
 def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
@@ -115,8 +106,7 @@ def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
     ``.onnx``; ``model_file`` picks another, e.g. the int8 one), as ``resnetlab serve`` runs them."""
     from resnetlab.serve.backends import make_backend
 
-    if topk < 1:
-        raise DataError(f"--topk must be >= 1, got {topk}")
+    check_topk(topk)  # before the network is loaded
     runner = make_backend(path, backend, device=str(device), model_file=model_file, invert=invert,
                           centre=centre).load()
     meta = runner.meta
@@ -137,8 +127,8 @@ def predict(path: str | Path, inputs: Sequence[str | Path], topk: int = 5,
             continue
         probs = runner.predict_batch(torch.stack([p.x for p in prepared]))  # [n, classes]
         finite = torch.isfinite(probs).all(dim=1).tolist()
-        top = probs.topk(min(topk, probs.shape[1]), dim=1)
-        for f, p, i, item, ok in zip(good, top.values.tolist(), top.indices.tolist(), prepared, finite,
+        values, indices = top_classes(probs, topk)
+        for f, p, i, item, ok in zip(good, values.tolist(), indices.tolist(), prepared, finite,
                                      strict=True):
             if ok:
                 result.predictions.append(Prediction(str(f), [meta.classes[j] for j in i], i, p, item.inverted,
@@ -181,7 +171,7 @@ class Predictor:
     def __init__(self, model: nn.Module, cfg: Config, meta: DataMeta, invert: Invert = "auto",
                  centre: bool = True) -> None:
         if invert not in INVERT_CHOICES:
-            raise DataError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+            raise named(DataError, "invert", f"must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
         self.model, self.config, self.meta, self.invert, self.centre = model, cfg, meta, invert, centre
 
     @classmethod
@@ -237,12 +227,11 @@ class Predictor:
     def predict(self, images: Any, topk: int = 5) -> list[Prediction]:
         """Top-``topk`` classes per image, most probable first, in input order (``Prediction.file``
         is the path given, a PIL image's ``filename`` when it was opened from one, else None)."""
-        if topk < 1:
-            raise DataError(f"topk must be >= 1, got {topk}")
+        check_topk(topk)
         pixels, flips, steps = self._batch(images)
         if not len(pixels):
             return []
-        probs, ids = _topk(self.model, self.meta, pixels, topk, self.device)
+        probs, ids = topk_pixels(self.model, self.meta, pixels, topk, self.device)
         names = images if isinstance(images, (list, tuple)) else [images] * len(pixels)
         return [Prediction(_source_name(n), [self.meta.classes[j] for j in i], i, p, inv, how)
                 for n, p, i, inv, how in zip(names, probs.tolist(), ids.tolist(), flips, steps, strict=True)]

@@ -99,7 +99,8 @@ _OPTION_KEYS = {"model": "model.name", "arch": "model.name", "a": "model.name", 
 
 def option_hint(option: str, value: str | None) -> str | None:
     """For an unknown ``--option [value]``: the ``key=value`` override it most likely meant."""
-    from resnetlab.config import Config, _all_keys
+    from resnetlab.config import Config
+    from resnetlab.config import all_keys as _all_keys
 
     name = option.lstrip("-").split("=", 1)[0]
     keys = _all_keys(Config)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from resnetlab.catalog import _fmt_macs, _fmt_shape, _render
+from resnetlab.catalog import format_macs, format_shape, render_table
 from resnetlab.catalog import format_model_table as format_model_table  # re-exported
 
 from .registry import create_model, list_models
@@ -126,17 +126,17 @@ def format_model_info(rows: Sequence[dict[str, Any]]) -> str:
         (
             r["stage"],
             str(r["blocks"]) if r["blocks"] else "",
-            _fmt_shape(r["output_shape"]),
+            format_shape(r["output_shape"]),
             f"{r['params']:,}",
-            _fmt_macs(r["macs"]),
+            format_macs(r["macs"]),
         )
         for r in rows
     ]
     total_params = sum(r["params"] for r in rows)
     total_macs = sum(r["macs"] for r in rows)
-    body.append(("total", "", "", f"{total_params:,}", _fmt_macs(total_macs)))
+    body.append(("total", "", "", f"{total_params:,}", format_macs(total_macs)))
     title = f"{rows[0]['model']}\n" if rows and "model" in rows[0] else ""
-    return title + _render(("stage", "blocks", "output", "params", "MACs"), body)
+    return title + render_table(("stage", "blocks", "output", "params", "MACs"), body)
 
 
 def build_catalog() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from resnetlab.serve.app import (
     create_app,
     load_served_model,
 )
+from resnetlab.serve.backends import BackendName
 from resnetlab.serve.options import ServeOptionError, check_options
 from resnetlab.serve.timeouts import Timeouts, server_config
 
@@ -31,7 +32,7 @@ from resnetlab.serve.timeouts import Timeouts, server_config
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           max_batch: int = 16, max_wait_ms: float = 5.0, limits: Limits | None = None,
           log_level: str = "warning", graceful_timeout_s: int | None = 30,
-          threads: int | None = None, timeouts: Timeouts | None = None, backend: str = "torch",
+          threads: int | None = None, timeouts: Timeouts | None = None, backend: BackendName = "torch",
           model_file: str | Path | None = None, model_name: str | None = None, centre: bool = True) -> int:
     """Load the network at ``path`` and serve it until SIGTERM/SIGINT; returns the exit code 0.
 
@@ -40,7 +41,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
     as uvicorn takes it; None: no bound). ``threads`` sets the backend's intra-op CPU threads
     (default: one per core). ``timeouts``: the slow-client deadlines
     (:class:`~resnetlab.serve.timeouts.Timeouts`). Every option is checked first
-    (:func:`~resnetlab.serve.options.check_options`: ``ServeOptionError`` naming the flag).
+    (:func:`~resnetlab.serve.options.check_options`: ``ServeOptionError`` naming the parameter).
     ``backend``: ``torch`` or ``onnxruntime`` (``model_file``: the ``.onnx`` to run, default
     ``<run>/<arch>.onnx``). ``model_name``: the v2 protocol's name (default: the run folder's
     name). ``centre``: digit-like runs frame the ink as their dataset did (see

@@ -16,9 +16,8 @@ Routes::
                            models/{name}[/versions/1]/infer (JSON or binary tensor data)
 
 An image is sent as a raw body with an ``image/*`` content type, or as one or more file parts
-of ``multipart/form-data``. Every error is JSON ``{"error": "...", "status": N}``: body over
-the size limit or too many images 413; not an image or an unsupported mode 415; truncated,
-empty or over the pixel limit (decompression bombs) 400. Preprocessing is the run's own
+of ``multipart/form-data``; reading it against the :class:`~resnetlab.serve.request.Limits` is
+:mod:`resnetlab.serve.request`'s. Every error is JSON ``{"error": "...", "status": N}``. Preprocessing is the run's own
 (the backend's ``preprocess``: :func:`resnetlab.predict.prepare_image`, the one ``predict``
 uses) and runs in a thread pool; the network (a :mod:`~resnetlab.serve.backends` backend: torch
 or onnxruntime, the routes do not know which) runs in one model thread behind a
@@ -29,12 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import os
 import re
-import warnings
-import zlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -53,30 +48,30 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from resnetlab.data import DataError, DataMeta
-from resnetlab.data.images import NOT_SUPPORTED, ImageTooLargeError, open_image
 from resnetlab.explain import overlay, png_data_url, resolve_target
+from resnetlab.params import named
 from resnetlab.prepare import INK_FRAMES
 from resnetlab.serve import v2
-from resnetlab.serve.backends import Backend, PreparedImage, file_sha256, make_backend
+from resnetlab.serve.backends import Backend, BackendName, PreparedImage, file_sha256, make_backend
 from resnetlab.serve.batcher import MicroBatcher
 from resnetlab.serve.errors import ApiError
 from resnetlab.serve.metrics import MetricsMiddleware, ServeMetrics
 from resnetlab.serve.overlay import overlay_on_image
+from resnetlab.serve.request import (
+    Limits,
+    check_image_count,
+    decode_and_prepare,
+    decode_image,
+    inflate,
+    parse_topk,
+    read_body,
+    read_images,
+)
 
 STATIC_DIR = Path(str(resources.files("resnetlab.serve") / "static"))
 # The page loads only its own files; images come back as data: URLs, drawings as blob:.
 _CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
         "connect-src 'self'; frame-ancestors 'none'")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Request limits; each has a CLI flag of the same name."""
-
-    max_body_mb: float = 10.0  # whole request body, MiB
-    max_images: int = 32  # images in one request
-    max_pixels: int = 40_000_000  # per decoded image (w * h); above: refused as a likely bomb
-    max_topk: int = 100
 
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -95,8 +90,8 @@ def default_model_name(source: str | Path) -> str:
 def check_model_name(name: str) -> str:
     """``name`` if it can stand in a URL path segment, else a one-line :class:`DataError`."""
     if not _MODEL_NAME.fullmatch(name):
-        raise DataError(f"--model-name {name!r}: use letters, digits, '_', '.' and '-' (at most 128, "
-                         "starting with a letter or digit)")
+        raise named(DataError, "model_name", f"must be letters, digits, '_', '.' and '-' (at most 128, "
+                    f"starting with a letter or digit), got {name!r}")
     return name
 
 
@@ -131,63 +126,20 @@ class ServedModel:
                 "digit_like": m.name in INK_FRAMES and m.in_chans == 1}
 
 
-def load_served_model(path: str | Path, device: str = "cpu", backend: str = "torch",
+def load_served_model(path: str | Path, device: str = "cpu", backend: BackendName = "torch",
                       model_file: str | Path | None = None, model_name: str | None = None,
                       centre: bool = True, threads: int | None = None) -> ServedModel:
     """Load the network at ``path`` (run folder or checkpoint; for onnxruntime also a ``.onnx``
     file) with ``backend``, as ``predict`` does. A network whose forward pass is not finite is
     refused here, before anything listens (:meth:`~resnetlab.serve.backends.Backend.load`)."""
+    name = check_model_name(model_name) if model_name is not None else default_model_name(path)  # before loading
     b = make_backend(path, backend, device=device, model_file=model_file, centre=centre,
                      threads=threads).load()
-    return ServedModel(b, str(path), check_model_name(model_name) if model_name else default_model_name(path))
+    return ServedModel(b, str(path), name)
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
-# ---------------------------------------------------------------------------------------------- images
-
-
-def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Bytes -> fully decoded PIL image, or :class:`ApiError` naming ``name`` and the reason."""
-    if not data:
-        raise ApiError(400, f"{name}: empty image (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-        try:
-            img = open_image(io.BytesIO(data))  # only the allowed formats, judged by content
-        except UnidentifiedImageError:
-            raise ApiError(415, f"{name}: {NOT_SUPPORTED}") from None
-        except Image.DecompressionBombError as e:
-            raise ApiError(400, f"{name}: refused as a decompression bomb ({e})") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ApiError(400, f"{name}: corrupt image header ({e})") from None
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ApiError(400, f"{name}: {w}x{h} pixels ({w * h / 1e6:.1f} Mpixel) is over the limit of "
-                                f"{max_pixels / 1e6:.1f} Mpixel (--max-pixels): refused as a possible "
-                                "decompression bomb")
-        try:
-            img.load()
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-            raise ApiError(400, f"{name}: truncated or corrupt image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return img
-
-
-def decode_and_prepare(data: bytes, name: str, backend: Backend, max_pixels: int) -> PreparedImage:
-    """Bytes -> the backend's :class:`PreparedImage` (runs in the decode pool)."""
-    img = decode_image(data, name, max_pixels)
-    try:
-        return backend.preprocess(img)
-    except ImageTooLargeError as e:  # readable, but over a preprocessing limit: like --max-pixels
-        raise ApiError(400, f"{name}: {e}") from None
-    except (OSError, ValueError) as e:  # DataError is a ValueError too
-        raise ApiError(415, f"{name}: unsupported image mode {img.mode} ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------- app
@@ -231,9 +183,8 @@ class ServeApp:
         m = self.backend.meta
         blank = torch.zeros(m.in_chans, *m.input_size, dtype=torch.uint8)
         try:
-            probs, _ = await self.batcher.predict(torch.zeros(blank.shape))
-            if not torch.isfinite(probs).all():  # a diverged checkpoint: answering would give 500s
-                raise ValueError("the network's output is not finite (NaN or inf); its weights diverged")
+            # the output's finiteness was checked once, when the backend loaded (Backend.load)
+            await self.batcher.predict(torch.zeros(blank.shape))
             if self.backend.explains:  # Grad-CAM's first backward pass allocates too
                 await asyncio.get_running_loop().run_in_executor(self.model_pool, self.backend.cams, blank[None], [0])
         except Exception as e:  # stays not ready (503) and says why
@@ -244,79 +195,13 @@ class ServeApp:
 
     # ------------------------------------------------------------------ request parsing
 
-    async def _body(self, request: Request) -> bytes:
-        """The request body, at most ``--max-body-mb``; over it: 413.
-
-        An oversized body is still read (and dropped) up to 4x the limit before the answer, so
-        the client, which is usually still sending, reads the 413 instead of a reset connection;
-        beyond that the connection is closed after the answer.
-        """
-        limit = int(self.limits.max_body_mb * 2**20)
-        drain = 4 * limit
-        declared = request.headers.get("content-length", "")
-        size = int(declared) if declared.isdigit() else None
-        too_big = f"over the limit of {_mb(limit)} (--max-body-mb)"
-        if size is not None and size > drain:
-            raise ApiError(413, f"request body of {_mb(size)} is {too_big}")
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total <= limit:
-                chunks.append(chunk)
-            elif total > drain:
-                break
-        if total > limit:
-            raise ApiError(413, f"request body{f' of {_mb(size)}' if size else ''} is {too_big}")
-        return b"".join(chunks)
-
-    async def _images(self, request: Request) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
-        """``[(name, bytes)]`` and the form/query fields of a predict or explain request."""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await self._body(request)
-        fields = dict(request.query_params)
-        if ctype.startswith("image/") or ctype == "application/octet-stream":
-            return [("body", body)], fields
-        if ctype != "multipart/form-data":
-            raise ApiError(415, f"content type {ctype or '(none)'!r}: send an image/* body or "
-                                "multipart/form-data with image files")
-
-        async def replay() -> dict[str, Any]:  # the body again, for the multipart parser
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        form = await Request(request.scope, replay).form(max_files=float("inf"), max_fields=100)
-        images: list[tuple[str, bytes]] = []
-        try:
-            for key, value in form.multi_items():
-                if isinstance(value, str):
-                    fields[key] = value
-                else:
-                    images.append((value.filename or key, await value.read()))
-        finally:
-            await form.close()
-        if not images:
-            raise ApiError(400, "no image in the request: add a file part (e.g. -F file=@img.png)")
-        return images, fields
-
-    def _topk(self, fields: dict[str, str]) -> int:
-        text = fields.get("topk", "5")
-        top = min(self.limits.max_topk, self.backend.meta.num_classes)
-        try:
-            k = int(text)
-        except ValueError:
-            k = 0
-        if not 1 <= k <= self.limits.max_topk:
-            raise ApiError(400, f"topk={text!r}: expected an integer from 1 to {self.limits.max_topk}")
-        return min(k, top)
-
     def _check_ready(self) -> None:
         if not self.ready:
             raise ApiError(503, "the model is still warming up; retry when GET /readyz answers 200")
 
     async def _decode_all(self, images: list[tuple[str, bytes]], batched: bool) -> list[PreparedImage]:
         """Decode and preprocess in the decode pool; the first refused image names the reason."""
-        if len(images) > self.limits.max_images:
-            raise ApiError(413, f"{len(images)} images in one request; the limit is "
-                                f"{self.limits.max_images} (--max-images)")
+        check_image_count(len(images), self.limits.max_images)
         loop = asyncio.get_running_loop()
         if batched:
             self.batcher.announce(len(images))  # the collector may wait for these
@@ -337,10 +222,10 @@ class ServeApp:
                        ) -> tuple[list[str], list[PreparedImage], dict[str, str], int]:
         """Names, prepared images, fields and top-k of a request's images."""
         self._check_ready()
-        images, fields = await self._images(request)
+        images, fields = await read_images(request, self.limits)
         prepared = await self._decode_all(images, batched)
         try:
-            k = self._topk(fields)
+            k = parse_topk(fields, self.limits, self.backend.meta.num_classes)
         except ApiError:
             if batched:
                 self.batcher.withdraw(len(images))
@@ -371,7 +256,7 @@ class ServeApp:
     async def explain(self, request: Request) -> Response:
         if not self.backend.explains:
             raise ApiError(501, f"Grad-CAM needs gradients: the {self.backend.name} backend has none; "
-                                "serve with --backend torch to explain")
+                                "serve with the torch backend to explain")
         names, prepared, fields, k = await self._prepare(request, batched=False)
         try:
             target = resolve_target(fields.get("target"), self.backend.meta)
@@ -459,28 +344,10 @@ class ServeApp:
         self._v2_model(request)
         return JSONResponse(v2.model_metadata(self.served.name, self.backend.platform, self.backend.meta))
 
-    async def _inflate(self, request: Request, body: bytes) -> bytes:
-        """Undo ``Content-Encoding: gzip|deflate`` (tritonclient's request compression), never
-        past the body limit (a compressed bomb is a 413, not a full memory)."""
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding in ("", "identity"):
-            return body
-        if encoding not in ("gzip", "deflate"):
-            raise ApiError(415, f"Content-Encoding {encoding!r}: send gzip, deflate or none")
-        limit = int(self.limits.max_body_mb * 2**20)
-        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-        try:
-            out = inflater.decompress(body, limit + 1)
-        except zlib.error as e:
-            raise ApiError(400, f"body is not valid {encoding} data ({e})") from None
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise ApiError(413, f"decompressed request body is over the limit of {_mb(limit)} (--max-body-mb)")
-        return out
-
     async def v2_infer(self, request: Request) -> Response:
         self._v2_model(request)
         self._check_ready()
-        body = await self._inflate(request, await self._body(request))
+        body = inflate(request, await read_body(request, self.limits), self.limits)
         doc, tail = v2.split_body(body, request.headers.get(v2.HEADER_LENGTH))
         meta = self.backend.meta
         req = v2.parse_infer(doc, tail, meta, self.limits.max_images)

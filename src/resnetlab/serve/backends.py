@@ -22,16 +22,18 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from PIL import Image
 
 from resnetlab.data import DataError, DataMeta, normalize
+from resnetlab.params import named
 from resnetlab.prepare import INVERT_CHOICES, Geometry, Invert, prepare_image_mapped
 from resnetlab.weights import file_sha256  # noqa: F401  re-exported: serve's answers carry it
 
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
+BackendName = Literal["torch", "onnxruntime"]
+BACKENDS: tuple[str, ...] = get_args(BackendName)
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"  # the names resnetlab export gives the graph
 
 
@@ -61,11 +63,14 @@ class Backend:
     name: ClassVar[str] = ""
     platform: ClassVar[str] = ""  # the Open Inference Protocol's platform string
     explains: ClassVar[bool] = False  # has gradients for Grad-CAM (:meth:`cams`)
+    # the loader itself refuses a non-finite forward pass (torch: resnetlab.inference.check_forward),
+    # so load() does not run the same check a second time
+    loader_checks_forward: ClassVar[bool] = False
 
     def __init__(self, source: str | Path, device: str = "cpu", model_file: str | Path | None = None,
                  invert: Invert = "auto", centre: bool = True, threads: int | None = None) -> None:
         if invert not in INVERT_CHOICES:
-            raise DataError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+            raise named(DataError, "invert", f"must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
         self.source = str(source)
         self.device = device
         self.model_file = Path(model_file).expanduser() if model_file else None
@@ -85,15 +90,16 @@ class Backend:
         """Load the model (once, before serving); returns ``self``. Errors name the file."""
         start = time.perf_counter()
         self._load()
-        self._check_finite()
+        if not self.loader_checks_forward:
+            self._check_finite()
         self.sha256 = file_sha256(self.file)
         self.load_seconds = time.perf_counter() - start
         return self
 
     def _check_finite(self) -> None:
         """Refuse a model whose outputs on a blank and a noise image are not finite (diverged
-        weights): served, it would answer every request with a 500. The torch backend's loader
-        has checked the logits already (:func:`resnetlab.inference.check_forward`)."""
+        weights): served, it would answer every request with a 500. Once per load: backends whose
+        loader checks already (``loader_checks_forward``) skip it."""
         from resnetlab.inference import NonFiniteOutputError
         from resnetlab.runtime import probe_pixels
 
@@ -118,7 +124,7 @@ class Backend:
         """Grad-CAM maps ``[n, h, w]`` (0..1, the input's size) of uint8 ``[n, c, h, w]`` for one
         class each; only backends with gradients (``explains``) have them."""
         raise BackendError(f"Grad-CAM needs gradients: the {self.name} backend has none; "
-                           "serve with --backend torch to explain")
+                           "use the torch backend to explain")
 
     def _load(self) -> None:
         raise NotImplementedError
@@ -135,6 +141,7 @@ class TorchBackend(Backend):
     name = "torch"
     platform = "pytorch_libtorch"
     explains = True
+    loader_checks_forward = True  # load_for_inference -> check_forward
 
     def _load(self) -> None:
         from resnetlab.checkpoint import resolve
@@ -181,8 +188,8 @@ class OnnxRuntimeBackend(Backend):
         try:
             import onnxruntime as ort
         except ImportError as e:
-            raise BackendError(f"--backend onnxruntime needs onnxruntime ({e}); install it with: "
-                               "pip install 'resnetlab[export]'") from None
+            raise named(BackendError, "backend", f"onnxruntime needs the onnxruntime package ({e}); install "
+                        "it with: pip install 'resnetlab[export]'") from None
         src = Path(self.source).expanduser()
         meta: DataMeta | None = None
         if src.suffix == ".onnx":
@@ -194,8 +201,11 @@ class OnnxRuntimeBackend(Backend):
             self.arch = cfg.model.name
             file = self.model_file or output_dir(src) / f"{cfg.model.name}.onnx"
         if not file.is_file():
-            hint = ("" if self.model_file or src.suffix == ".onnx" else
-                    f"; write it with `resnetlab export {self.source} --format onnx` (or name one with --model-file)")
+            if self.model_file:
+                raise named(BackendError, "model_file", f"{file}: no such ONNX model file")
+            hint = ("" if src.suffix == ".onnx" else
+                    "; export the run to ONNX first (`resnetlab export` with format onnx writes it "
+                    "there), or name another model file")
             raise BackendError(f"{file}: no such ONNX model file{hint}")
         opts = ort.SessionOptions()
         if self.threads:
@@ -209,8 +219,8 @@ class OnnxRuntimeBackend(Backend):
         header = self.session.get_modelmeta().custom_metadata_map
         if meta is None:
             if "resnetlab.meta" not in header:
-                raise BackendError(f"{file}: no resnetlab.meta in its header; serve the run folder "
-                                   "with --model-file FILE.onnx so the run gives classes and preprocessing")
+                raise BackendError(f"{file}: no resnetlab.meta in its header; serve the run folder with "
+                                   "this file as its model file, so the run gives classes and preprocessing")
             try:
                 meta = DataMeta.from_dict(json.loads(header["resnetlab.meta"]))
             except (ValueError, TypeError) as e:
@@ -255,12 +265,13 @@ class OnnxRuntimeBackend(Backend):
 _CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend}
 
 
-def make_backend(source: str | Path, backend: str = "torch", **options: Any) -> Backend:
-    """The backend named ``backend`` for the model at ``source`` (not loaded yet: call ``load``)."""
+def make_backend(source: str | Path, backend: BackendName | str = "torch", **options: Any) -> Backend:
+    """The backend named ``backend`` (a :data:`BackendName`; any other word is refused by name)
+    for the model at ``source`` (not loaded yet: call ``load``)."""
     if backend not in _CLASSES:
-        raise BackendError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise named(BackendError, "backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
     return _CLASSES[backend](source, **options)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "OnnxRuntimeBackend", "PreparedImage", "TorchBackend",
+__all__ = ["BACKENDS", "Backend", "BackendName", "BackendError", "OnnxRuntimeBackend", "PreparedImage", "TorchBackend",
            "file_sha256", "make_backend"]

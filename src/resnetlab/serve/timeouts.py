@@ -31,7 +31,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Slow-client deadlines in seconds; each has a CLI flag (``--header-timeout-s``, ...)."""
+    """Slow-client deadlines in seconds; the CLI sets each with a flag (``header_s``:
+    ``--header-timeout-s``, ``body_s``: ``--body-timeout-s``, ``keep_alive_s``: ``--keep-alive-s``)."""
 
     header_s: float = 10.0  # connection start (or previous answer) -> end of the request head
     body_s: float = 60.0  # request head -> end of the body (10 MiB at 2 Mbit/s takes 42 s)
@@ -67,7 +68,7 @@ class BodyDeadline:
             except TimeoutError:
                 state["expired"] = True
                 raise HTTPException(408, f"request body not complete after {self.seconds:g} s "
-                                         "(--body-timeout-s): send the body at once") from None
+                                         "(the server's body_s deadline): send the body at once") from None
             if message["type"] != "http.request" or not message.get("more_body", False):
                 state["body_done"] = True
             return message
@@ -132,7 +133,7 @@ class HeaderDeadlineH11(H11Protocol):
             return
         if self.conn.our_state is h11.IDLE:  # nothing of an answer sent on this cycle
             self.transport.write(_408(f"request head not complete after {self.header_timeout_s:g} s "
-                                      "(--header-timeout-s)"))
+                                      "(the server's header_s deadline)"))
         self.transport.close()
 
 

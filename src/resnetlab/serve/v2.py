@@ -37,6 +37,7 @@ import torch
 
 from resnetlab.data import DataMeta
 from resnetlab.serve.errors import ApiError
+from resnetlab.serve.request import check_image_count
 from resnetlab.version import __version__
 
 INPUT_TENSOR, INPUT_BYTES = "images", "image_bytes"
@@ -150,102 +151,133 @@ def _json_bytes(data: Any, where: str) -> list[bytes]:
     return out
 
 
-def parse_infer(doc: dict[str, Any], tail: bytes, meta: DataMeta, max_images: int) -> InferRequest:
-    """Check and decode an inference request against the served model; 400 names the fault."""
+def _request_header(doc: dict[str, Any]) -> tuple[str | None, bool]:
+    """The request's ``id`` and its ``binary_data_output`` default."""
     rid = doc.get("id")
     if rid is not None and not isinstance(rid, str):
         raise _bad(f"'id' must be a string, got {json.dumps(rid)[:40]}")
     params = doc.get("parameters", {}) or {}
     if not isinstance(params, dict):
         raise _bad("'parameters' must be an object")
-    binary_default = _flag(params, "binary_data_output", "request")
+    return rid, _flag(params, "binary_data_output", "request")
+
+
+def _the_input(doc: dict[str, Any], meta: DataMeta) -> tuple[dict[str, Any], str]:
+    """The request's one input (either tensor input, with its datatype checked) and its name."""
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise _bad(f"'inputs' must be a list of exactly one input: {INPUT_TENSOR!r} (FP32) or "
                    f"{INPUT_BYTES!r} (BYTES)")
     inp = inputs[0]
     name, dtype = inp.get("name"), inp.get("datatype")
-    where = f"input {name!r}"
     if name not in (INPUT_TENSOR, INPUT_BYTES):
         raise _bad(f"unknown input {name!r}: this model takes {INPUT_TENSOR!r} (FP32 [N, "
                    f"{meta.in_chans}, {meta.input_size[0]}, {meta.input_size[1]}]) or {INPUT_BYTES!r} (BYTES [N])")
     want = "FP32" if name == INPUT_TENSOR else "BYTES"
     if dtype != want:
-        raise _bad(f"{where}: datatype {dtype!r}, expected {want}")
-    shape = _shape(inp.get("shape"), where)
+        raise _bad(f"input {name!r}: datatype {dtype!r}, expected {want}")
+    return inp, name
+
+
+def _binary_data(inp: dict[str, Any], tail: bytes, where: str) -> bytes | None:
+    """The input's binary tensor data (``tail``, its size as declared), or None for JSON ``data``."""
     iparams = inp.get("parameters", {}) or {}
     if not isinstance(iparams, dict):
         raise _bad(f"{where}: 'parameters' must be an object")
     size = iparams.get("binary_data_size")
-    if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise _bad(f"{where}: binary_data_size must be a non-negative integer")
-        if size != len(tail):
-            raise _bad(f"{where}: binary_data_size {size} but {len(tail)} bytes follow the JSON header "
-                       "(check Inference-Header-Content-Length)")
-        raw: bytes | None = tail
-    else:
+    if size is None:
         if tail:
             raise _bad(f"{len(tail)} bytes follow the JSON header but no input declares binary_data_size")
         if "data" not in inp:
             raise _bad(f"{where}: no 'data' and no binary_data_size parameter")
-        raw = None
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise _bad(f"{where}: binary_data_size must be a non-negative integer")
+    if size != len(tail):
+        raise _bad(f"{where}: binary_data_size {size} but {len(tail)} bytes follow the JSON header "
+                   "(check Inference-Header-Content-Length)")
+    return tail
 
-    req = InferRequest(rid)
-    n = shape[0] if shape else 0
-    if name == INPUT_TENSOR:
-        c, (h, w) = meta.in_chans, meta.input_size
-        if len(shape) != 4 or shape[1:] != [c, h, w]:
-            raise _bad(f"{where}: shape {shape}, expected [N, {c}, {h}, {w}] (the model's input, normalised)")
-        count = math.prod(shape)
-        if raw is not None:
-            if len(raw) != 4 * count:
-                raise _bad(f"{where}: {len(raw)} bytes of binary data for shape {shape}, expected {4 * count} "
-                           "(FP32, little-endian)")
-            arr = np.frombuffer(raw, dtype="<f4")
-        else:
-            try:
-                arr = np.asarray(inp["data"], dtype=np.float32).reshape(-1)
-            except (ValueError, TypeError):
-                raise _bad(f"{where}: 'data' must be numbers (flat or nested, row major)") from None
-            if arr.size != count:
-                raise _bad(f"{where}: {arr.size} values in 'data' for shape {shape}, expected {count}")
-        if not np.isfinite(arr).all():
-            raise _bad(f"{where}: holds NaN or infinite values")
-        req.tensor = torch.from_numpy(arr.astype(np.float32).reshape(shape))
+
+def _read_tensor(inp: dict[str, Any], raw: bytes | None, shape: list[int], meta: DataMeta,
+                 where: str) -> torch.Tensor:
+    """FP32 ``[N, C, H, W]`` (the model's input, normalised) from binary or JSON data; finite."""
+    c, (h, w) = meta.in_chans, meta.input_size
+    if len(shape) != 4 or shape[1:] != [c, h, w]:
+        raise _bad(f"{where}: shape {shape}, expected [N, {c}, {h}, {w}] (the model's input, normalised)")
+    count = math.prod(shape)
+    if raw is not None:
+        if len(raw) != 4 * count:
+            raise _bad(f"{where}: {len(raw)} bytes of binary data for shape {shape}, expected {4 * count} "
+                       "(FP32, little-endian)")
+        arr = np.frombuffer(raw, dtype="<f4")
     else:
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise _bad(f"{where}: shape {shape}, expected [N] or [N, 1] (one encoded image each)")
-        req.images = _bytes_elements(raw, where) if raw is not None else _json_bytes(inp["data"], where)
-        if len(req.images) != n:
-            raise _bad(f"{where}: {len(req.images)} elements for shape {shape}")
-    if n < 1:
-        raise _bad(f"{where}: no images (batch dimension 0)")
-    if n > max_images:
-        raise ApiError(413, f"{n} images in one request; the limit is {max_images} (--max-images)")
+        try:
+            arr = np.asarray(inp["data"], dtype=np.float32).reshape(-1)
+        except (ValueError, TypeError):
+            raise _bad(f"{where}: 'data' must be numbers (flat or nested, row major)") from None
+        if arr.size != count:
+            raise _bad(f"{where}: {arr.size} values in 'data' for shape {shape}, expected {count}")
+    if not np.isfinite(arr).all():
+        raise _bad(f"{where}: holds NaN or infinite values")
+    return torch.from_numpy(arr.astype(np.float32).reshape(shape))
 
+
+def _read_images(inp: dict[str, Any], raw: bytes | None, shape: list[int], where: str) -> list[bytes]:
+    """The encoded images of a BYTES ``[N]`` or ``[N, 1]`` input, binary or base64 JSON."""
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise _bad(f"{where}: shape {shape}, expected [N] or [N, 1] (one encoded image each)")
+    images = _bytes_elements(raw, where) if raw is not None else _json_bytes(inp["data"], where)
+    if len(images) != (shape[0] if shape else 0):
+        raise _bad(f"{where}: {len(images)} elements for shape {shape}")
+    return images
+
+
+def _wanted_outputs(doc: dict[str, Any], binary_default: bool, meta: DataMeta) -> list[tuple[str, bool, int]]:
+    """``[(output name, binary, classification k)]``: every output unless the request names some."""
     wanted = doc.get("outputs")
     if wanted is None:
-        req.outputs = [(o, binary_default, 0) for o in OUTPUTS]
+        return [(o, binary_default, 0) for o in OUTPUTS]
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
+        raise _bad("'outputs' must be a list of objects with a 'name'")
+    outputs = []
+    for o in wanted:
+        oname, op = o.get("name"), o.get("parameters", {}) or {}
+        if oname not in OUTPUTS:
+            raise _bad(f"unknown output {oname!r}: this model has {', '.join(OUTPUTS)}")
+        if not isinstance(op, dict):
+            raise _bad(f"output {oname!r}: 'parameters' must be an object")
+        binary = op.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise _bad(f"output {oname!r}: binary_data must be true or false")
+        k = op.get("classification", 0)
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= meta.num_classes:
+            raise _bad(f"output {oname!r}: classification must be an integer from 0 to "
+                       f"{meta.num_classes}")
+        if k and oname != OUTPUT_PROBS:
+            raise _bad(f"output {oname!r}: classification applies to {OUTPUT_PROBS!r} only")
+        outputs.append((oname, binary, k))
+    return outputs
+
+
+def parse_infer(doc: dict[str, Any], tail: bytes, meta: DataMeta, max_images: int) -> InferRequest:
+    """Check and decode an inference request against the served model; 400 names the fault,
+    413 more than ``max_images`` images."""
+    rid, binary_default = _request_header(doc)
+    inp, name = _the_input(doc, meta)
+    where = f"input {name!r}"
+    shape = _shape(inp.get("shape"), where)
+    raw = _binary_data(inp, tail, where)
+    req = InferRequest(rid)
+    if name == INPUT_TENSOR:
+        req.tensor = _read_tensor(inp, raw, shape, meta, where)
     else:
-        if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
-            raise _bad("'outputs' must be a list of objects with a 'name'")
-        for o in wanted:
-            oname, op = o.get("name"), o.get("parameters", {}) or {}
-            if oname not in OUTPUTS:
-                raise _bad(f"unknown output {oname!r}: this model has {', '.join(OUTPUTS)}")
-            if not isinstance(op, dict):
-                raise _bad(f"output {oname!r}: 'parameters' must be an object")
-            binary = op.get("binary_data", binary_default)
-            if not isinstance(binary, bool):
-                raise _bad(f"output {oname!r}: binary_data must be true or false")
-            k = op.get("classification", 0)
-            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= meta.num_classes:
-                raise _bad(f"output {oname!r}: classification must be an integer from 0 to "
-                           f"{meta.num_classes}")
-            if k and oname != OUTPUT_PROBS:
-                raise _bad(f"output {oname!r}: classification applies to {OUTPUT_PROBS!r} only")
-            req.outputs.append((oname, binary, k))
+        req.images = _read_images(inp, raw, shape, where)
+    n = shape[0] if shape else 0
+    if n < 1:
+        raise _bad(f"{where}: no images (batch dimension 0)")
+    check_image_count(n, max_images)
+    req.outputs = _wanted_outputs(doc, binary_default, meta)
     return req
 
 
