@@ -471,12 +471,10 @@ def sync_check(device: torch.device, steps: int, workdir: Path) -> dict[str, Any
     """fit() on digits with default settings (progress bar forced on, TensorBoard on, the default
     sync interval); steps 2..steps+1 run armed: trapped calls and (CUDA) the sync debug mode,
     except at the guard's sync steps, where the host reads its flags by design."""
-    import importlib
 
     import resnetlab
+    from resnetlab.engine import runlog  # the progress bar's owner
     from resnetlab.runtime import SYNC_EVERY_AUTO
-
-    fit_module = importlib.import_module("resnetlab.engine.fit")
     sync_every = SYNC_EVERY_AUTO["cuda"] if device.type == "cuda" else 3  # CPU's auto is 1: every step
     calls: list[str] = []
     allowed: list[int] = []
@@ -498,8 +496,8 @@ def sync_check(device: torch.device, steps: int, workdir: Path) -> dict[str, Any
                  f"run.root={workdir}", "run.name=sync-check"]
     if not cuda:
         overrides.append(f"train.sync_every={sync_every}")
-    watches = fit_module._someone_watches
-    fit_module._someone_watches = lambda stream: True  # the progress bar, as in a terminal
+    watches = runlog.someone_watches
+    runlog.someone_watches = lambda stream: True  # the progress bar, as in a terminal
     try:
         with trap_host_syncs(calls, armed, allowed, step):
             result = resnetlab.train(None, overrides, on_step=on_step)
@@ -508,7 +506,7 @@ def sync_check(device: torch.device, steps: int, workdir: Path) -> dict[str, Any
         errors.append(f"{type(e).__name__}: {str(e)[:300]}")
         steps_run = None
     finally:
-        fit_module._someone_watches = watches
+        runlog.someone_watches = watches
         armed[0] = False
         if cuda:
             torch.cuda.set_sync_debug_mode("default")

@@ -15,7 +15,7 @@ import torch
 import resnetlab
 from resnetlab import checkpoint as ckpt
 from resnetlab.config import ConfigError
-from resnetlab.engine import NonFiniteLossError, TrainingError, resume_config
+from resnetlab.engine import NonFiniteLossError, TrainingError, resume_config, rng
 from resnetlab.engine.checkpointer import Checkpointer
 from resnetlab.engine.dist import DistInfo
 from resnetlab.engine.errors import RunFolderBusyError
@@ -46,7 +46,9 @@ def test_new_run_refuses_a_folder_holding_an_earlier_runs_files(quick: list[str]
     run = tmp_path / "runs" / "old"
     (run / "checkpoints").mkdir(parents=True)
     (run / leftover).write_text("earlier run\n")
-    with pytest.raises(TrainingError, match="already holds a training run"):
+    # the advice is a config key, which the library and the command line both take (no --flag)
+    with pytest.raises(TrainingError, match=r"already holds a training run \(.+\); resume it with "
+                                            r"train\.resume=auto or pick another run\.name$"):
         resnetlab.train(None, [*quick, "run.name=old", "train.epochs=1"])
     assert (run / leftover).read_text() == "earlier run\n"
 
@@ -165,29 +167,29 @@ def test_safetensors_with_an_edited_dtype_or_deep_header_is_refused(one_epoch: P
 
 def test_random_states_are_saved_per_rank_and_restored_across_world_sizes() -> None:
     states = [{"python": r} for r in range(2)]
-    packed = ckpt.pack_rng(states)
-    assert ckpt.unpack_rng(packed, 1, 2) == (states[1], None)  # same world: own state
-    own, note = ckpt.unpack_rng(packed, 0, 1)  # fewer ranks: rank 0 keeps its own
+    packed = rng.pack_rng(states)
+    assert rng.unpack_rng(packed, 1, 2) == (states[1], None)  # same world: own state
+    own, note = rng.unpack_rng(packed, 0, 1)  # fewer ranks: rank 0 keeps its own
     assert own == states[0] and "saved by 2 process(es), resumed by 1" in note
-    own, note = ckpt.unpack_rng(packed, 3, 4)  # more ranks: new ones are re-seeded
+    own, note = rng.unpack_rng(packed, 3, 4)  # more ranks: new ones are re-seeded
     assert own is None and "ranks 2..3 get fresh random states" in note
     legacy = {"python": "rank 0"}
-    assert ckpt.unpack_rng(legacy, 1, 2) == (legacy, None)
-    assert "cuda" not in ckpt.rng_state(torch.device("cpu"))  # never every visible GPU's states
+    assert rng.unpack_rng(legacy, 1, 2) == (legacy, None)
+    assert "cuda" not in rng.rng_state(torch.device("cpu"))  # never every visible GPU's states
 
 
 def test_old_checkpoint_with_eight_gpu_states_restores_on_one_gpu(monkeypatch) -> None:
     # Rank 0 of an 8-GPU run used to save get_rng_state_all(); set_rng_state_all on a 1-GPU
     # machine raised IndexError. Now a device takes its own index's entry only.
-    state = ckpt.rng_state(None)
+    state = rng.rng_state(None)
     state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
     calls = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append((int(s[0]), device)))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all",
                         lambda states: (_ for _ in ()).throw(IndexError("list index out of range")))
-    ckpt.set_rng_state(state, torch.device("cuda", 0))
-    ckpt.set_rng_state(state, torch.device("cuda", 3))
+    rng.set_rng_state(state, torch.device("cuda", 0))
+    rng.set_rng_state(state, torch.device("cuda", 3))
     assert calls == [(0, torch.device("cuda", 0)), (3, torch.device("cuda", 3))]
     calls.clear()
-    ckpt.set_rng_state({**state, "cuda": state["cuda"][:1]}, torch.device("cuda", 5))  # no entry 5
+    rng.set_rng_state({**state, "cuda": state["cuda"][:1]}, torch.device("cuda", 5))  # no entry 5
     assert calls == []  # left as seeded

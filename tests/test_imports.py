@@ -155,3 +155,20 @@ def test_the_checker_sees_package_inits_and_function_local_cycles(tmp_path: Path
     assert _cycles(edges)  # weights -> engine/__init__ -> fit -> weights, behind a local import
     packages = {m for m, f in mods.items() if f.name == "__init__.py"}
     assert _leaves(edges, packages) == {"resnetlab", "resnetlab.engine.checkpoint"}  # import nothing
+
+
+def test_one_module_writes_tensorboard_event_files() -> None:
+    """TensorBoard events have one owner, engine.runlog (RunLog): no other module opens a writer
+    or adds scalars, so the tags and the step axis cannot drift apart between two writers."""
+    writers = []
+    for name, path in _modules().items():
+        text = path.read_text()
+        if not any(word in text for word in ("SummaryWriter", "add_scalar", "FileWriter")):
+            continue  # parse only the files that could hold a writer (parsing all takes seconds)
+        for node in ast.walk(ast.parse(text)):
+            called = node.func if isinstance(node, ast.Call) else None
+            shown = (called.attr if isinstance(called, ast.Attribute)
+                     else called.id if isinstance(called, ast.Name) else None)
+            if shown in ("SummaryWriter", "add_scalar", "add_scalars", "FileWriter"):
+                writers.append(name)
+    assert writers and set(writers) == {"resnetlab.engine.runlog"}, writers

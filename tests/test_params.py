@@ -8,7 +8,7 @@ import pytest
 
 from resnetlab.bounds import Bound, BoundError
 from resnetlab.cli import build_parser
-from resnetlab.params import flags_of, for_cli, named, param_of
+from resnetlab.params import flags_of, for_cli, mention, named, param_of
 
 
 def test_named_error_keeps_param_and_reads_in_python_names():
@@ -63,3 +63,90 @@ def test_topk_below_one_names_the_flag_on_the_command_line(capsys, tmp_path):
     for command in ("predict", "explain"):
         assert main([command, str(tmp_path / "run"), str(tmp_path / "img.png"), "--topk", "0"]) != 0
         assert f"resnetlab {command}: error: --topk must be >= 1, got 0" in capsys.readouterr().err
+
+
+# ---- the same error, said by the library (parameters) and by the command line (flags) ----------
+# Each is refused before any weights are read or any model is built: milliseconds.
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    from resnetlab.cli import main
+
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_existing_output_advice_names_force_then_the_flag(tmp_path, capsys):
+    from resnetlab.importers import import_torchvision
+    from resnetlab.outputs import OutputError
+
+    src, out = tmp_path / "w.pth", tmp_path / "w.resnetlab.pt"
+    src.write_bytes(b"")
+    out.write_bytes(b"already here")
+    with pytest.raises(OutputError) as info:
+        import_torchvision(src, "resnet18", output=out)
+    assert "pass force=True to overwrite it" in str(info.value) and "--force" not in str(info.value)
+    err = _cli_error(capsys, ["import", "torchvision", str(src), "--arch", "resnet18", "--output", str(out)])
+    assert "pass --force to overwrite it" in err and "force=True" not in err
+    assert out.read_bytes() == b"already here"  # nothing saved is touched
+
+
+def test_unknown_arch_names_the_parameter_then_the_flag(tmp_path, capsys):
+    from resnetlab.config import ConfigError
+    from resnetlab.importers import import_torchvision
+
+    src = tmp_path / "w.pth"
+    with pytest.raises(ConfigError) as info:
+        import_torchvision(src, "resnet19", output=tmp_path / "new.pt")
+    assert str(info.value).startswith("arch names an unknown model, 'resnet19'; closest: ")
+    assert param_of(info.value) == "arch"
+    err = _cli_error(capsys, ["import", "torchvision", str(src), "--arch", "resnet19", "--output",
+                              str(tmp_path / "new.pt")])
+    assert "error: --arch names an unknown model, 'resnet19'" in err
+    assert not (tmp_path / "new.pt").exists()
+
+
+def test_quantize_calibration_names_the_parameter_then_the_flag(tmp_path, capsys):
+    from resnetlab.quantize import QuantizeError, quantize_run
+
+    with pytest.raises(QuantizeError, match=r"^calibration must be >= 1 image, got 0$"):
+        quantize_run(tmp_path / "run", calibration=0)
+    with pytest.raises(QuantizeError, match=r"^method must be one of static, dynamic, got 'qat'$"):
+        quantize_run(tmp_path / "run", method="qat")
+    err = _cli_error(capsys, ["quantize", str(tmp_path / "run"), "--calibration", "0"])
+    assert err.endswith("error: --calibration must be >= 1 image, got 0")
+
+
+def test_publish_into_a_full_folder_advises_force_then_the_flag(tmp_path, capsys):
+    from resnetlab.weights import WeightsError
+    from resnetlab.weights.publish import publish
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(WeightsError, match="pass force=True to overwrite its files"):
+        publish(tmp_path / "run", out)
+    err = _cli_error(capsys, ["publish", str(tmp_path / "run"), str(out)])
+    assert "pass --force to overwrite its files" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_export_format_is_fmt_in_python_and_format_on_the_command_line(tmp_path):
+    from resnetlab.config import ConfigError
+    from resnetlab.export import export_model
+
+    with pytest.raises(ConfigError) as info:
+        export_model(tmp_path / "run", "gif")
+    assert str(info.value).startswith("fmt must be one of safetensors, torchscript, onnx, got 'gif'")
+    args = build_parser().parse_args(["export", "runs/x", "--format", "onnx"])
+    assert args.fmt == "onnx" and args._flags["fmt"] == "--format"  # dest = export_model's parameter
+    assert for_cli(info.value, args._flags).startswith("--format must be one of")
+
+
+def test_mention_rewrites_a_parameter_inside_the_sentence():
+    e = mention(ValueError, "x.onnx already exists; pass force=True to overwrite it", force="force=True")
+    assert str(e) == "x.onnx already exists; pass force=True to overwrite it"
+    assert for_cli(e, {"force": "--force"}) == "x.onnx already exists; pass --force to overwrite it"
+    assert for_cli(e, {}) == str(e)  # a command without the flag keeps the Python spelling

@@ -89,7 +89,7 @@ def test_progress_bar_is_tqdm_auto_where_someone_watches(
 
     from resnetlab.config import load
     from resnetlab.engine.dist import DistInfo
-    from resnetlab.engine.fit import _Progress
+    from resnetlab.engine.runlog import Progress
 
     stream = _Stream(tty)
     monkeypatch.setattr(sys, "stderr", stream)
@@ -97,9 +97,9 @@ def test_progress_bar_is_tqdm_auto_where_someone_watches(
         monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=_Kernel))
     else:
         monkeypatch.delitem(sys.modules, "IPython", raising=False)
-    progress = _Progress(load(None, {"train.quiet": quiet}), DistInfo(), 0, 5, 0)
+    progress = Progress(load(None, {"train.quiet": quiet}), DistInfo(), 0, 5, 0)
     assert (progress.bar is not None) == shown
     if shown:
         assert isinstance(progress.bar, tqdm.auto.tqdm)
     progress.close()
-    assert _Progress(load(None, {"train.quiet": quiet}), DistInfo(rank=1, world_size=2), 0, 5, 0).bar is None
+    assert Progress(load(None, {"train.quiet": quiet}), DistInfo(rank=1, world_size=2), 0, 5, 0).bar is None

@@ -327,7 +327,7 @@ def test_import_cli_and_errors_that_name_the_problem(torchvision_weights, tmp_pa
     assert load_for_inference(tmp_path / "ok.pt")[2].classes == ("0", "1", "2")  # no --classes
     assert main(["import", "torchvision", str(pth), "--arch", "resnet34", "--output", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err  # resnet34 has 3 blocks in layer1, resnet18 2; it says which fits
-    assert "do not fit --arch resnet34" in err and "missing key(s), e.g. layer1.2" in err and "they fit: resnet18" in err
+    assert "--arch resnet34 does not fit the weights" in err and "missing key(s), e.g. layer1.2" in err and "they fit: resnet18" in err
     (tmp_path / "two.txt").write_text("a\nb\n")
     assert main(["import", "torchvision", str(pth), "--arch", "resnet18", "--classes", str(tmp_path / "two.txt"),
                  "--output", str(tmp_path / "x.pt")]) == 2

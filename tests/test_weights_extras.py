@@ -278,11 +278,11 @@ def test_without_tensorboard_a_run_says_so_once(tmp_path: Path, monkeypatch, cap
 
     from resnetlab.config import Config
     from resnetlab.engine.dist import DistInfo
-    from resnetlab.engine.fit import _tensorboard
+    from resnetlab.engine.runlog import open_tensorboard
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     with caplog.at_level(logging.INFO, logger="resnetlab"):
-        assert _tensorboard(Config(), tmp_path, DistInfo()) is None
+        assert open_tensorboard(Config(), tmp_path, DistInfo()) is None
     said = [r.getMessage() for r in caplog.records if "TensorBoard logging is off" in r.getMessage()]
     assert len(said) == 1 and "pip install 'resnetlab[tensorboard]'" in said[0]
     assert not (tmp_path / "tb").exists()

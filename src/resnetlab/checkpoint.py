@@ -23,7 +23,8 @@ the fields of :class:`Checkpoint`::
 An exported ``.safetensors`` carries ``config`` and ``meta`` as JSON in its header, under
 :data:`SAFETENSORS_CONFIG_KEY` and :data:`SAFETENSORS_META_KEY`. Saves are atomic (temp file,
 fsync, ``os.replace``: a kill leaves the previous file intact); loads use ``weights_only=True``
-(a file needing other pickled objects is refused and its code never runs).
+(a file needing other pickled objects is refused and its code never runs). The ``rng`` entry
+is made and restored by :mod:`resnetlab.engine.rng` (training only).
 """
 
 from __future__ import annotations
@@ -31,14 +32,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -181,78 +180,6 @@ def resolve(path: str | Path, prefer: str = BEST) -> Path:
     if not p.exists():
         raise CheckpointError(f"{p}: no such run folder or checkpoint file")
     return p
-
-
-# -- random states (as tensors and plain data, so weights_only loading accepts them) -------------
-
-
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """This process's Python, numpy and torch CPU random states, and its own device's.
-
-    Only ``device``'s generator is saved (not every visible GPU's): each rank saves its own, so
-    a checkpoint restores on any number of GPUs, with any ``CUDA_VISIBLE_DEVICES``.
-    """
-    np_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]),
-                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
-        "torch": torch.get_rng_state(),
-    }
-    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
-        state["device"] = {"type": "cuda", "state": torch.cuda.get_rng_state(device)}
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any], device: torch.device | None = None) -> None:
-    """Inverse of :func:`rng_state`: the device state goes to ``device`` when its type matches.
-
-    Also accepts the older format, whose ``"cuda"`` entry lists every visible GPU's state:
-    ``device`` takes its own index's entry when there is one.
-    """
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         # .cpu(): a resume loads checkpoints with map_location=the training device
-                         "state": {"key": n["key"].cpu().numpy().astype(np.uint32), "pos": int(n["pos"])},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-    torch.set_rng_state(state["torch"].cpu())
-    if device is None or device.type != "cuda":
-        return
-    own = state.get("device")
-    if own is not None and own.get("type") == "cuda":
-        torch.cuda.set_rng_state(own["state"].cpu(), device)
-    elif "cuda" in state:  # older checkpoints: one entry per GPU visible to rank 0
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index < len(state["cuda"]):
-            torch.cuda.set_rng_state(state["cuda"][index].cpu(), device)
-
-
-def pack_rng(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """The checkpoint's ``rng`` entry: every rank's :func:`rng_state`, in rank order."""
-    return {"world_size": len(states), "ranks": list(states)}
-
-
-def unpack_rng(saved: Mapping[str, Any], rank: int, world_size: int) -> tuple[dict[str, Any] | None, str | None]:
-    """``(this rank's saved state or None, a note on what changed)`` from a checkpoint's ``rng``.
-
-    Same world size: each rank gets its own state back. Another world size: ranks that existed
-    get their own state; new ranks get None (the caller re-seeds them), and the note says so.
-    Older checkpoints hold rank 0's state only: every rank gets it, as they always did.
-    """
-    if "ranks" not in saved:  # older format: one state, rank 0's
-        return dict(saved), None
-    ranks = list(saved["ranks"])
-    note = None
-    if len(ranks) != world_size:
-        note = (f"checkpoint saved by {len(ranks)} process(es), resumed by {world_size}: "
-                + (f"ranks {len(ranks)}..{world_size - 1} get fresh random states seeded from "
-                   f"(seed, rank, step); " if world_size > len(ranks) else "")
-                + "dropout and other global-RNG draws will differ from an uninterrupted run "
-                  "(batches and augmentation do not: they are seeded per batch)")
-    return (ranks[rank] if rank < len(ranks) else None), note
 
 
 # -- weights -------------------------------------------------------------------------------------
@@ -399,7 +326,8 @@ class Checkpoint:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise CheckpointError(
                 f"{path}: a bare state dict without resnetlab's config and data meta; turn torchvision "
-                f"weights into a checkpoint with `resnetlab import torchvision {path} --arch <name>`")
+                f"weights into a checkpoint with `resnetlab import torchvision {path}` and the model's "
+                "architecture (in Python resnetlab.importers.import_torchvision)")
         missing = [k for k in ("model", "config", "meta") if obj.get(k) is None]
         if missing:
             raise CheckpointError(
@@ -463,7 +391,8 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoi
         if SAFETENSORS_CONFIG_KEY not in header or SAFETENSORS_META_KEY not in header:
             raise CheckpointError(
                 f"{file}: safetensors header has no {SAFETENSORS_CONFIG_KEY!r}/{SAFETENSORS_META_KEY!r}; "
-                "only files written by `resnetlab export --format safetensors` can be loaded by name")
+                "only safetensors files resnetlab wrote (`resnetlab export` to safetensors, `resnetlab publish`) "
+                "can be loaded by name")
         try:
             config = json.loads(header[SAFETENSORS_CONFIG_KEY])
             meta = json.loads(header[SAFETENSORS_META_KEY])
@@ -528,7 +457,7 @@ __all__ = [
     "BEST", "CHECKPOINT_DIR", "LAST", "SAFETENSORS_ARCH_KEY", "SAFETENSORS_CONFIG_KEY", "SAFETENSORS_META_KEY",
     "SAFETENSORS_VERSION_KEY", "SCHEMA_VERSION", "TRAINING_KEYS", "Checkpoint", "CheckpointError", "atomic_write",
     "check_finite", "check_state_dict", "is_resnetlab", "latest", "load_checkpoint", "load_safetensors",
-    "load_weights", "model_state", "non_finite", "pack_rng", "read", "read_safetensors_header", "read_training",
-    "resolve", "rng_state", "safetensors_bytes", "safetensors_header", "save_checkpoint", "save_safetensors",
-    "set_rng_state", "unpack_rng", "write", "write_weights",
+    "load_weights", "model_state", "non_finite", "read", "read_safetensors_header", "read_training",
+    "resolve", "safetensors_bytes", "safetensors_header", "save_checkpoint", "save_safetensors",
+    "write", "write_weights",
 ]

@@ -37,6 +37,7 @@ from resnetlab.data import DataMeta
 from resnetlab.inference import build_inference_model, output_dir, read_checkpoint
 from resnetlab.models import fuse_for_inference
 from resnetlab.outputs import check_output, write_output
+from resnetlab.params import named
 from resnetlab.version import __version__
 
 FORMATS: tuple[str, ...] = ("safetensors", "torchscript", "onnx")
@@ -166,6 +167,34 @@ def _output_paths(path: str | Path, output: str | Path | None, cfg: Config, fmt:
     return out, meta_path
 
 
+def _metadata(fmt: str, out: Path, cfg: Config, meta: DataMeta, file: Path, diff: float,
+              tolerance: float) -> dict[str, Any]:
+    """``OUTPUT.json``: what a consumer needs to feed the model (preprocessing, input and output
+    names and shapes) and how it was checked (``diff`` against PyTorch, within ``tolerance``)."""
+    return {
+        "format": fmt,
+        "file": out.name,
+        "arch": cfg.model.name,
+        "num_classes": len(meta.classes),
+        "in_chans": meta.in_chans,
+        "classes": list(meta.classes),
+        "input_size": list(meta.input_size),  # [h, w] pixels
+        "resize": meta.resize,  # folder data: shorter side before the centre crop
+        "mean": list(meta.mean),  # per channel, 0..1 scale: x = (pixels / 255 - mean) / std
+        "std": list(meta.std),
+        "data": meta.name,
+        "input": {"name": INPUT_NAME, "shape": ["batch", meta.in_chans, *meta.input_size], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(meta.classes)], "meaning": "logits"},
+        "batchnorm_folded": fmt != "safetensors",
+        "resnetlab_version": __version__,
+        "torch_version": torch.__version__,
+        "source": str(file),
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+        "parity_batches": list(PARITY_BATCHES),
+    }
+
+
 def export_model(path: str | Path, fmt: str, output: str | Path | None = None, *,
                  tolerance: float = TOLERANCE, seed: int = 0, force: bool = False) -> ExportResult:
     """Export the network at ``path`` (run folder or checkpoint) as ``fmt``; see module doc.
@@ -177,7 +206,7 @@ def export_model(path: str | Path, fmt: str, output: str | Path | None = None, *
     (:class:`~resnetlab.outputs.OutputError`).
     """
     if fmt not in FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise named(ConfigError, "fmt", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
     file, state, cfg, meta = read_checkpoint(path)
     out, meta_path = _output_paths(path, output, cfg, fmt, file, force)
     reference = build_inference_model(state, cfg, meta, source=str(file))  # unfused, eval, CPU
@@ -202,28 +231,7 @@ def export_model(path: str | Path, fmt: str, output: str | Path | None = None, *
             f"> {tolerance:.0e} on random inputs of batch {' and '.join(map(str, PARITY_BATCHES))}; "
             f"{out} was not written")
 
-    metadata = {
-        "format": fmt,
-        "file": out.name,
-        "arch": cfg.model.name,
-        "num_classes": len(meta.classes),
-        "in_chans": meta.in_chans,
-        "classes": list(meta.classes),
-        "input_size": list(meta.input_size),  # [h, w] pixels
-        "resize": meta.resize,  # folder data: shorter side before the centre crop
-        "mean": list(meta.mean),  # per channel, 0..1 scale: x = (pixels / 255 - mean) / std
-        "std": list(meta.std),
-        "data": meta.name,
-        "input": {"name": INPUT_NAME, "shape": ["batch", c, h, w], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(meta.classes)], "meaning": "logits"},
-        "batchnorm_folded": fmt != "safetensors",
-        "resnetlab_version": __version__,
-        "torch_version": torch.__version__,
-        "source": str(file),
-        "max_abs_diff": diff,
-        "tolerance": tolerance,
-        "parity_batches": list(PARITY_BATCHES),
-    }
+    metadata = _metadata(fmt, out, cfg, meta, file, diff, tolerance)
     write_output(out, lambda f: f.write(blob))
     text = json.dumps(metadata, indent=2)
     write_output(meta_path, lambda f: f.write(text.encode()))

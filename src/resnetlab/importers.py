@@ -27,6 +27,7 @@ from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from resnetlab.inference import build_inference_model
 from resnetlab.models import create_model, list_models, model_defaults
 from resnetlab.outputs import check_output
+from resnetlab.params import named
 
 DEFAULT_DATA_ROOT = "data/imagenet"  # where `eval` looks for train/ and val/ unless data.root=...
 IMAGE_SIZE, RESIZE = 224, 256  # torchvision's ImageNet evaluation: resize 256, centre crop 224
@@ -132,7 +133,7 @@ def _check_arch(arch: str) -> None:
     if arch not in list_models():
         close = difflib.get_close_matches(arch, list_models(), n=3)
         hint = f"; closest: {', '.join(close)}" if close else "; see `resnetlab models`"
-        raise ConfigError(f"--arch: unknown model {arch!r}{hint}")
+        raise named(ConfigError, "arch", f"names an unknown model, {arch!r}{hint}")
 
 
 def _misfit(arch: str, state: Mapping[str, torch.Tensor], num_classes: int, in_chans: int) -> str | None:
@@ -224,7 +225,7 @@ def import_torchvision(file: str | Path, arch: str, classes: str | Path | None =
     if why is not None:
         fits = [name for name in _same_depths(state) if _misfit(name, state, num_classes, in_chans) is None]
         hint = f"they fit: {', '.join(fits)}" if fits else "no registered model fits them"
-        raise ckpt.CheckpointError(f"{src}: the weights do not fit --arch {arch} ({why}); {hint}")
+        raise named(ckpt.CheckpointError, "arch", f"{arch} does not fit the weights in {src} ({why}); {hint}")
     model = build_inference_model(state, cfg, meta, source=str(src))
     diff = _torchvision_parity(arch, state, model, num_classes, in_chans)
     if diff is not None and not diff <= PARITY_TOLERANCE:

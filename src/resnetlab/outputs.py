@@ -14,6 +14,7 @@ from typing import IO
 
 from resnetlab.checkpoint import CHECKPOINT_DIR, atomic_write
 from resnetlab.config import ConfigError
+from resnetlab.params import mention
 
 
 class OutputError(ConfigError):
@@ -108,16 +109,16 @@ def check_output(path: str | Path, *, force: bool, sources: Iterable[str | Path]
         if Path(src).expanduser().resolve() == real:
             raise OutputError(f"{p} is the file being read; write the {what} to another path")
     if is_run_file(p):
-        raise OutputError(f"{p} is one of a training run's own files and is never overwritten, --force "
-                          f"or not; write the {what} to another path")
+        raise mention(OutputError, f"{p} is one of a training run's own files and is never overwritten, "
+                      f"even with force=True; write the {what} to another path", force="force=True")
     if is_run_checkpoint(p) or is_run_checkpoint(real):
         raise OutputError(f"{p} is a training run's checkpoint and is never overwritten; write "
                           f"the {what} to another path")
     if p.is_dir():
         raise OutputError(f"{p} is a folder; name a file for the {what}")
     if p.exists() and not force:
-        raise OutputError(f"{p} already exists; pass --force to overwrite it, or choose another "
-                          "path")
+        raise mention(OutputError, f"{p} already exists; pass force=True to overwrite it, or choose "
+                      "another path", force="force=True")
     return p
 
 

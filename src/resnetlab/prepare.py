@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from resnetlab.data import DataError, DataMeta, preprocess
 from resnetlab.data.images import is_image_file, to_mode
+from resnetlab.params import named
 
 Invert = Literal["auto", "yes", "no"]
 INVERT_CHOICES = ("auto", "yes", "no")
@@ -75,7 +76,7 @@ def apply_polarity(img: Image.Image, meta: DataMeta, invert: Invert = "auto") ->
     and ``"no"`` force it for any run. ``inverted`` is None for a colour run left as it was.
     """
     if invert not in INVERT_CHOICES:
-        raise DataError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+        raise named(DataError, "invert", f"must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
     grey_run = meta.in_chans == 1
     if invert == "no" or (invert == "auto" and not grey_run):
         return img, (False if grey_run else None)

@@ -39,6 +39,7 @@ from resnetlab.data.datasets import ArraySplit, FileSplit, preprocess
 from resnetlab.data.images import load_image
 from resnetlab.inference import load_for_inference, output_dir, read_checkpoint
 from resnetlab.outputs import check_output, write_output
+from resnetlab.params import named
 
 METHODS = ("static", "dynamic")
 LATENCY_BATCHES = (1, 64)
@@ -194,6 +195,31 @@ def onnx_engine(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: session.run([OUTPUT], {INPUT: x})[0]
 
 
+def _check_method(method: str, calibration: int) -> None:
+    """Refuse an unknown ``method`` or fewer than one calibration image, naming the parameter."""
+    if method not in METHODS:
+        raise named(QuantizeError, "method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+    if calibration < 1:
+        raise named(QuantizeError, "calibration", f"must be >= 1 image, got {calibration}")
+
+
+def _measure(path: str | Path, fp32: Path, int8: Path, meta: DataMeta, test: tuple[np.ndarray, np.ndarray],
+             threads: int, timing_s: float) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """``(latency_ms, top1)`` per engine (PyTorch fp32, onnxruntime fp32 and int8) on ``threads``
+    CPU threads; ``test``: the normalised test images [n, c, h, w] and their labels [n]."""
+    model, _cfg, _meta = load_for_inference(path)
+    engines = {"torch_fp32": torch_engine(model), "onnxruntime_fp32": onnx_engine(fp32, threads),
+               "onnxruntime_int8": onnx_engine(int8, threads)}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        latency = time_engines(engines, (meta.in_chans, *meta.input_size), timing_s=timing_s)
+        top1 = {name: _top1(fn, *test) for name, fn in engines.items()}
+    finally:
+        torch.set_num_threads(previous)
+    return latency, top1
+
+
 def quantize_run(path: str | Path, method: str = "static", calibration: int = 256,
                  output: str | Path | None = None, force: bool = False,
                  threads: int | None = None, overrides: list[str] | None = None,
@@ -213,10 +239,7 @@ def quantize_run(path: str | Path, method: str = "static", calibration: int = 25
     from resnetlab.config import apply_overrides
     from resnetlab.export import default_output, export_model
 
-    if method not in METHODS:
-        raise QuantizeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if calibration < 1:
-        raise QuantizeError(f"--calibration must be >= 1 image, got {calibration}")
+    _check_method(method, calibration)
     threads = threads or torch.get_num_threads()
     file, _state, cfg, meta = read_checkpoint(path)
     if overrides:
@@ -240,16 +263,7 @@ def quantize_run(path: str | Path, method: str = "static", calibration: int = 25
     blob = quantize_onnx(fp32, calib, method)
     write_output(out, lambda f: f.write(blob))
 
-    model, _cfg, _meta = load_for_inference(path)
-    engines = {"torch_fp32": torch_engine(model), "onnxruntime_fp32": onnx_engine(fp32, threads),
-               "onnxruntime_int8": onnx_engine(out, threads)}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        latency = time_engines(engines, (meta.in_chans, *meta.input_size), timing_s=timing_s)
-        top1 = {name: _top1(fn, test_x, labels) for name, fn in engines.items()}
-    finally:
-        torch.set_num_threads(previous)
+    latency, top1 = _measure(path, fp32, out, meta, (test_x, labels), threads, timing_s)
     report = QuantizeReport(
         run=str(path), arch=cfg.model.name, method=method,
         calibration_images=len(calib) if method == "static" else 0,

@@ -132,7 +132,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                                    "is run on random inputs and compared with the PyTorch model; above "
                                    "1e-4 nothing is written and the exit code is 1.")
     p.add_argument("path", metavar="RUN|CKPT", help="run folder, checkpoint file, or latest (the newest run in runs/)")
-    p.add_argument("--format", required=True, choices=("safetensors", "torchscript", "onnx"))
+    p.add_argument("--format", dest="fmt", required=True,  # dest: export_model's parameter
+                   choices=("safetensors", "torchscript", "onnx"))
     p.add_argument("--output", metavar="PATH", help="model file (default: <run>/<arch>.<ext>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output (never a "
                                                         "run's checkpoint)")
@@ -140,11 +141,12 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from resnetlab.export import ExportError, export_model
+    from resnetlab.params import for_cli
 
     try:
-        res = export_model(args.path, args.format, args.output, force=args.force)
+        res = export_model(args.path, args.fmt, args.output, force=args.force)
     except ExportError as e:
-        print(f"resnetlab export: error: {e}", file=sys.stderr)
+        print(f"resnetlab export: error: {for_cli(e, args._flags)}", file=sys.stderr)
         return 1
     print(f"wrote {res.path} and {res.metadata_path.name} | max |{res.format} - pytorch| = "
           f"{res.max_abs_diff:.2e} (limit {res.metadata['tolerance']:.0e})")

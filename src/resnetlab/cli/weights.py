@@ -22,6 +22,7 @@ def add_weights(sub: argparse._SubParsersAction) -> None:
 def run_weights(args: argparse.Namespace) -> int:
     import json
 
+    from resnetlab.params import for_cli
     from resnetlab.weights import WeightsError, get
     from resnetlab.weights.zoo import describe
 
@@ -52,7 +53,7 @@ def run_weights(args: argparse.Namespace) -> int:
 
         result = verify(w, args.overrides)
     except WeightsError as e:
-        print(f"resnetlab weights: error: {e}", file=sys.stderr)
+        print(f"resnetlab weights: error: {for_cli(e, args._flags)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({**vars(result), "ok": result.ok}, indent=2))

@@ -27,6 +27,7 @@ from torch import nn
 from resnetlab import checkpoint as ckpt
 from resnetlab.config import Config, ConfigError, flatten, from_dict, resume_changes, to_dict
 from resnetlab.data.augment import derive_seed
+from resnetlab.engine import rng
 from resnetlab.engine.dist import (
     DistInfo,
     all_gather_object,
@@ -129,7 +130,7 @@ class Checkpointer:
             if found:
                 raise TrainingError(
                     f"{self.run_dir} already holds a training run ({', '.join(found)}); resume it with "
-                    f"`resnetlab train --resume {self.run_dir}` (train.resume=auto) or pick another run.name")
+                    "train.resume=auto or pick another run.name")
         stale = [p for d in (self.run_dir, self.run_dir / ckpt.CHECKPOINT_DIR) for p in d.glob(".*.tmp")]
         for p in stale:  # left by a save that was killed; we hold the lock, so nobody writes them now
             p.unlink(missing_ok=True)
@@ -205,7 +206,7 @@ class Checkpointer:
         # (one rank raising alone would leave the others waiting in the next collective)
         meter_sums = all_reduce_sum(parts.meter.sums.clone())  # every rank's samples, in any process count
         gone = self.dist.is_main and not self.run_dir.is_dir()  # saving would re-create a stub
-        gathered = all_gather_object((ckpt.rng_state(self.device), bad, forward, gone))
+        gathered = all_gather_object((rng.rng_state(self.device), bad, forward, gone))
         if any(g for _, _, _, g in gathered):
             raise RunFolderGoneError(self.run_dir)
         bad_anywhere = sorted({k for _, b, _, _ in gathered for k in b})
@@ -232,7 +233,7 @@ class Checkpointer:
                 # summed over the ranks: restored on rank 0 and zeros elsewhere (restore), so the
                 # epoch's all-reduce counts each sample once with any number of processes
                 meter={"sums": meter_sums.cpu()},
-                rng=ckpt.pack_rng([r for r, *_ in gathered]),
+                rng=rng.pack_rng([r for r, *_ in gathered]),
                 state=state.state_dict(),
                 config=to_dict(cfg),
                 meta=dict(meta),
@@ -295,11 +296,11 @@ class Checkpointer:
         resume_changes(saved, ours, str(self.run_dir))
 
     def _restore_rng(self, saved: Mapping[str, Any], seed: int, step: int) -> None:
-        own, note = ckpt.unpack_rng(saved, self.dist.rank, self.dist.world_size)
+        own, note = rng.unpack_rng(saved, self.dist.rank, self.dist.world_size)
         if own is None:  # a rank the saving run did not have
             torch.manual_seed(derive_seed(seed, "rank", self.dist.rank, step))
         else:
-            ckpt.set_rng_state(own, self.device)
+            rng.set_rng_state(own, self.device)
         if note and self.dist.is_main:
             log.warning("%s", note)
 
@@ -325,7 +326,7 @@ def _save_reporting_os_errors(checkpoint: ckpt.Checkpoint, target: Path) -> None
         raise TrainingError(
             f"{target}: cannot save the checkpoint: no space left to write it ({err.strerror}); "
             f"the previous {target.name} is intact. Free space (or raise the file-size limit or quota) "
-            f"and resume with `resnetlab train --resume {target.parent.parent}`") from None
+            f"and resume the run in {target.parent.parent} (train.resume=auto)") from None
 
 
 def _lock(path: Path) -> int:

@@ -5,7 +5,8 @@ run folder, build loaders, build model/optimiser/EMA, resume, then epochs of (tr
 log, checkpoint), then the test split once and ``result.json``. Each step is a named function
 below; the checkpoint schema and the run folder belong to
 :class:`~resnetlab.engine.checkpointer.Checkpointer`, the per-step checks to
-:class:`~resnetlab.engine.guard.StepGuard`.
+:class:`~resnetlab.engine.guard.StepGuard`, what the run reports as it goes (progress bar,
+``metrics.jsonl``, TensorBoard) to :class:`~resnetlab.engine.runlog.RunLog`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 
 from resnetlab import checkpoint as ckpt
 from resnetlab import weights  # model.init_from; imports no training code
-from resnetlab.config import Config, ConfigError, to_dict, validate
+from resnetlab.config import Config, ConfigError, validate
 from resnetlab.data import DataMeta, build_datasets, build_loader
 from resnetlab.data.sources.folder import check_images, images_checked_with
 from resnetlab.engine.checkpointer import Checkpointer, TrainParts
@@ -44,8 +43,9 @@ from resnetlab.engine.errors import NonFiniteLossError, RunFolderBusyError, Trai
 from resnetlab.engine.freeze import freeze_for_epoch
 from resnetlab.engine.guard import CONTINUE, STOP, SYNCED, StepGuard
 from resnetlab.engine.loop import evaluate, train_one_epoch
-from resnetlab.engine.metrics import SumMeter, append_jsonl, read_jsonl, write_csv
+from resnetlab.engine.metrics import SumMeter
 from resnetlab.engine.optim import ModelEMA, build_optimizer, build_param_groups, lr_at
+from resnetlab.engine.runlog import Progress, RunLog, epoch_row
 from resnetlab.engine.state import TrainState
 from resnetlab.models import build_model
 from resnetlab.runtime import (
@@ -113,9 +113,8 @@ class Run:
     lr_fn: Callable[[int], float]
     steps_per_epoch: int
     checkpoint_every: int  # mid-epoch save interval in steps (a multiple of the sync interval), 0 = off
-    writer: Any = None
+    log: RunLog  # metrics.jsonl, summary.csv, TensorBoard (rank 0)
     val: dict[str, float] = field(default_factory=dict)
-    next_loss_point: int = 10  # train/loss_step's next point: the first sync step at or after it
 
     @property
     def eval_net(self) -> nn.Module:
@@ -294,7 +293,7 @@ def start_run(cfg: Config, dist: DistInfo, device: torch.device, ckpts: Checkpoi
     run = Run(cfg, dist, device, ckpts, loaders, parts, net, criterion, state,
               StepGuard(device, dist, sync_every, on_step),
               lambda s: lr_at(s, total_steps, steps_per_epoch, cfg.optim), steps_per_epoch, every,
-              _tensorboard(cfg, ckpts.run_dir, dist))
+              RunLog(cfg, ckpts.run_dir, dist))
     log.info("run folder %s | %s on %s | %d train / %s val images | %d steps/epoch",
              ckpts.run_dir, cfg.model.name, device, _count(loaders.data.train),
              _count(loaders.data.val) if loaders.data.val is not None else "no", steps_per_epoch)
@@ -309,7 +308,7 @@ def run_epoch(run: Run) -> Result | None:
         run.net = _compiled(wrap_ddp(unwrap(run.net), run.dist, run.device, sync_bn=False), cfg)  # BN converted
     if state.batch == 0:
         parts.meter.sums.zero_()
-    progress = _Progress(cfg, run.dist, epoch, run.steps_per_epoch, state.batch)
+    progress = Progress(cfg, run.dist, epoch, run.steps_per_epoch, state.batch)
     out = train_one_epoch(
         run.net, run.loaders.train, parts.optimizer, run.criterion, epoch=epoch, start_batch=state.batch,
         step=state.step, lr_fn=run.lr_fn, meter=parts.meter, amp=cfg.train.amp, scaler=parts.scaler,
@@ -322,16 +321,16 @@ def run_epoch(run: Run) -> Result | None:
     if out["stopped"] and state.batch < run.steps_per_epoch:
         return _stop(run)
     state.epoch, state.batch = epoch + 1, 0
-    row = _epoch_row(epoch, state, run.lr_fn, all_reduce_sum(parts.meter.sums.clone()), out, run.dist)
+    row = epoch_row(epoch, state, run.lr_fn, all_reduce_sum(parts.meter.sums.clone()), out, run.dist)
     row.update(_validate(run, epoch))
     run.ckpts.save(ckpt.LAST, parts, state, cfg, run.meta.to_dict())
-    _log_epoch(row, run.ckpts.run_dir, run.dist, run.writer)
+    run.log.epoch(row)
     # A stop that arrived on the epoch's last steps, or on any rank during validation and the save
     # (seconds long): decided together, or the ranks it reached would leave while the others wait
     # in the next epoch's collectives until the process group's timeout.
     reason = run.guard.agree()
     if reason is not None:
-        _say_interrupted(reason, run.ckpts.run_dir, state, run.dist)
+        run.log.interrupted(reason, state)
         return Result(run.ckpts.run_dir, state.epoch, state.step, run.val, state.best(), None, reason)
     return None
 
@@ -347,16 +346,15 @@ def _compiled(net: nn.Module, cfg: Config) -> nn.Module:
     return cast(nn.Module, torch.compile(net, backend=cfg.train.compile_backend))  # an nn.Module subclass
 
 
-def _after_step(run: Run, info: dict[str, Any], progress: _Progress) -> bool:
+def _after_step(run: Run, info: dict[str, Any], progress: Progress) -> bool:
     """Per-step bookkeeping; True stops the epoch (a stop request or a non-finite loss)."""
     run.state.step, run.state.batch = info["step"], info["batch"] + 1
     verdict = run.guard.after_step(info)
     # The step loss is read only where the guard read its flags (no host read of its own)
     loss = run.guard.window_loss if verdict != CONTINUE else None
     progress.update(info, loss)
-    if loss is not None and run.writer is not None and info["step"] >= run.next_loss_point:
-        run.writer.add_scalar("train/loss_step", loss, info["step"])  # mean over the sync window
-        run.next_loss_point = (info["step"] // LOSS_POINT_EVERY + 1) * LOSS_POINT_EVERY
+    if loss is not None:
+        run.log.step_loss(info["step"], loss)  # mean over the sync window
     if verdict == STOP:
         return True
     if (verdict == SYNCED and run.checkpoint_every and info["step"] % run.checkpoint_every == 0
@@ -368,7 +366,7 @@ def _after_step(run: Run, info: dict[str, Any], progress: _Progress) -> bool:
 def _stop(run: Run) -> Result:
     """Save mid-epoch and report the interruption (every rank reaches this at the same step)."""
     run.ckpts.save(ckpt.LAST, run.parts, run.state, run.cfg, run.meta.to_dict())
-    _say_interrupted(run.guard.reason, run.ckpts.run_dir, run.state, run.dist)
+    run.log.interrupted(run.guard.reason, run.state)
     return Result(run.ckpts.run_dir, run.state.epoch, run.state.step, run.val, run.state.best(), None,
                   run.guard.reason)
 
@@ -402,15 +400,14 @@ def _validate(run: Run, epoch: int) -> dict[str, float]:
 
 
 def finish(run: Run) -> Result:
-    """The test split once (with the weights validation chose), result.json, close the writer."""
+    """The test split once (with the weights validation chose), result.json, close the run's log."""
     test = _final_test(run)
     result = Result(run.ckpts.run_dir, run.state.epoch, run.state.step, run.val, run.state.best(), test)
     # each rank's loaders found the unreadable files of its own shard: result.json lists them all
     skipped = sorted({f: r for rank in all_gather_object(run.loaders.data.bad_files()) for f, r in rank}.items())
     if run.dist.is_main:
         _write_result(run.ckpts.run_dir, result, skipped)
-    if run.writer is not None:
-        run.writer.close()
+    run.log.close()
     barrier()
     return result
 
@@ -422,136 +419,6 @@ def _count(split: Any) -> int:
 def _result_of_finished_run(run_dir: Path, state: TrainState, doc: dict[str, Any]) -> Result:
     return Result(run_dir, state.epoch, state.step, doc.get("val") or {}, doc.get("best") or {},
                   doc.get("test"))
-
-
-def _someone_watches(stream: Any) -> bool:
-    """True in a terminal or a Jupyter/Colab kernel (whose stderr is no tty); False when piped or logged."""
-    isatty = getattr(stream, "isatty", None)
-    if callable(isatty) and isatty():
-        return True
-    ipython = sys.modules.get("IPython")  # only look if the user's process already imported it
-    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
-    return getattr(shell, "kernel", None) is not None  # terminal IPython has no kernel attribute
-
-
-class _Progress:
-    """tqdm.auto bar for one epoch (a widget in notebooks): loss, images/s, ETA. Off when quiet,
-    when nobody watches (output piped or to a file), or not rank 0."""
-
-    def __init__(self, cfg: Config, dist: DistInfo, epoch: int, total: int, start: int) -> None:
-        self.bar = None
-        if cfg.train.quiet or not dist.is_main or not _someone_watches(sys.stderr):
-            return
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                        unit="batch", leave=False, dynamic_ncols=True)
-        self.t0, self.images, self.batch_size = time.perf_counter(), 0, cfg.train.batch_size
-        self.shown = 0.0  # when the numbers were last refreshed (perf_counter seconds)
-
-    def update(self, info: dict[str, Any], loss: float | None = None) -> None:
-        """One step done; ``loss`` (a float the guard read at a sync step, else None) refreshes the
-        numbers. The bar never reads a device tensor itself: that would wait for the device."""
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        self.images += self.batch_size
-        if loss is not None and time.perf_counter() - self.shown >= 0.5:
-            self.shown = time.perf_counter()
-            rate = self.images / max(self.shown - self.t0, 1e-9)
-            self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", lr=f"{info['lr']:.3g}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _epoch_row(epoch: int, state: TrainState, lr_fn: Callable[[int], float], sums: torch.Tensor,
-               out: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
-    loss_sum, c1, _c5, n = sums.tolist()
-    images_per_s = out["images"] * dist.world_size / max(out["seconds"], 1e-9)
-    return {"epoch": epoch + 1, "step": state.step, "lr": lr_fn(max(state.step - 1, 0)),
-            "train_loss": loss_sum / max(n, 1), "train_err": 100.0 * (1 - c1 / max(n, 1)),
-            "images_per_s": images_per_s, "seconds": out["seconds"]}
-
-
-def _log_epoch(row: dict[str, Any], run_dir: Path, dist: DistInfo, writer: Any) -> None:
-    if not dist.is_main:
-        return
-    append_jsonl(run_dir / "metrics.jsonl", row)
-    write_csv(run_dir / "summary.csv", read_jsonl(run_dir / "metrics.jsonl"))
-    val = f" | val loss {row['val_loss']:.4f} err {row['val_top1_err']:.2f}%" if "val_loss" in row else ""
-    log.info("epoch %d | lr %.4g | train loss %.4f err %.2f%%%s | %.0f img/s, %.1fs",
-             row["epoch"], row["lr"], row["train_loss"], row["train_err"], val, row["images_per_s"], row["seconds"])
-    if writer is not None:
-        for k, v in row.items():
-            if k not in ("epoch", "step"):
-                writer.add_scalar(tensorboard_tag(k), v, row["epoch"])
-        writer.flush()
-
-
-LOSS_POINT_EVERY = 10  # steps between points of TensorBoard's train/loss_step (at the next sync step)
-
-# metrics.jsonl column -> TensorBoard tag: grouped sections so runs compare side by side
-_TB_TAGS = {"lr": "opt/lr", "images_per_s": "speed/images_per_s", "seconds": "speed/epoch_seconds"}
-
-
-def tensorboard_tag(column: str) -> str:
-    """``train_loss`` -> ``train/loss``, ``val_top1_err`` -> ``val/top1_err``, ``lr`` -> ``opt/lr``."""
-    if column in _TB_TAGS:
-        return _TB_TAGS[column]
-    for split in ("train", "val", "test"):
-        if column.startswith(split + "_"):
-            return f"{split}/{column[len(split) + 1:]}"
-    return f"other/{column}"
-
-
-def _hparams(cfg: Config) -> dict[str, Any]:
-    """Flat ``section.key -> value`` of the config, as TensorBoard's HParams tab takes them."""
-    out: dict[str, Any] = {}
-
-    def walk(d: dict[str, Any], prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif isinstance(v, (bool, int, float, str)):
-                out[f"{prefix}{k}"] = v
-            else:  # None, lists: shown as text
-                out[f"{prefix}{k}"] = str(v)
-    walk(to_dict(cfg), "")
-    return out
-
-
-def _tensorboard(cfg: Config, run_dir: Path, dist: DistInfo) -> Any:
-    """Rank 0's event writer (None when off or not installed), with the config as hparams.
-
-    Epoch scalars go under ``train/``, ``val/``, ``test/``, ``opt/`` and ``speed/``; the
-    per-step loss (``train/loss_step``, every 10 steps at the next sync step) from
-    :func:`_after_step`. The HParams tab lists every config key against the final validation metrics.
-    """
-    if not (cfg.train.tensorboard and dist.is_main):
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams
-    except ImportError:  # tensorboard is optional: say so once, rather than a tb/ folder that never appears
-        log.info("TensorBoard logging is off (the tensorboard package is not installed); "
-                 "pip install 'resnetlab[tensorboard]' to get %s/tb, or set train.tensorboard=false "
-                 "to silence this line", run_dir)
-        return None
-    writer = SummaryWriter(log_dir=str(run_dir / "tb"))
-    metrics = {tag: 0.0 for tag in ("val/top1_err", "val/top5_err", "val/loss", "train/err", "train/loss")}
-    file_writer = writer.file_writer  # created by SummaryWriter's constructor
-    if file_writer is not None:
-        for summary in hparams(_hparams(cfg), metrics):  # the metrics' values are the scalars of this run
-            file_writer.add_summary(summary)
-    return writer
-
-
-def _say_interrupted(reason: str | None, run_dir: Path, state: TrainState, dist: DistInfo) -> None:
-    if dist.is_main:
-        print(f"{reason}: saved {run_dir / ckpt.CHECKPOINT_DIR / ckpt.LAST} at epoch {state.epoch + 1}, "
-              f"step {state.step}; resume with: resnetlab train --resume {run_dir}", file=sys.stderr, flush=True)
 
 
 def _final_test(run: Run) -> dict[str, Any] | None:
@@ -603,8 +470,8 @@ def resume_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = 
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
     for key, _ in override_pairs(overrides):
         if key.startswith("run."):
-            raise ConfigError(f"{key} cannot change when resuming {run_dir}: --resume continues that "
-                              f"folder; to start another run, leave out --resume")
+            raise ConfigError(f"{key} cannot change when resuming {run_dir}: resuming continues that "
+                              "folder; start another run instead of resuming this one")
     saved = load(path)
     cfg = load(path, list(overrides))
     resume_changes(saved, cfg, str(run_dir))

@@ -114,7 +114,7 @@ def create_model(name: str, /, *, features_only: bool = False, out_indices: Sequ
         # weights live a layer above the models (their cards need the data meta)
         raise TypeError(f"resnetlab.models.create_model({name!r}) builds the network only; for "
                         f"weights call resnetlab.create_model({name!r}, pretrained=True) or "
-                        "weights=NAME (`resnetlab models --pretrained` lists what ships)")
+                        "weights=NAME (`resnetlab weights` lists what ships)")
     _check_overrides(entry, overrides)
     model = entry.builder(**{**entry.defaults, **overrides})
     model.arch = name

@@ -164,6 +164,22 @@ def checkpoint_segment_length(num_blocks: int, every: int = 0) -> int:
     return every if every > 0 else max(1, round(math.sqrt(num_blocks)))
 
 
+def _check_args(stem: str, shortcut: str, layers: Sequence[int], plain: bool, zero_init_residual: bool,
+                drop_rate: float) -> None:
+    """Refuse :class:`ResNet` arguments that build no sensible network, naming the argument."""
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+    if shortcut not in SHORTCUT_TYPES:
+        raise ValueError(f"shortcut must be one of {SHORTCUT_TYPES}, got {shortcut!r}")
+    if not layers or any(int(n) < 1 for n in layers):
+        raise ValueError(f"layers must be positive block counts, got {tuple(layers)}")
+    if plain and zero_init_residual:
+        # relu(0 * F(x)) with no shortcut would make every plain block output zeros.
+        raise ValueError("zero_init_residual needs shortcuts; it is meaningless with plain=True")
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+
+
 class ResNet(ClassifierNet):
     """A residual network (or its plain twin) for CIFAR-size or ImageNet-size images.
 
@@ -213,19 +229,7 @@ class ResNet(ClassifierNet):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        if shortcut not in SHORTCUT_TYPES:
-            raise ValueError(f"shortcut must be one of {SHORTCUT_TYPES}, got {shortcut!r}")
-        if not layers or any(int(n) < 1 for n in layers):
-            raise ValueError(f"layers must be positive block counts, got {tuple(layers)}")
-        if plain and zero_init_residual:
-            # relu(0 * F(x)) with no shortcut would make every plain block output zeros.
-            raise ValueError(
-                "zero_init_residual needs shortcuts; it is meaningless with plain=True"
-            )
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        _check_args(stem, shortcut, layers, plain, zero_init_residual, drop_rate)
         cifar = stem == "cifar"
         num_classes = (10 if cifar else 1000) if num_classes is None else num_classes
         stem_width = (16 if cifar else 64) if stem_width is None else stem_width
@@ -242,29 +246,10 @@ class ResNet(ClassifierNet):
         self.plain = plain
         self.shortcut = shortcut
 
-        # Stem. Pre-activation nets leave BN-ReLU to the first block (bn1/relu are identities,
-        # so they add no state-dict keys).
-        if cifar:
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
-        else:
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
-        self.bn1: nn.Module = nn.Identity() if preact else nn.BatchNorm2d(stem_width)
-        self.relu: nn.Module = nn.Identity() if preact else nn.ReLU(inplace=True)
-        self.maxpool: nn.Module = (
-            nn.Identity() if cifar else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        )
-
+        self._make_stem(in_chans, stem_width)
         planes = [stem_width * 2**i for i in range(len(layers))]
-        stages = make_stages(
-            block,
-            [int(n) for n in layers],
-            planes,
-            in_ch=stem_width,
-            shortcut=shortcut,
-            plain=plain,
-            groups=groups,
-            width_per_group=width_per_group,
-        )
+        stages = make_stages(block, [int(n) for n in layers], planes, in_ch=stem_width, shortcut=shortcut,
+                             plain=plain, groups=groups, width_per_group=width_per_group)
         self.stage_names = [f"layer{i + 1}" for i in range(len(stages))]
         for name, stage in zip(self.stage_names, stages, strict=True):
             self.add_module(name, stage)
@@ -279,6 +264,20 @@ class ResNet(ClassifierNet):
         self.fc: nn.Module = self._make_fc(num_classes)
 
         self._init_weights(zero_init_residual)
+
+    def _make_stem(self, in_chans: int, stem_width: int) -> None:
+        """conv1, bn1, relu, maxpool (in this order: the state dict's). Pre-activation nets leave
+        BN-ReLU to the first block (bn1/relu are identities, so they add no state-dict keys)."""
+        cifar = self.stem_type == "cifar"
+        if cifar:
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
+        self.bn1: nn.Module = nn.Identity() if self.preact else nn.BatchNorm2d(stem_width)
+        self.relu: nn.Module = nn.Identity() if self.preact else nn.ReLU(inplace=True)
+        self.maxpool: nn.Module = (
+            nn.Identity() if cifar else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        )
 
     def _make_fc(self, num_classes: int) -> nn.Module:
         # torchvision keeps nn.Linear's default (uniform fan-in) init for the classifier.

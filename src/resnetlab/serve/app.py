@@ -49,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from resnetlab.data import DataError, DataMeta
 from resnetlab.explain import overlay, png_data_url, resolve_target
+from resnetlab.inference import top_classes
 from resnetlab.params import named
 from resnetlab.prepare import INK_FRAMES
 from resnetlab.serve import v2
@@ -248,8 +249,8 @@ class ServeApp:
         answers = await asyncio.gather(*(self.batcher.predict(p.x) for p in prepared))
         results = []
         for n, p, (probs, batch) in zip(names, prepared, answers, strict=True):
-            top = probs.topk(k)
-            results.append({"name": n, "top": self._top(top.values.tolist(), top.indices.tolist()),
+            values, ids = top_classes(probs[None], k)  # one image's [classes] -> [1, k]
+            results.append({"name": n, "top": self._top(values[0].tolist(), ids[0].tolist()),
                             "inverted": p.inverted, "preprocess": p.preprocess, "batch_size": batch})
         return JSONResponse({**self._header(), "results": results})
 
@@ -265,8 +266,8 @@ class ServeApp:
         loop = asyncio.get_running_loop()
         b = self.backend
         probs = await loop.run_in_executor(self.model_pool, b.predict_batch, torch.stack([p.x for p in prepared]))
-        top = probs.topk(k, dim=1)
-        targets = [target if target is not None else int(i[0]) for i in top.indices]
+        top_p, top_i = top_classes(probs, k)  # [n, k] each
+        targets = [target if target is not None else int(i[0]) for i in top_i]
         cams = await loop.run_in_executor(self.model_pool, b.cams, torch.stack([p.pixels for p in prepared]),
                                           targets)  # [n, h, w]
 
@@ -282,7 +283,7 @@ class ServeApp:
                     "overlay_png": on_image, "network_overlay_png": on_input, "inverted": p.inverted,
                     "preprocess": p.preprocess}
                    for i, (n, p, vals, ids, t, (on_image, on_input)) in enumerate(zip(
-                       names, prepared, top.values.tolist(), top.indices.tolist(), targets, drawn, strict=True))]
+                       names, prepared, top_p.tolist(), top_i.tolist(), targets, drawn, strict=True))]
         return JSONResponse({**self._header(), "results": results})
 
     async def model_info(self, _request: Request) -> Response:

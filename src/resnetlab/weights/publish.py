@@ -28,10 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import nn
 
 from resnetlab import __version__
+from resnetlab import checkpoint as ckpt
+from resnetlab.calibration import apply_temperature, read_temperature
 from resnetlab.config import Config, to_dict
-from resnetlab.data import DataError
+from resnetlab.data import DataError, DataMeta
+from resnetlab.params import mention
 from resnetlab.weights.zoo import CARD_FILE, CONFIG_FILE, MODEL_FILE, WeightsError, pretrained_cfg
 
 TRAIN_CONFIG = "train_config.yaml"
@@ -161,6 +165,55 @@ def _measure(path: str | Path, tmp_out: Path) -> tuple[dict[str, dict[str, Any]]
     return metrics, figures
 
 
+def _calibrate(model: nn.Module, metrics: dict[str, dict[str, Any]],
+               temperature: float | None) -> dict[str, Any] | None:
+    """Divide ``model``'s logits by ``temperature`` (``resnetlab calibrate``; None: leave it) and
+    make ``metrics``' ECE and NLL the calibrated ones, as the published logits are; the card's
+    ``calibration`` entry (None without a temperature)."""
+    if temperature is None:
+        return None
+    apply_temperature(model, temperature)
+    for m in metrics.values():
+        if "ece_calibrated" in m:
+            m["ece_before"], m["nll_before"] = m["ece"], m["nll"]
+            m["ece"], m["nll"] = m.pop("ece_calibrated"), m.pop("nll_calibrated")
+        m.pop("temperature", None)
+    return {"temperature": temperature, "fitted_on": "val"}
+
+
+def _hub_config(name: str, arch: str, meta: DataMeta, model: nn.Module, card: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` in timm's ``save_for_hf`` shape, with resnetlab's ``card`` under "resnetlab"."""
+    return {"architecture": arch, "num_classes": len(meta.classes),
+            "num_features": int(getattr(model, "num_features", 0)), "global_pool": "avg",
+            "label_names": list(meta.classes),
+            "pretrained_cfg": {"tag": name.split(".", 1)[1] if "." in name else name, "custom_load": False,
+                               **pretrained_cfg(meta), "fixed_input_size": False,
+                               "num_classes": len(meta.classes), "first_conv": "conv1", "classifier": "fc",
+                               "license": LICENSE},
+            "model_args": {"in_chans": meta.in_chans},
+            "resnetlab": card}
+
+
+def _write_folder(dest: Path, model: nn.Module, cfg: Config, meta: DataMeta, doc: dict[str, Any],
+                  figures: list[Path]) -> list[Path]:
+    """Write model.safetensors, config.json (``doc``), train_config.yaml, the figures and the
+    README.md card into ``dest`` (each file atomically); the files written."""
+    header = {**ckpt.safetensors_header(cfg, meta.to_dict()), "format": "pt"}  # "pt": timm's loader
+    dest.mkdir(parents=True, exist_ok=True)
+    written = [dest / MODEL_FILE, dest / CONFIG_FILE, dest / TRAIN_CONFIG, dest / CARD_FILE]
+    ckpt.save_safetensors(model, dest / MODEL_FILE, metadata=header)
+    ckpt.atomic_write(dest / CONFIG_FILE, lambda f: f.write((json.dumps(doc, indent=2) + "\n").encode()))
+    train_cfg = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    ckpt.atomic_write(dest / TRAIN_CONFIG, lambda f: f.write(train_cfg.encode()))
+    for fig in figures:
+        if fig.is_file():
+            shutil.copyfile(fig, dest / fig.name)
+            written.append(dest / fig.name)
+    text = card_markdown(dest.name, doc, [f.name for f in figures if f.is_file()])
+    ckpt.atomic_write(dest / CARD_FILE, lambda f: f.write(text.encode()))
+    return written
+
+
 def publish(path: str | Path, out: str | Path, *, force: bool = False, command: str | None = None,
             extra_card: Mapping[str, Any] | None = None, measure: bool = True) -> PublishResult:
     """Write ``path`` (run folder, checkpoint or exported safetensors) to the folder ``out``.
@@ -173,15 +226,13 @@ def publish(path: str | Path, out: str | Path, *, force: bool = False, command: 
     """
     import tempfile
 
-    from resnetlab import checkpoint as ckpt
-    from resnetlab.calibration import apply_temperature, read_temperature
     from resnetlab.inference import build_inference_model, read_checkpoint
     from resnetlab.models import count_macs, count_params
 
     dest = Path(out).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
-        raise WeightsError(f"{dest}: exists and is not an empty folder; pass --force to overwrite "
-                              "its files or name another folder")
+        raise mention(WeightsError, f"{dest}: exists and is not an empty folder; pass force=True to "
+                      "overwrite its files or name another folder", force="force=True")
     file, state, cfg, meta = read_checkpoint(path)
     run = Path(path).expanduser() if Path(path).expanduser().is_dir() else None
     origin = ckpt.read(file).source if file.suffix == ".pt" else None  # set by `resnetlab import`
@@ -191,15 +242,7 @@ def publish(path: str | Path, out: str | Path, *, force: bool = False, command: 
     temperature = read_temperature(path, file)
     with tempfile.TemporaryDirectory() as tmp:
         metrics, figures = _measure(path, Path(tmp)) if measure else ({}, [])
-        calibration = None
-        if temperature is not None:
-            apply_temperature(model, temperature)
-            calibration = {"temperature": temperature, "fitted_on": "val"}
-            for m in metrics.values():  # the published logits are the calibrated ones
-                if "ece_calibrated" in m:
-                    m["ece_before"], m["nll_before"] = m["ece"], m["nll"]
-                    m["ece"], m["nll"] = m.pop("ece_calibrated"), m.pop("nll_calibrated")
-                m.pop("temperature", None)
+        calibration = _calibrate(model, metrics, temperature)  # the published logits are the calibrated ones
         name = dest.name
         timm_ok = cfg.model.name in TIMM_SAME and meta.in_chans in (1, 3)
         card: dict[str, Any] = {
@@ -210,28 +253,8 @@ def publish(path: str | Path, out: str | Path, *, force: bool = False, command: 
             "calibration": calibration, "origin": origin, "data_meta": meta.to_dict(), "config": to_dict(cfg),
             **dict(extra_card or {}),
         }
-        doc = {"architecture": cfg.model.name, "num_classes": len(meta.classes),
-               "num_features": int(getattr(model, "num_features", 0)), "global_pool": "avg",
-               "label_names": list(meta.classes),
-               "pretrained_cfg": {"tag": name.split(".", 1)[1] if "." in name else name, "custom_load": False,
-                                  **pretrained_cfg(meta), "fixed_input_size": False,
-                                  "num_classes": len(meta.classes), "first_conv": "conv1", "classifier": "fc",
-                                  "license": LICENSE},
-               "model_args": {"in_chans": meta.in_chans},
-               "resnetlab": card}
-        header = {**ckpt.safetensors_header(cfg, meta.to_dict()), "format": "pt"}  # "pt": timm's loader
-        dest.mkdir(parents=True, exist_ok=True)
-        written = [dest / MODEL_FILE, dest / CONFIG_FILE, dest / TRAIN_CONFIG, dest / CARD_FILE]
-        ckpt.save_safetensors(model, dest / MODEL_FILE, metadata=header)
-        ckpt.atomic_write(dest / CONFIG_FILE, lambda f: f.write((json.dumps(doc, indent=2) + "\n").encode()))
-        train_cfg = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-        ckpt.atomic_write(dest / TRAIN_CONFIG, lambda f: f.write(train_cfg.encode()))
-        for fig in figures:
-            if fig.is_file():
-                shutil.copyfile(fig, dest / fig.name)
-                written.append(dest / fig.name)
-        text = card_markdown(name, doc, [f.name for f in figures if f.is_file()])
-        ckpt.atomic_write(dest / CARD_FILE, lambda f: f.write(text.encode()))
+        doc = _hub_config(name, cfg.model.name, meta, model, card)
+        written = _write_folder(dest, model, cfg, meta, doc, figures)
     return PublishResult(dest, written, card)
 
 

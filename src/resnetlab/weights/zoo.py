@@ -259,8 +259,8 @@ def resolve(arch: str, weights: Weights | str | None, pretrained: bool = False) 
         if w is None:
             raise WeightsError(
                 f"no pretrained weights ship for {arch!r}; shipped: {_shipped_summary()}. For "
-                f"ImageNet weights on disk use `resnetlab import torchvision FILE.pth --arch {arch}` "
-                "or model.init_from=FILE")
+                f"ImageNet weights on disk, import them as {arch} (`resnetlab import torchvision FILE.pth`; "
+                f"in Python resnetlab.importers.import_torchvision(FILE, {arch!r})) or use model.init_from=FILE")
         return w
     if isinstance(weights, Weights):
         w = weights

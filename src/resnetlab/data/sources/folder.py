@@ -21,7 +21,7 @@ from resnetlab.data.sources.registry import Source, register_source
 
 if TYPE_CHECKING:
     from resnetlab.config import DataConfig
-    from resnetlab.data.datasets import Datasets
+    from resnetlab.data.datasets import Datasets, FileSplit
 
 
 def _visible(name: str) -> bool:
@@ -213,6 +213,49 @@ def _check_up_front(
     return skipped
 
 
+def _scan_root(root: Path, *, skip: bool) -> tuple[dict[str, tuple[list[str], list[int]]], tuple[str, ...],
+                                                    list[tuple[str, str]]]:
+    """``(split -> (paths, labels), classes, unreadable (path, reason))`` for train/ and the
+    val/ and test/ beside it; the classes are train/'s folders, in sorted order."""
+    train_dir = root / "train"
+    listers = {"train": _Lister(root, train_dir, skip=skip)}
+    scanned = {"train": _scan_split(train_dir, None, listers["train"])}
+    classes = tuple(f.name for f in listers["train"].class_folders())
+    for split in ("val", "test"):
+        if (root / split).is_dir():
+            listers[split] = _Lister(root, root / split, skip=skip)
+            scanned[split] = _scan_split(root / split, classes, listers[split])
+    return scanned, classes, [u for lister in listers.values() for u in lister.unreadable]
+
+
+def _file_split(paths: list[str], labels: list[int]) -> FileSplit:
+    import torch
+
+    from resnetlab.data.datasets import FileSplit
+
+    return FileSplit(paths=list(paths), labels=torch.tensor(labels, dtype=torch.int64))
+
+
+def _train_val(scanned: dict[str, tuple[list[str], list[int]]], cfg: DataConfig,
+               seed: int) -> tuple[FileSplit, FileSplit | None]:
+    """train/ and val/ as found, or val held out of train/: stratified, ``data.val_fraction`` of
+    it, the same files for the same ``seed``."""
+    import numpy as np
+
+    from resnetlab.data.augment import derive_seed
+    from resnetlab.data.splits import held_count, stratified_split
+
+    if "val" in scanned:
+        return _file_split(*scanned["train"]), _file_split(*scanned["val"])
+    train_paths, train_labels = scanned["train"]
+    y = np.asarray(train_labels, dtype=np.int64)
+    n_val = held_count(cfg.val_fraction, len(y), "data.val_fraction")
+    keep, held = stratified_split(y, n_val, derive_seed(seed, SOURCE.name, "val"))
+    train = _file_split([train_paths[i] for i in keep], y[keep].tolist())
+    val = _file_split([train_paths[i] for i in held], y[held].tolist()) if n_val else None
+    return train, val
+
+
 def load(cfg: DataConfig, seed: int, needs: frozenset[str]) -> Datasets:
     """List and label the files (no decoding: 100,000 files take about a second); bad files
     are found as the loaders read them, or all up front with ``data.check_images=true``.
@@ -221,12 +264,7 @@ def load(cfg: DataConfig, seed: int, needs: frozenset[str]) -> Datasets:
     front (evaluating test/ does not decode train/), plus train/ when a needed val split is held
     out of it, so that the held-out files are the ones training held out.
     """
-    import numpy as np
-    import torch
-
-    from resnetlab.data.augment import derive_seed
-    from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD, DataMeta, Datasets, FileSplit
-    from resnetlab.data.splits import held_count, stratified_split
+    from resnetlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD, DataMeta, Datasets
 
     if cfg.root is None:
         raise DataError("data.root is required for data.name=folder")
@@ -234,39 +272,17 @@ def load(cfg: DataConfig, seed: int, needs: frozenset[str]) -> Datasets:
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(f"{train_dir} is not a folder; expected {root}/train/<class>/<images>")
-    skip = cfg.on_bad_image == "skip"
-    listers = {"train": _Lister(root, train_dir, skip=skip)}
-    scanned = {"train": _scan_split(train_dir, None, listers["train"])}
-    classes = tuple(f.name for f in listers["train"].class_folders())
-    for split in ("val", "test"):
-        if (root / split).is_dir():
-            listers[split] = _Lister(root, root / split, skip=skip)
-            scanned[split] = _scan_split(root / split, classes, listers[split])
-    skipped = [u for lister in listers.values() for u in lister.unreadable]
-
+    scanned, classes, skipped = _scan_root(root, skip=cfg.on_bad_image == "skip")
     if cfg.check_images:
         check = set(needs) | ({"train"} if "val" in needs and "val" not in scanned else set())
         skipped += _check_up_front(scanned, check, cfg, root)  # val is held out of train
 
-    def as_split(paths: list[str], labels: list[int]) -> FileSplit:
-        return FileSplit(paths=list(paths), labels=torch.tensor(labels, dtype=torch.int64))
-
-    train_paths, train_labels = scanned["train"]
-    present = set(train_labels)
+    present = set(scanned["train"][1])
     for i, name in enumerate(classes):
         if i not in present and "train" in needs:
             raise DataError(f"class folder {train_dir / name} has no readable images left")
-    if "val" in scanned:
-        train, val = as_split(*scanned["train"]), as_split(*scanned["val"])
-    else:
-        y = np.asarray(train_labels, dtype=np.int64)
-        n_val = held_count(cfg.val_fraction, len(y), "data.val_fraction")
-        keep, held = stratified_split(
-            y, n_val, derive_seed(seed, SOURCE.name, "val")
-        )
-        train = as_split([train_paths[i] for i in keep], y[keep].tolist())
-        val = as_split([train_paths[i] for i in held], y[held].tolist()) if n_val else None  # type: ignore[assignment]
-    test = as_split(*scanned["test"]) if "test" in scanned else None
+    train, val = _train_val(scanned, cfg, seed)
+    test = _file_split(*scanned["test"]) if "test" in scanned else None
     meta = DataMeta(
         name=SOURCE.name,
         classes=classes,
