@@ -1,8 +1,8 @@
 """Loss-landscape grid points per second: batched (vmap over stacked weights) vs a plain loop.
 
-- ``batched``: :func:`resnetlab.analysis.landscape.landscape_batched`, ``chunk`` grid points per
+- ``batched``: :func:`resnetlab.analysis.loss_surface.landscape_batched`, ``chunk`` grid points per
   ``torch.func.vmap`` over ``functional_call``, as ``resnetlab landscape`` runs it.
-- ``loop``: :func:`resnetlab.analysis.landscape.landscape_loop`, the straightforward reference:
+- ``loop``: :func:`resnetlab.analysis.loss_surface.landscape_loop`, the straightforward reference:
   per point, ``load_state_dict`` of the perturbed weights and one forward pass.
 
 Both evaluate the same grid on the same fixed images (digits-sized, 1x8x8, 10 classes) with the
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import alternate, machine_info, paired_ratio, pick_device, write_json
-from resnetlab.analysis.landscape import (
+from resnetlab.analysis.loss_surface import (
     filter_normalized_direction,
     grid_points,
     landscape_batched,

@@ -4,13 +4,15 @@ against the same net and schedule in an idiomatic torchvision loop, in the same 
 - ``resnetlab``: ``resnetlab.train(load("fashion_speedrun", ...))``: the IDX files read once into
   one uint8 tensor, crops and flips drawn per batch on tensors, channels_last, fused SGD,
   ``last.pt`` written every epoch, the official test set scored once at the end.
-- ``torchvision``: ``torchvision.datasets.FashionMNIST`` over the same files (decompressed into
-  torchvision's ``FashionMNIST/raw/`` layout beforehand, not timed), per-sample
+- ``torchvision``: the reference loop of :mod:`benchmarks.reference` with the same recipe:
+  ``torchvision.datasets.FashionMNIST`` over the same files (decompressed into torchvision's
+  ``FashionMNIST/raw/`` layout beforehand, not timed), per-sample
   ``RandomCrop(28, padding) -> RandomHorizontalFlip -> ToTensor -> Normalize`` in a
   ``DataLoader(shuffle=True, num_workers=2, drop_last=True)``, the same model from
-  ``create_model``, SGD with the same momentum/Nesterov/weight decay, the same per-step learning
-  rate (``LambdaLR`` over :func:`resnetlab.engine.optim.lr_at`), the same label smoothing, the same
-  epochs and batch, then the official test set.
+  ``create_model`` (contiguous NCHW, as a tutorial has it), SGD with the same
+  momentum/Nesterov/weight decay, the same per-step learning rate (``LinearLR`` then
+  ``CosineAnnealingLR``, equal to :func:`resnetlab.engine.optim.lr_at`), the same label
+  smoothing, the same epochs and batch, then the official test set.
 
 Both clocks run from the first byte read to the test accuracy. Seeds alternate which side runs
 first so that drifting machine load hits both alike. The case is met when the mean test accuracy
@@ -30,8 +32,6 @@ so, and the 93% target then is not expected to be met. Writes ``benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import gzip
-import shutil
 import statistics
 import tempfile
 import time
@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import reference
 from benchmarks.common import machine_info, pick_device, write_json
 
 RECIPE = "fashion_speedrun"
@@ -61,17 +62,9 @@ def find_files(root: Path | None) -> Path:
                      "dataset-fashion-mnist or pass --data-root DIR")
 
 
-def torchvision_layout(src: Path, dst: Path) -> Path:
-    """``dst/FashionMNIST/raw/<file>`` decompressed from ``src``: what torchvision's class reads."""
-    raw = dst / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for f in FILES:
-        if (src / f).is_file():
-            shutil.copyfile(src / f, raw / f)
-        else:
-            with gzip.open(src / f"{f}.gz", "rb") as fin, open(raw / f, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-    return dst
+def _file(folder: Path, base: str) -> Path:
+    """``folder/base``, or ``folder/base.gz`` where only that is there."""
+    return folder / base if (folder / base).is_file() else folder / f"{base}.gz"
 
 
 def per_class_indices(labels: torch.Tensor, per_class: int, seed: int) -> list[int]:
@@ -103,55 +96,15 @@ def run_resnetlab(seed: int, data_root: Path, out: Path, device: str, epochs: in
 
 def run_torchvision(seed: int, tv_root: Path, device: torch.device, epochs: int | None,
                     per_class: int | None, workers: int = 2) -> dict[str, Any]:
-    """The same net and schedule in an idiomatic torchvision loop; wall seconds and test accuracy."""
-    import torchvision
-    from torch.utils.data import DataLoader, Subset
-    from torchvision import transforms as T
-
+    """The same net and schedule in the idiomatic torchvision loop (:mod:`benchmarks.reference`);
+    wall seconds and test accuracy."""
     import resnetlab
-    from resnetlab.engine.optim import lr_at
-    from resnetlab.models import create_model
 
     cfg = resnetlab.load_config(RECIPE, [f"seed={seed}"] + ([f"train.epochs={epochs}"] if epochs else []))
-    o, tr, aug = cfg.optim, cfg.train, cfg.data.augment
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    train_set = torchvision.datasets.FashionMNIST(str(tv_root), train=True)
-    # mean/std of the training images, as the usual tutorial computes them once
-    pixels = train_set.data.float().div(255)
-    mean, std = float(pixels.mean()), float(pixels.std())
-    train_set.transform = T.Compose([T.RandomCrop(28, padding=aug.crop_padding),
-                                     *([T.RandomHorizontalFlip()] if aug.flip else []),
-                                     T.ToTensor(), T.Normalize((mean,), (std,))])
-    test_set = torchvision.datasets.FashionMNIST(str(tv_root), train=False,
-                                                 transform=T.Compose([T.ToTensor(), T.Normalize((mean,), (std,))]))
-    data = Subset(train_set, per_class_indices(train_set.targets, per_class, seed)) if per_class else train_set
-    loader = DataLoader(data, batch_size=tr.batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                        persistent_workers=workers > 0)
-    model = create_model(cfg.model.name, num_classes=10, in_chans=1).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                          weight_decay=o.weight_decay)
-    steps_per_epoch = len(loader)
-    total = steps_per_epoch * tr.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, steps_per_epoch, o) / o.lr)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
-    for _ in range(tr.epochs):
-        model.train()
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for x, y in DataLoader(test_set, batch_size=tr.eval_batch_size, num_workers=workers):
-            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "test_acc": 100.0 * correct / len(test_set), "test_images": len(test_set),
-            "epochs": tr.epochs}
+    # channels_last off: the loop as measured in speedrun.json (a tutorial's contiguous NCHW)
+    r = reference.train(cfg, tv_root, device, workers=workers, channels_last=False,
+                        subset=(lambda y: per_class_indices(y, per_class, seed)) if per_class else None)
+    return {"seconds": r.seconds, "test_acc": r.test_acc, "test_images": r.test_images, "epochs": r.epochs}
 
 
 def _side(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -174,7 +127,7 @@ def run(quick: bool = False, device: str = "auto", seeds: tuple[int, ...] = (0, 
     per_class = train_images // 10 if train_images else None
     ours, theirs = [], []
     with tempfile.TemporaryDirectory(prefix="speedrun-") as tmp:
-        tv_root = torchvision_layout(src, Path(tmp) / "tv")
+        tv_root = reference.torchvision_layout([_file(src, f) for f in FILES], Path(tmp) / "tv")
         for i, seed in enumerate(seeds):
             first_ours = i % 2 == 0  # alternate the order: drifting load hits both sides alike
             for side in ("ours", "theirs") if first_ours else ("theirs", "ours"):

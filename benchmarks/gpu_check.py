@@ -40,9 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import gzip
 import json
-import shutil
 import socket
 import sys
 import tempfile
@@ -57,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import RESULTS_DIR, Window, machine_info, peak_memory_after_warmup
+from benchmarks.common import RESULTS_DIR, Window, autocast, machine_info, peak_memory_after_warmup
+from benchmarks.reference import backward_step
 
 NUM_CLASSES = 1000
 NO_CUDA_EXIT = 2  # no CUDA device and no --dry-run: nothing was measured
@@ -225,22 +224,13 @@ def reference_contender(case: Case, device: torch.device, plan: Plan) -> Callabl
     net = torch.compile(model, backend=plan.compile_backend) if case.compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
     scaler = torch.amp.GradScaler(device.type) if case.amp == "fp16" else None
-    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[case.amp]
     x, y = _batch(case, device)
 
     def run(n: int) -> None:
         for _ in range(n):
-            ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-            with ctx:
+            with autocast(device, case.amp):
                 loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            backward_step(loss, opt, scaler)
 
     return run
 
@@ -636,78 +626,27 @@ def _race_resnetlab(device: torch.device, plan: Plan, workdir: Path, root: Path 
 
 
 def _race_reference(device: torch.device, plan: Plan, files: dict[str, Path], workdir: Path) -> dict[str, Any]:
-    """torchvision's reference-style loop with the recipe's numbers: ``datasets.FashionMNIST``,
-    transforms per sample (pad-2 random crop, flip, normalise), ``DataLoader`` with workers and
-    pinned memory, the same CIFAR ResNet-20 written plainly, SGD + Nesterov, linear warm-up then
-    cosine per step, label smoothing; tested after every epoch. Trains on all 60k images (a user's
-    loop holds none out; resnetlab's holds out 6k for validation)."""
+    """The torchvision reference-style loop (:mod:`benchmarks.reference`) with the recipe's
+    numbers, on the same CIFAR ResNet-20 written plainly, channels_last, DataLoader workers and
+    pinned memory on CUDA; tested after every epoch until TARGET_ACC or ``plan.race_s``. Seconds
+    count from the call (unpacking the files included). Trains on all 60k images (a user's loop
+    holds none out; resnetlab's holds out 6k for validation)."""
     import os
 
-    import torchvision
-    from torchvision.transforms import v2
-
     import resnetlab
+    from benchmarks import reference
 
     t0 = time.perf_counter()
     cfg = resnetlab.load_config("fashion_mnist", _race_overrides(plan))
-    raw = workdir / "tv" / "FashionMNIST" / "raw"  # torchvision reads the unzipped files from here
-    raw.mkdir(parents=True, exist_ok=True)
-    for path in files.values():
-        target = raw / path.name.removesuffix(".gz")
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    norm = v2.Normalize([0.2860], [0.3530])  # Fashion-MNIST's training-set mean and std
-    train_tf = v2.Compose([v2.PILToTensor(), v2.RandomCrop(28, padding=2), v2.RandomHorizontalFlip(),
-                           v2.ToDtype(torch.float32, scale=True), norm])
-    test_tf = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), norm])
-    train_set = torchvision.datasets.FashionMNIST(str(workdir / "tv"), train=True, transform=train_tf)
-    test_set = torchvision.datasets.FashionMNIST(str(workdir / "tv"), train=False, transform=test_tf)
+    tv_root = reference.torchvision_layout(files.values(), workdir / "tv")
     workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    loader_kw: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda",
-                                 "persistent_workers": workers > 0}
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
-                                               drop_last=True, **loader_kw)
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.train.eval_batch_size, **loader_kw)
     torch.manual_seed(cfg.seed)
-    model = _cifar_resnet(20, 10, in_chans=1).to(device).to(memory_format=torch.channels_last)
-    o = cfg.optim
-    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                          weight_decay=o.weight_decay)
-    per_epoch = len(train_loader)
-    warm = max(1, int(o.warmup_epochs * per_epoch))
-    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
-        torch.optim.lr_scheduler.LinearLR(opt, start_factor=o.warmup_lr / o.lr, total_iters=warm),
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.train.epochs * per_epoch - warm))],
-        milestones=[warm])
-    criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
-    curve: list[dict[str, float]] = []
-    reached = None
-    for epoch in range(cfg.train.epochs):
-        model.train()
-        for x, y in train_loader:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            loss = criterion(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        model.eval()
-        correct = torch.zeros((), device=device)
-        with torch.no_grad():
-            for x, y in test_loader:
-                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                correct += (model(x).argmax(1) == y.to(device, non_blocking=True)).sum()
-        acc = 100.0 * float(correct) / len(test_set)
-        curve.append({"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "test_acc": acc})
-        if acc >= TARGET_ACC:
-            reached = curve[-1]["seconds"]
-            break
-        if time.perf_counter() - t0 > plan.race_s:
-            break
-    return {"loop": "torchvision reference style", "epochs_run": len(curve), "curve": curve,
-            "seconds_to_target": reached, "best_acc": max((c["test_acc"] for c in curve), default=None)}
+    r = reference.train(cfg, tv_root, device, workers=workers, channels_last=True,
+                        model=_cifar_resnet(20, 10, in_chans=1), test_every_epoch=True, started=t0,
+                        stop=lambda seconds, acc: acc >= TARGET_ACC or seconds > plan.race_s)
+    reached = r.curve[-1]["seconds"] if r.curve and r.curve[-1]["test_acc"] >= TARGET_ACC else None
+    return {"loop": "torchvision reference style", "epochs_run": len(r.curve), "curve": r.curve,
+            "seconds_to_target": reached, "best_acc": max((c["test_acc"] for c in r.curve), default=None)}
 
 
 def fashion_race(device: torch.device, plan: Plan, workdir: Path) -> dict[str, Any]:
@@ -814,18 +753,15 @@ def _torchvision_train_rate(loader: Any, device: torch.device, plan: Plan, amp: 
     net: nn.Module = (model(num_classes=10) if model is not None else _cifar_resnet(20, 10)).to(device)
     net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    dtype = torch.bfloat16 if amp == "bf16" else None
     rate = 0.0
     for _epoch in range(plan.folder_epochs):  # the last epoch's rate, as fit()'s
         t0, images = time.perf_counter(), 0
         for x, y in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            with autocast(device, amp):
                 loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            backward_step(loss, opt, None)
             images += y.shape[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)

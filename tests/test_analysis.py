@@ -167,7 +167,7 @@ def test_extra_models_are_checked_and_placed_at_their_weighted_depth() -> None:
         "densenet_bc100", "lesson_resnet18")
     with pytest.raises(AnalysisError, match="unknown model"):
         degradation.parse_extra_models("densenet_bc99")
-    with pytest.raises(AnalysisError, match="--depths"):
+    with pytest.raises(AnalysisError, match=r"^extra_models names 'resnet56', a plain/resnet twin; choose twins by their depth instead$"):
         degradation.parse_extra_models("resnet56")
     # the papers' depths: weighted layers on the main path, shortcut projections not counted
     assert [degradation.weighted_depth(n) for n in ("resnet20", "plain56", "densenet_bc100", "densenet121")] \

@@ -275,28 +275,28 @@ REPRODUCE_BAD = [  # (argv after `reproduce`, words of the one-line refusal)
     (["landscape", "--images", "0"], "--images must be an integer from 1"),
     (["landscape", "--chunk", "0"], "--chunk must be an integer from 1"),
     (["landscape", "--hessian-iters", "-1"], "--hessian-iters must be an integer from 0 to 1,000"),
-    (["landscape", "--models", ""], "--models: give at least one registered model name"),
-    (["landscape", "--models", "resnet20,nonet"], "--models: unknown model 'nonet'"),
+    (["landscape", "--models", ""], "--models must name at least one registered model"),
+    (["landscape", "--models", "resnet20,nonet"], "--models names unknown model 'nonet'"),
     (["landscape", "--seed", "-1"], "--seed must be an integer from 0 to 18,446,744,073,709,551,615"),
     (["landscape", "--jobs", "0"], "--jobs must be an integer from 1 to 256"),
     (["landscape", "--epochs", "1000000000000"], "--epochs must be an integer from 1 to 10,000"),
     (["responses", "--jobs", "-1"], "--jobs must be an integer from 1 to 256"),
-    (["responses", "--models", "resnet20,resnet20"], "--models: 'resnet20' is named twice"),
+    (["responses", "--models", "resnet20,resnet20"], "--models names 'resnet20' twice"),
     (["responses", "--seed", "-1"], "--seed must be an integer from 0"),
     (["degradation", "--jobs", "0"], "--jobs must be an integer from 1 to 256"),
     (["degradation", "--epochs", "100000"], "--epochs must be an integer from 1 to 10,000"),
-    (["degradation", "--seeds", "0,-1"], "--seeds: each must be an integer from 0"),
+    (["degradation", "--seeds", "0,-1"], "--seeds must each be an integer from 0"),
     (["transfer", "--steps", "1000000000"], "--steps must be an integer from 1 to 100,000"),
     (["transfer", "--pretrain-epochs", "0"], "--pretrain-epochs must be an integer from 1"),
     (["transfer", "--jobs", "0"], "--jobs must be an integer from 1 to 256"),
-    (["transfer", "--n", "100000"], "--n 100000: data.train_per_class=100000: class '5' has only"),
-    (["transfer", "--n", "5,0"], "--n: each must be an integer from 1 to 100,000"),
+    (["transfer", "--n", "100000"], "--n has 100000, more than the data gives: data.train_per_class=100000: class '5' has only"),
+    (["transfer", "--n", "5,0"], "--n must each be an integer from 1 to 100,000"),
     (["cifar-table", "--estimate-steps", "0"], "--estimate-steps must be an integer from 1 to 1,000"),
-    (["cifar-table", "--depths", "21"], "--depths: 21 is not a depth of Table 6; choose from 20, 32"),
-    (["degradation", "--depths", "20,20"], "--depths: repeated value in 20,20"),
+    (["cifar-table", "--depths", "21"], "--depths has 21, which is not a depth of Table 6; choose from 20, 32"),
+    (["degradation", "--depths", "20,20"], "--depths has a repeated value in 20,20"),
     # gradients (not an experiment of reproduce) shares the same checks
     (["gradients", "--steps", "-1"], "--steps must be an integer from 0 to 100,000"),
-    (["gradients", "--models", "resnet20,resnet20"], "--models: 'resnet20' is named twice"),
+    (["gradients", "--models", "resnet20,resnet20"], "--models names 'resnet20' twice"),
 ]
 
 
@@ -325,11 +325,11 @@ def test_the_library_calls_check_the_same_way() -> None:
     from resnetlab.analysis.landscape import reproduce_landscape, run_landscape
     from resnetlab.analysis.responses import reproduce_responses
 
-    with pytest.raises(AnalysisError, match=r"^--span must be a number > 0 and <= 100 .*got inf$"):
+    with pytest.raises(AnalysisError, match=r"^span must be a number > 0 and <= 100 .*got inf$"):
         reproduce_landscape(span=float("inf"))
-    with pytest.raises(AnalysisError, match=r"^--grid must be an integer"):
+    with pytest.raises(AnalysisError, match=r"^grid must be an integer"):
         run_landscape("no-such-run", grid=100_000)
-    with pytest.raises(AnalysisError, match=r"^--epochs must be an integer from 1 to 10,000 .*got 1000000000000.0$"):
+    with pytest.raises(AnalysisError, match=r"^epochs must be an integer from 1 to 10,000 .*got 1000000000000.0$"):
         reproduce_responses(epochs=1e12)  # type: ignore[arg-type]
 
 

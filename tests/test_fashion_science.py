@@ -50,7 +50,7 @@ def test_every_net_has_its_recipe_and_plain_twins_share_it() -> None:
     assert ft.recipe_for("plain56") == ft.recipe_for("resnet56") == "fashion_mnist_resnet56"
     r110 = load("fashion_mnist_resnet110")
     assert (r110.optim.warmup, r110.optim.warmup_lr, r110.optim.lr) == ("constant", 0.01, 0.1)
-    with pytest.raises(AnalysisError, match="'resnet32' is not a net of the table"):
+    with pytest.raises(AnalysisError, match="^models names 'resnet32', which is not a net of the table"):
         ft.parse_models("resnet20,resnet32")
 
 
@@ -102,7 +102,7 @@ def test_data_choices_are_the_registry_and_fashion_uses_its_recipe() -> None:
     packaged = load("fashion_mnist")
     assert (cfg.optim, cfg.data.augment, cfg.train.epochs) == (packaged.optim, packaged.data.augment, 2)
     assert base_config("digits").optim.lr == 0.05  # the experiment's own digits recipe stays
-    with pytest.raises(AnalysisError, match="--data must be one of"):
+    with pytest.raises(AnalysisError, match="^data must be one of"):
         base_config("svhn")
 
 
@@ -169,11 +169,24 @@ def test_transfer_table_says_what_pretraining_gains() -> None:
     assert "tested on the whole digits test split" in md and "(fashion_mnist)" not in md  # no pretrain given
 
 
-def test_fashion_table_refuses_bad_flags_before_training(tmp_path: Path) -> None:
-    with pytest.raises(AnalysisError, match="--train-images must be a positive multiple of 10"):
+def test_fashion_table_refuses_bad_arguments_before_training(tmp_path: Path) -> None:
+    with pytest.raises(AnalysisError, match="^train_images must be a positive multiple of 10"):
         ft.run_fashion_table("resnet20", "0", epochs=1, train_images=15, overrides=[f"run.root={tmp_path}"])
-    with pytest.raises(AnalysisError, match="set by --models and --seeds"):
+    with pytest.raises(AnalysisError, match=r"^overrides may not set model.name .*the experiment sets the nets, seeds and data itself"):
         ft.run_fashion_table("resnet20", "0", overrides=["model.name=resnet56"])
-    with pytest.raises(AnalysisError, match="--epochs must be an integer from 1"):
+    with pytest.raises(AnalysisError, match="^epochs must be an integer from 1"):
         ft.run_fashion_table("resnet20", "0", epochs=0)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_committed_fashion_table_names_no_machine_path_and_reads_the_same_anywhere(tmp_path: Path) -> None:
+    """The README block comes from the results alone: a copy elsewhere gives the same text, and the
+    committed records name the run root relative to the repository, not a machine's /tmp."""
+    import shutil
+
+    results = ROOT / "docs" / "results" / "fashion-table"
+    for f in [results / "experiment.json", *results.glob("*/config.yaml"), *results.glob("*/result.json")]:
+        assert "/tmp/" not in f.read_text() and "/home/" not in f.read_text(), f
+    copy = shutil.copytree(results, tmp_path / "elsewhere")
+    shown = "docs/results/fashion-table"
+    assert ft.readme_block(copy, shown=shown) == ft.readme_block(results, shown=shown)

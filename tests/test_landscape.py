@@ -12,14 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnetlab.analysis import AnalysisError
-from resnetlab.analysis.landscape import (
+from resnetlab.analysis.landscape import load_landscape, plot_landscapes
+from resnetlab.analysis.loss_surface import (
     filter_normalized_direction,
     grid_points,
     hessian_extremes,
     landscape_batched,
     landscape_loop,
-    load_landscape,
-    plot_landscapes,
     second_difference,
 )
 from resnetlab.analysis.responses import ResponseStats, layer_response_stds, response_modules

@@ -48,6 +48,64 @@ def test_every_leaf_command_knows_its_flags():
     assert args._flags["max_batch"] == "--max-batch"
 
 
+def _landscape_grid() -> None:
+    from resnetlab.analysis.landscape import reproduce_landscape
+
+    reproduce_landscape(grid=100_000)
+
+
+def _transfer_ns() -> None:
+    from resnetlab.analysis.transfer import run_transfer
+
+    run_transfer("5,0")
+
+
+def _cifar_configs_dir() -> None:
+    from resnetlab.analysis.cifar_table import run_cifar_table
+
+    run_cifar_table("20", "0", configs_dir="/no/such/folder")
+
+
+def _fashion_overrides() -> None:
+    from resnetlab.analysis.fashion_table import run_fashion_table
+
+    run_fashion_table("resnet20", "0", overrides=["seed=3"])
+
+
+# (library call, the same mistake at the command line, the message after the name: identical on both sides)
+SAME_ERROR = [
+    (_landscape_grid, ["reproduce", "landscape", "--grid", "100000"], "grid", "--grid",
+     "must be an integer from 3 to 201"),
+    # the flag --n fills run_transfer's `ns` (dest="ns"): the translation is exact
+    (_transfer_ns, ["reproduce", "transfer", "--n", "5,0"], "ns", "--n", "must each be an integer from 1 to 100,000"),
+    (_cifar_configs_dir, ["reproduce", "cifar-table", "--configs", "/no/such/folder"], "configs_dir", "--configs",
+     "/no/such/folder has no cifar10_resnet20.yaml"),
+    # a positional keeps its metavar: key=value words
+    (_fashion_overrides, ["reproduce", "fashion-table", "--models", "resnet20", "seed=3"], "overrides", "key=value",
+     "may not set seed ('seed=3')"),
+]
+
+
+@pytest.mark.parametrize(("call", "argv", "param", "flag", "detail"), SAME_ERROR, ids=[p for _, _, p, _, _ in SAME_ERROR])
+def test_library_names_the_parameter_and_the_cli_the_flag(call, argv: list[str], param: str, flag: str,
+                                                          detail: str, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from resnetlab.analysis import AnalysisError, degradation, fashion_table, transfer
+    from resnetlab.cli import main
+
+    def no_training(*_a: object, **_k: object) -> None:
+        raise AssertionError("training started before the arguments were checked")
+
+    for module in (degradation, transfer, fashion_table):
+        monkeypatch.setattr(module, "run_trainings", no_training)
+    with pytest.raises(AnalysisError) as info:
+        call()
+    assert str(info.value).startswith(f"{param} {detail}") and param_of(info.value) == param
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"resnetlab reproduce: error: {flag} {detail}"), err
+
+
 def test_topk_below_one_names_the_flag_on_the_command_line(capsys, tmp_path):
     """predict and explain refuse --topk 0 before opening the run (the library says ``topk``)."""
     import torch

@@ -23,15 +23,17 @@ import torch
 from torch import nn
 
 from resnetlab.analysis import args
-from resnetlab.analysis.degradation import run_trainings, write_rows_csv
+from resnetlab.analysis.degradation import write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
+from resnetlab.analysis.trainings import run_trainings
 from resnetlab.config import RECIPE_DIR, Config, load, validate
 from resnetlab.data import build_datasets, build_loader
 from resnetlab.engine.loop import train_step
 from resnetlab.engine.optim import ModelEMA, build_optimizer
 from resnetlab.launch import removed_on_failure
 from resnetlab.models import build_model
+from resnetlab.params import named
 from resnetlab.runtime import run_dir, select_device
 
 if TYPE_CHECKING:
@@ -66,8 +68,8 @@ def find_configs(configs_dir: str | Path | None = None) -> Path:
     folder = Path(configs_dir).expanduser() if configs_dir is not None else RECIPE_DIR
     if (folder / "cifar10_resnet20.yaml").is_file():
         return folder
-    raise AnalysisError(f"no cifar10_resnet20.yaml in {folder}; pass --configs DIR with "
-                        "cifar10_resnet<d>.yaml files, or leave it out to use the packaged recipes")
+    raise named(AnalysisError, "configs_dir", f"{folder} has no cifar10_resnet20.yaml; name a folder with "
+                "cifar10_resnet<d>.yaml files, or leave it out to use the packaged recipes")
 
 
 def _duration(seconds: float) -> str:
@@ -164,9 +166,7 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
     depths_t = _parse_depths(depths)
     seeds_t = parse_seeds(seeds)
     args.check(estimate_steps=estimate_steps)
-    for o in overrides:
-        if o.split("=", 1)[0].strip() in ("model.name", "seed"):
-            raise AnalysisError(f"{o!r}: the model and seed are set by --depths and --seeds")
+    args.fixed_by_experiment(overrides, ("model.name", "seed"), "the nets and seeds")
     folder = find_configs(configs_dir)
     cfgs = [load(folder / f"cifar10_resnet{d}.yaml", overrides) for d in depths_t]
     out_dir = run_dir("cifar-table", cfgs[0].run.root, cfgs[0].run.name)
@@ -200,7 +200,7 @@ def run_cifar_table(depths: str | Sequence[int] = DEPTHS, seeds: str | Sequence[
 
 
 def _parse_depths(depths: str | Sequence[int]) -> tuple[int, ...]:
-    return args.int_choices(depths, "--depths", "20,56", DEPTHS, "a depth of Table 6")
+    return args.int_choices(depths, "depths", "20,56", DEPTHS, "a depth of Table 6")
 
 
 def table_rows(test_errs: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:

@@ -22,13 +22,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import multiprocessing
-import os
 import re
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,14 +36,14 @@ from resnetlab.analysis import args
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.plots import plot_degradation, plot_depth_sweep, read_run_metrics
 from resnetlab.analysis.seeds import final_metrics, format_pm, mean_std, parse_seeds
+from resnetlab.analysis.trainings import default_jobs, run_trainings
 from resnetlab.config import Config, apply_overrides, from_dict, recipe_path, validate
 from resnetlab.data import build_datasets
 from resnetlab.data.sources import get_source, source_names
-from resnetlab.engine import NonFiniteLossError, fit
 from resnetlab.exit_codes import exit_code
 from resnetlab.launch import discard_untrained, removed_on_failure
 from resnetlab.models import create_model, list_models, model_defaults
-from resnetlab.runtime import select_device
+from resnetlab.params import named
 
 log = logging.getLogger("resnetlab")
 
@@ -104,7 +100,7 @@ class DegradationResult:
 
 def parse_depths(text: str | Sequence[int]) -> tuple[int, ...]:
     """``"20,56"`` -> ``(20, 56)``; every depth must have a CIFAR-style plain and resnet twin."""
-    return tuple(sorted(args.int_choices(text, "--depths", "20,56", twin_depths(),
+    return tuple(sorted(args.int_choices(text, "depths", "20,56", twin_depths(),
                                          "a depth with a plain and a residual twin")))
 
 
@@ -130,8 +126,7 @@ def recipe_for(data: str) -> dict[str, Any]:
     :data:`RECIPE_CHANGES`; the nets come from the experiment) testing after every epoch."""
     if data in RECIPES:
         return {**RECIPES[data], "train": {**RECIPES[data]["train"], "epochs": DEFAULT_EPOCHS[data]}}
-    if data not in data_choices():
-        raise AnalysisError(f"--data must be one of {', '.join(data_choices())}, got {data!r}")
+    args.one_of(data, "data", data_choices())
     recipe = dict(yaml.safe_load(recipe_path(get_source(data).default_recipe)[0].read_text()) or {})
     recipe.pop("model", None)  # the nets are the experiment's
     changes = RECIPE_CHANGES.get(data, {})
@@ -145,9 +140,7 @@ def recipe_for(data: str) -> dict[str, Any]:
 def base_config(data: str, overrides: Sequence[str] = (), epochs: int | None = None) -> Config:
     """The shared recipe for ``data``, then the user's ``overrides``, then ``epochs``."""
     recipe = recipe_for(data)
-    for o in overrides:
-        if o.split("=", 1)[0].strip() in ("model.name", "seed"):
-            raise AnalysisError(f"{o!r}: the model and seed are set by --depths and --seeds")
+    args.fixed_by_experiment(overrides, ("model.name", "seed"), "the nets and seeds")
     # validated after the overrides: data.root may only come with them
     cfg = apply_overrides(from_dict(recipe, check=False), overrides)
     # --epochs wins over a train.epochs=... override: it is the experiment's own flag
@@ -190,10 +183,10 @@ def parse_extra_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"densenet_bc100,lesson_resnet18"`` -> registered names trained beside the twins."""
     if text is None or not (text.replace(",", " ").split() if isinstance(text, str) else text):
         return ()
-    names = tuple(args.models(text, "--extra-models"))  # registered, none twice
+    names = tuple(args.models(text, "extra_models"))  # registered, none twice
     for n in names:
         if re.fullmatch(r"(plain|resnet)\d+", n):
-            raise AnalysisError(f"--extra-models: {n!r} is a plain/resnet twin; use --depths")
+            raise named(AnalysisError, "extra_models", f"names {n!r}, a plain/resnet twin; choose twins by their depth instead")
     return names
 
 
@@ -263,94 +256,6 @@ def split_name(model: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
-def default_jobs(device: str = "auto") -> int:
-    """Worker processes: 1 on a GPU (one device), else up to 2 single-thread CPU processes."""
-    if select_device(device).type != "cpu":
-        return 1
-    return max(1, min(2, os.cpu_count() or 1))
-
-
-# ----------------------------------------------------------------------------------------------
-# running many trainings
-
-
-def _train_job(cfg: Config) -> dict[str, Any]:
-    """Train one config (in a worker process or in-process); a picklable summary comes back.
-
-    A run whose loss becomes NaN is a result of the experiment (a plain net can diverge), not a
-    reason to stop the others: it comes back with ``error`` set.
-    """
-    t0 = time.perf_counter()
-    run_dir = Path(cfg.run.root) / str(cfg.run.name)
-    try:
-        result = fit(cfg)
-    except NonFiniteLossError as e:
-        return {"run_dir": str(run_dir), "interrupted": None, "error": str(e),
-                "wall_seconds": time.perf_counter() - t0}
-    return {"run_dir": str(result.run_dir), "interrupted": result.interrupted, "error": None,
-            "wall_seconds": time.perf_counter() - t0}
-
-
-@contextmanager
-def _quiet_epochs():
-    """Hide fit()'s per-epoch lines while many runs go by; warnings still show."""
-    logger = logging.getLogger("resnetlab")
-    level = logger.level
-    if logger.getEffectiveLevel() < logging.WARNING:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def run_trainings(cfgs: Sequence[Config], jobs: int = 1) -> list[dict[str, Any]]:
-    """Train every config; ``jobs > 1`` uses that many spawned worker processes.
-
-    Returns one dict per config that ran, in the order given: ``run_dir``, ``interrupted``,
-    ``error`` (a NaN loss), ``wall_seconds``. Progress goes to the ``resnetlab`` logger as each
-    run finishes.
-    """
-    out: list[dict[str, Any] | None] = [None] * len(cfgs)
-
-    def done(i: int, res: dict[str, Any]) -> None:
-        out[i] = res
-        n = sum(r is not None for r in out)
-        if res["error"]:
-            log.warning("[%d/%d] %s seed %d: %s", n, len(cfgs), cfgs[i].model.name, cfgs[i].seed, res["error"])
-            return
-        try:
-            m = final_metrics(res["run_dir"])
-            what = f"training error {m['train_err']:.2f}%" + "".join(  # only the splits the run had
-                f", {name} error {m[key]:.2f}%" for key, name in (("val_top1_err", "validation"),
-                                                                  ("test_top1_err", "test")) if key in m)
-        except AnalysisError:
-            what = "no finished epoch"
-        log.info("[%d/%d] %s seed %d: %s (%.0f s)", n, len(cfgs), cfgs[i].model.name, cfgs[i].seed,
-                 what, res["wall_seconds"])
-
-    if jobs <= 1:
-        for i, cfg in enumerate(cfgs):
-            with _quiet_epochs():
-                res = _train_job(cfg)
-            done(i, res)
-            if res["interrupted"]:
-                break
-    else:
-        # spawn, not fork: a forked child would inherit the parent's OpenMP/intra-op thread pool
-        # state, which can hang; spawn starts clean interpreters.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_train_job, cfg): i for i, cfg in enumerate(cfgs)}
-            try:
-                for fut in as_completed(futures):
-                    done(futures[fut], fut.result())
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    return [r for r in out if r is not None]
-
-
 # ----------------------------------------------------------------------------------------------
 # the experiment
 
@@ -390,40 +295,13 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
     finished = {r["run_dir"] for r in results if not r["interrupted"] and not r["error"]}
     failed = [{"run_dir": r["run_dir"], "error": r["error"]} for r in results if r["error"]]
 
-    runs: list[dict[str, Any]] = []
-    curves: list[dict[str, Any]] = []
-
-    for cfg in cfgs:
-        run_dir = out_dir / str(cfg.run.name)
-        if str(run_dir) not in finished:
-            continue
-        family, depth = family_depth(cfg.model.name, cfg.model.name in extras)
-        m = final_metrics(run_dir)
-        runs.append({"model": cfg.model.name, "family": family, "depth": depth, "seed": cfg.seed,
-                     "train_err": m["train_err"], "val_err": m.get("val_top1_err"),
-                     "test_err": m.get("test_top1_err"), "train_seconds": m["train_seconds"],
-                     "run_dir": str(run_dir)})
-        curves.append({"family": family, "depth": depth, "rows": read_run_metrics(run_dir)})
+    runs, curves = _finished_runs(cfgs, out_dir, finished, extras)
     if not runs:
         discard_untrained(out_dir, existed)
         raise AnalysisError(f"{out_dir}: no run finished ({interrupted or 'nothing trained'})")
 
     rows = table_rows(runs)
-    markdown = table_markdown(rows, title=f"Degradation on {data}: final errors (%) after "
-                              f"{base.train.epochs} epochs, mean ± std over seeds {','.join(map(str, seeds))}")
-    write_table_csv(out_dir / "table.csv", rows)
-    write_rows_csv(out_dir / "runs.csv", runs)
-    (out_dir / "table.md").write_text(markdown)
-    # Solid curves: the test split when the runs evaluated it every epoch, else validation.
-    held_out = "test" if all(any("test_top1_err" in r for r in c["rows"]) for c in curves) else "validation"
-    n_seeds = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
-    (figure, _svg) = plot_degradation(curves, out_dir / "degradation.png", held_out=held_out,
-                                      formats=("png", "svg"),
-                                      title=f"{data}: plain vs residual nets, {base.train.epochs} epochs, {n_seeds}")
-
-    plot_depth_sweep(rows, out_dir / "depth.png", held_out="test" if held_out == "test" else "validation",
-                     formats=("png", "svg"),
-                     title=f"{data}: final error against depth, {base.train.epochs} epochs, {n_seeds}")
+    markdown, figure, held_out = _write_results(out_dir, data, base.train.epochs, seeds, rows, runs, curves)
     seconds = time.perf_counter() - t0
     (out_dir / "experiment.json").write_text(json.dumps({
         "data": data, "depths": list(depths), "seeds": list(seeds), "epochs": base.train.epochs,
@@ -436,6 +314,46 @@ def run_degradation(data: str = "digits", depths: str | Sequence[int] = DEFAULT_
                    "held_out": f"{held_out} top-1 error after each epoch"},
     }, indent=2) + "\n")
     return DegradationResult(out_dir, rows, runs, markdown, figure, seconds, interrupted)
+
+
+def _finished_runs(cfgs: Sequence[Config], out_dir: Path, finished: set[str],
+                   extras: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(runs, curves)`` of the runs that finished: final numbers per run, and its per-epoch
+    rows for the figure, each with its family and (weighted) depth."""
+    runs: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
+    for cfg in cfgs:
+        run_dir = out_dir / str(cfg.run.name)
+        if str(run_dir) not in finished:
+            continue
+        family, depth = family_depth(cfg.model.name, cfg.model.name in extras)
+        m = final_metrics(run_dir)
+        runs.append({"model": cfg.model.name, "family": family, "depth": depth, "seed": cfg.seed,
+                     "train_err": m["train_err"], "val_err": m.get("val_top1_err"),
+                     "test_err": m.get("test_top1_err"), "train_seconds": m["train_seconds"],
+                     "run_dir": str(run_dir)})
+        curves.append({"family": family, "depth": depth, "rows": read_run_metrics(run_dir)})
+    return runs, curves
+
+
+def _write_results(out_dir: Path, data: str, epochs: int, seeds: Sequence[int], rows: list[dict[str, Any]],
+                   runs: list[dict[str, Any]], curves: list[dict[str, Any]]) -> tuple[str, Path, str]:
+    """table.md/.csv, runs.csv, degradation.png and depth.png (+ .svg); returns ``(markdown,
+    the degradation figure, the held-out split its solid curves show)``."""
+    markdown = table_markdown(rows, title=f"Degradation on {data}: final errors (%) after "
+                              f"{epochs} epochs, mean ± std over seeds {','.join(map(str, seeds))}")
+    write_table_csv(out_dir / "table.csv", rows)
+    write_rows_csv(out_dir / "runs.csv", runs)
+    (out_dir / "table.md").write_text(markdown)
+    # Solid curves: the test split when the runs evaluated it every epoch, else validation.
+    held_out = "test" if all(any("test_top1_err" in r for r in c["rows"]) for c in curves) else "validation"
+    n_seeds = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    (figure, _svg) = plot_degradation(curves, out_dir / "degradation.png", held_out=held_out,
+                                      formats=("png", "svg"),
+                                      title=f"{data}: plain vs residual nets, {epochs} epochs, {n_seeds}")
+    plot_depth_sweep(rows, out_dir / "depth.png", held_out=held_out, formats=("png", "svg"),
+                     title=f"{data}: final error against depth, {epochs} epochs, {n_seeds}")
+    return markdown, figure, held_out
 
 
 # ----------------------------------------------------------------------------------------------

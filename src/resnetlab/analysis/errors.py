@@ -7,7 +7,7 @@ from resnetlab.config import ConfigError
 
 
 class AnalysisError(ConfigError):
-    """Bad input to an analysis command (a folder without metrics, a bad --depths or --seeds
+    """Bad input to an analysis command (a folder without metrics, bad ``depths`` or ``seeds``
     value); the message names it. A ConfigError, so the CLI prints it as one line."""
 
 

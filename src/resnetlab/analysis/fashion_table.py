@@ -30,14 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.analysis import args
-from resnetlab.analysis.degradation import default_jobs, run_trainings, write_rows_csv
+from resnetlab.analysis.degradation import write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.plots import save_figure
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
+from resnetlab.analysis.trainings import default_jobs, run_trainings
 from resnetlab.analysis.transfer import TransferResult
 from resnetlab.config import apply_overrides, from_dict, load, recipe_names
 from resnetlab.launch import discard_untrained, removed_on_failure
 from resnetlab.models import create_model
+from resnetlab.params import named
 from resnetlab.runtime import select_device
 
 log = logging.getLogger("resnetlab")
@@ -86,7 +88,8 @@ def recipe_for(model: str) -> str:
     m = re.fullmatch(r"plain(\d+)", model)
     name = f"fashion_mnist_resnet{m.group(1)}" if m else f"fashion_mnist_{model}"
     if name not in recipe_names():
-        raise AnalysisError(f"--models: {model!r} has no packaged recipe {name}; choose from {', '.join(MODELS)}")
+        raise named(AnalysisError, "models", f"names {model!r}, which has no packaged recipe {name}; "
+                    f"choose from {', '.join(MODELS)}")
     return name
 
 
@@ -97,10 +100,10 @@ def parse_models(text: str | Sequence[str] | None) -> tuple[str, ...]:
     names = tuple(n for n in (text.replace(",", " ").split() if isinstance(text, str) else text) if n)
     bad = [n for n in names if n not in MODELS]
     if not names or bad:
-        raise AnalysisError(f"--models: {bad[0] if bad else 'none given'!r} is not a net of the table; "
-                            f"choose from {', '.join(MODELS)}")
+        raise named(AnalysisError, "models", f"names {bad[0] if bad else 'none given'!r}, which is not a net of "
+                    f"the table; choose from {', '.join(MODELS)}")
     if len(set(names)) != len(names):
-        raise AnalysisError(f"--models: repeated name in {text!r}")
+        raise named(AnalysisError, "models", f"has a repeated name in {text!r}")
     return names
 
 
@@ -154,10 +157,8 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
     seed_list = parse_seeds(seeds)
     args.check(epochs=epochs, jobs=jobs)  # the experiments' shared bounds
     if train_images is not None and (train_images < 10 or train_images % 10):
-        raise AnalysisError(f"--train-images must be a positive multiple of 10 (ten classes), got {train_images}")
-    for o in overrides:
-        if o.split("=", 1)[0].strip() in ("model.name", "seed", "data.name"):
-            raise AnalysisError(f"{o!r}: the nets, seeds and data are set by --models and --seeds")
+        raise named(AnalysisError, "train_images", f"must be a positive multiple of 10 (ten classes), got {train_images}")
+    args.fixed_by_experiment(overrides, ("model.name", "seed", "data.name"), "the nets, seeds and data")
     # run.root / run.name / train.device come from the overrides alone (no recipe applies to them)
     where = apply_overrides(from_dict({}, check=False), [o for o in overrides if o.startswith(("run.", "train.device"))])
     out_dir = Path(where.run.root).expanduser() / (where.run.name or f"fashion-table-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -172,18 +173,7 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
     with removed_on_failure(out_dir, existed):
         results = run_trainings(cfgs, jobs)
     interrupted = next((r["interrupted"] for r in results if r["interrupted"]), None)
-    runs = []
-    for cfg, r in zip(cfgs, results, strict=False):
-        if r["interrupted"] or r["error"]:
-            continue
-        doc = json.loads((Path(r["run_dir"]) / "result.json").read_text())
-        if not doc.get("test"):
-            continue
-        runs.append({"model": cfg.model.name, "seed": cfg.seed, "recipe": recipe_for(cfg.model.name),
-                     "epochs": doc.get("epochs", cfg.train.epochs),
-                     "train_images": train_images or _kept_training_images(cfg.data.val_fraction),
-                     "test_acc": float(doc["test"]["top1_acc"]), "test_images": int(doc["test"]["count"]),
-                     "wall_seconds": float(r["wall_seconds"]), "run_dir": Path(r["run_dir"]).name})
+    runs = _tested_runs(cfgs, results, train_images)
     if not runs:
         discard_untrained(out_dir, existed)
         raise AnalysisError(f"{out_dir}: no run finished ({interrupted or 'nothing trained'})")
@@ -203,6 +193,25 @@ def run_fashion_table(models: str | Sequence[str] | None = None, seeds: str | Se
     (out_dir / "table.md").write_text(markdown)
     figure = plot_table(rows, published, out_dir / "fashion-table.png")
     return FashionTableResult(out_dir, [*rows, *published], runs, markdown, figure, seconds, interrupted)
+
+
+def _tested_runs(cfgs: Sequence[Any], results: Sequence[dict[str, Any]],
+                 train_images: int | None) -> list[dict[str, Any]]:
+    """One row per run that finished and was tested: net, seed, recipe, epochs, training
+    images, test accuracy, wall time and its folder's name (relative: the table moves)."""
+    runs = []
+    for cfg, r in zip(cfgs, results, strict=False):
+        if r["interrupted"] or r["error"]:
+            continue
+        doc = json.loads((Path(r["run_dir"]) / "result.json").read_text())
+        if not doc.get("test"):
+            continue
+        runs.append({"model": cfg.model.name, "seed": cfg.seed, "recipe": recipe_for(cfg.model.name),
+                     "epochs": doc.get("epochs", cfg.train.epochs),
+                     "train_images": train_images or _kept_training_images(cfg.data.val_fraction),
+                     "test_acc": float(doc["test"]["top1_acc"]), "test_images": int(doc["test"]["count"]),
+                     "wall_seconds": float(r["wall_seconds"]), "run_dir": Path(r["run_dir"]).name})
+    return runs
 
 
 def _kept_training_images(val_fraction: float, n: int = 60000) -> int:

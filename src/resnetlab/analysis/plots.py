@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.engine.metrics import read_jsonl
+from resnetlab.params import named
 
 METRICS = ("err", "loss")
 # (training key, validation key, axis label) per --metric choice
@@ -79,7 +80,7 @@ def save_figure(fig: Figure, path: str | Path, formats: Iterable[str] = ("png",)
 # resnetlab plot RUN [RUN ...]
 
 
-def plot_runs(run_dirs: Sequence[str | Path], metric: str = "err", output: str | Path | None = None,
+def plot_runs(run_dirs: Sequence[str | Path], metric: Literal["err", "loss"] = "err", output: str | Path | None = None,
               labels: Sequence[str] | None = None) -> list[Path]:
     """Training (dashed) and validation (solid) curves plus the learning rate, PNG and SVG.
 
@@ -88,7 +89,7 @@ def plot_runs(run_dirs: Sequence[str | Path], metric: str = "err", output: str |
     parent folder (several). Returns the two files written.
     """
     if metric not in _KEYS:
-        raise AnalysisError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        raise named(AnalysisError, "metric", f"must be one of {', '.join(METRICS)}, got {metric!r}")
     if not run_dirs:
         raise AnalysisError("plot needs at least one run folder")
     dirs = [Path(d).expanduser() for d in run_dirs]

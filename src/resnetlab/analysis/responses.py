@@ -28,12 +28,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from resnetlab.analysis import args
 from resnetlab.analysis.degradation import train_models, write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.gradients import torch_threads
 from resnetlab.analysis.plots import save_figure
 from resnetlab.analysis.seeds import final_metrics
-from resnetlab.inference import open_run
+from resnetlab.inference import SPLITS, open_run
 from resnetlab.models.fuse import direct_pairs
 from resnetlab.runtime import run_dir
 
@@ -130,12 +131,12 @@ class ResponsesResult:
     markdown: str = ""
 
 
-def _measure_run(path: str | Path, split: str) -> tuple[str, list[dict[str, Any]]]:
+def _measure_run(path: str | Path, split: args.Split) -> tuple[str, list[dict[str, Any]]]:
     run = open_run(path, "cpu", fuse=False)
     return run.config.model.name, layer_response_stds(run.model, run.loader(split, channels_last=False).iterate(0))
 
 
-def run_responses(runs: Sequence[str | Path], *, split: str = "test", out: str | Path | None = None,
+def run_responses(runs: Sequence[str | Path], *, split: args.Split = "test", out: str | Path | None = None,
                   labels: Sequence[str] | None = None) -> ResponsesResult:
     """Layer-response stds of the trained networks in ``runs`` on ``split``; CSV, figure, summary.
 
@@ -145,7 +146,7 @@ def run_responses(runs: Sequence[str | Path], *, split: str = "test", out: str |
     if not runs:
         raise AnalysisError("give at least one run folder")
     if split not in ("train", "val", "test"):
-        raise AnalysisError(f"--split must be train, val or test, got {split!r}")
+        args.one_of(split, "split", SPLITS)
 
     with torch_threads(1):  # small convolutions on shared cores: one thread is fastest
         measured = [(Path(r), *_measure_run(r, split)) for r in runs]
@@ -187,7 +188,7 @@ def responses_markdown(summary: dict[str, dict[str, float]]) -> str:
 
 
 def plot_responses(rows: Sequence[dict[str, Any]], path: str | Path, formats: Sequence[str] = ("png",),
-                   split: str = "test") -> list[Path]:
+                   split: args.Split = "test") -> list[Path]:
     """The paper's Fig. 7: std against layer index (top) and sorted by magnitude (bottom)."""
     import matplotlib
     from matplotlib.figure import Figure

@@ -37,7 +37,7 @@ _NOT_EVAL_METRICS = {"count", "weights", "seconds"}
 def parse_seeds(text: str | Iterable[int]) -> tuple[int, ...]:
     """``"0,1,2"`` (or ``"0 1 2"``, or a list of ints) -> ``(0, 1, 2)``; each within the seed
     bound of :mod:`resnetlab.analysis.args`, no repeats."""
-    return int_list(text if isinstance(text, str) else tuple(text), "seed", "--seeds", "0,1,2")
+    return int_list(text if isinstance(text, str) else tuple(text), "seeds", "0,1,2", key="seed")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:

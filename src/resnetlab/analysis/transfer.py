@@ -34,13 +34,15 @@ from typing import Any
 
 from resnetlab import runtime
 from resnetlab.analysis import args
-from resnetlab.analysis.degradation import data_choices, default_jobs, run_trainings, write_rows_csv
+from resnetlab.analysis.degradation import data_choices, write_rows_csv
 from resnetlab.analysis.errors import AnalysisError
 from resnetlab.analysis.plots import save_figure
 from resnetlab.analysis.seeds import format_pm, mean_std, parse_seeds
+from resnetlab.analysis.trainings import default_jobs, run_trainings
 from resnetlab.config import Config, load
 from resnetlab.data import DataError, build_datasets
 from resnetlab.exit_codes import exit_code
+from resnetlab.params import named
 
 SOURCE_CLASSES = ("0", "1", "2", "3", "4")
 TARGET_CLASSES = ("5", "6", "7", "8", "9")
@@ -99,7 +101,7 @@ class TransferResult:
 
 def parse_ns(text: str | Sequence[int]) -> tuple[int, ...]:
     """``"5,10,20,50"`` -> ``(5, 10, 20, 50)``; each N within ``args.BOUNDS["n"]``, no repeats."""
-    return tuple(sorted(args.int_list(text, "n", "--n", "5,10,20,50")))
+    return tuple(sorted(args.int_list(text, "ns", "5,10,20,50", key="n")))
 
 
 def parse_ways(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -107,7 +109,8 @@ def parse_ways(text: str | Sequence[str]) -> tuple[str, ...]:
     ways = [w for w in text.replace(",", " ").split()] if isinstance(text, str) else list(text)
     bad = [w for w in ways if w not in WAYS]
     if not ways or bad:
-        raise AnalysisError(f"--ways: {bad[0] if bad else 'none given'!r} is not one of {', '.join(WAYS)}")
+        raise named(AnalysisError, "ways", f"names {bad[0] if bad else 'none given'!r}, which is not one of "
+                    f"{', '.join(WAYS)}")
     return tuple(w for w in WAYS if w in ways)
 
 
@@ -155,9 +158,7 @@ def plan(ns: Sequence[int], seeds: Sequence[int], ways: Sequence[str], out_dir: 
 def _check_overrides(overrides: Sequence[str]) -> None:
     fixed = ("model.init_from", "train.freeze", "data.classes", "data.train_per_class", "seed",
              "run.name", "data.name")
-    for o in overrides:
-        if o.split("=", 1)[0].strip() in fixed:
-            raise AnalysisError(f"{o!r}: set by the experiment itself (--n, --seeds, the four ways)")
+    args.fixed_by_experiment(overrides, fixed, "the N, seeds and ways")
 
 
 def _check_largest_n(cfg: Config, n: int) -> None:
@@ -166,7 +167,7 @@ def _check_largest_n(cfg: Config, n: int) -> None:
     try:
         build_datasets(cfg.data, seed=cfg.seed, needs=("train",))
     except DataError as e:
-        raise AnalysisError(f"--n {n}: {e}") from None
+        raise named(AnalysisError, "ns", f"has {n}, more than the data gives: {e}") from None
 
 
 def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int] = DEFAULT_SEEDS,
@@ -181,11 +182,10 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
     t0 = time.perf_counter()
     ns, seeds, ways = parse_ns(ns), parse_seeds(seeds), parse_ways(ways)
     args.check(steps=steps, pretrain_epochs=pretrain_epochs, jobs=jobs)
-    for flag, d in (("--source", source), ("--target", target)):
-        if d not in data_choices():
-            raise AnalysisError(f"{flag} must be one of {', '.join(data_choices())}, got {d!r}")
+    for param, d in (("source", source), ("target", target)):
+        args.one_of(d, param, data_choices())
     if pretrain_images is not None and (pretrain_images < 10 or pretrain_images % 10):
-        raise AnalysisError(f"--pretrain-images must be a positive multiple of 10, got {pretrain_images}")
+        raise named(AnalysisError, "pretrain_images", f"must be a positive multiple of 10, got {pretrain_images}")
     _check_overrides(overrides)
     split = same_source_split(source, target)
     base = load(None, [*data_args(target), *MODEL_COMMON, *overrides])
@@ -198,35 +198,9 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
                      pretrain_images=pretrain_images, target_classes=target_classes)
     _check_largest_n(fine[0], max(ns))  # before pretraining: --n 100000 is refused now, not later
     out_dir.mkdir(parents=True, exist_ok=True)
-    interrupted = None
     need_pretrain = any(w != "scratch" for w in ways)
-    if need_pretrain:
-        done = run_trainings(pre, jobs)
-        interrupted = next((r["interrupted"] for r in done if r["interrupted"]), None)
-        failed = [r for r in done if r["error"]]
-        if failed:
-            raise AnalysisError(f"pretraining failed: {failed[0]['error']}")
-    results = [] if interrupted else run_trainings(fine, jobs)
-    interrupted = interrupted or next((r["interrupted"] for r in results if r["interrupted"]), None)
-    finished = {r["run_dir"] for r in results if not r["interrupted"] and not r["error"]}
-
-    runs = []
-    for cfg in fine:
-        run_dir = out_dir / str(cfg.run.name)
-        if str(run_dir) not in finished:
-            continue
-        doc = json.loads((run_dir / "result.json").read_text())
-        way = str(cfg.run.name).rsplit("-n", 1)[0]
-        runs.append({"way": way, "n": cfg.data.train_per_class, "seed": cfg.seed,
-                     "test_acc": doc["test"]["top1_acc"], "steps": doc["steps"],
-                     "epochs": doc["epochs"], "run_dir": str(run_dir)})
-    if not runs:
-        raise AnalysisError(f"{out_dir}: no fine-tuning run finished ({interrupted or 'nothing trained'})")
-    pre_acc = []
-    for cfg in pre if need_pretrain else []:
-        p = out_dir / str(cfg.run.name) / "result.json"
-        if p.is_file():
-            pre_acc.append(json.loads(p.read_text())["test"]["top1_acc"])
+    runs, interrupted = _train(pre if need_pretrain else [], fine, out_dir, jobs)
+    pre_acc = _test_accuracies(pre if need_pretrain else [], out_dir)
     rows = table_rows(runs)
     src_txt, tgt_txt = ("digits 0-4", "digits 5-9") if split else (source, target)
     title = (f"Transfer: resnet20 pretrained on {src_txt}, trained on {tgt_txt} with N labelled "
@@ -246,6 +220,45 @@ def run_transfer(ns: str | Sequence[int] = DEFAULT_NS, seeds: str | Sequence[int
         "overrides": list(overrides), "pretrain_test_acc": pre_acc, "wall_seconds": seconds,
         "interrupted": interrupted}, indent=2) + "\n")
     return TransferResult(out_dir, rows, runs, markdown, figure, seconds, interrupted)
+
+
+def _train(pre: Sequence[Config], fine: Sequence[Config], out_dir: Path,
+           jobs: int) -> tuple[list[dict[str, Any]], str | None]:
+    """Pretrain (``pre``; none when only scratch runs), then fine-tune; ``(one row per finished
+    fine-tuning run, what interrupted the experiment or None)``."""
+    interrupted = None
+    if pre:
+        done = run_trainings(pre, jobs)
+        interrupted = next((r["interrupted"] for r in done if r["interrupted"]), None)
+        failed = [r for r in done if r["error"]]
+        if failed:
+            raise AnalysisError(f"pretraining failed: {failed[0]['error']}")
+    results = [] if interrupted else run_trainings(fine, jobs)
+    interrupted = interrupted or next((r["interrupted"] for r in results if r["interrupted"]), None)
+    finished = {r["run_dir"] for r in results if not r["interrupted"] and not r["error"]}
+    runs = []
+    for cfg in fine:
+        run_dir = out_dir / str(cfg.run.name)
+        if str(run_dir) not in finished:
+            continue
+        doc = json.loads((run_dir / "result.json").read_text())
+        way = str(cfg.run.name).rsplit("-n", 1)[0]
+        runs.append({"way": way, "n": cfg.data.train_per_class, "seed": cfg.seed,
+                     "test_acc": doc["test"]["top1_acc"], "steps": doc["steps"],
+                     "epochs": doc["epochs"], "run_dir": str(run_dir)})
+    if not runs:
+        raise AnalysisError(f"{out_dir}: no fine-tuning run finished ({interrupted or 'nothing trained'})")
+    return runs, interrupted
+
+
+def _test_accuracies(cfgs: Sequence[Config], out_dir: Path) -> list[float]:
+    """Test top-1 accuracy of each of ``cfgs``' runs that wrote a result.json."""
+    accs = []
+    for cfg in cfgs:
+        p = out_dir / str(cfg.run.name) / "result.json"
+        if p.is_file():
+            accs.append(json.loads(p.read_text())["test"]["top1_acc"])
+    return accs
 
 
 def _class_count(cfg: Config) -> int:

@@ -15,6 +15,11 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                        description="Reproduce an experiment of He et al. 2015.")
     exp = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     sources = source_names(split_folders=False)  # --data choices: the registry's labelled sets
+    for add, _ in REPRODUCE.values():
+        add(exp, sources)
+
+
+def _add_degradation(exp: argparse._SubParsersAction, sources: list[str]) -> None:
     d = exp.add_parser("degradation", help="plain vs residual nets: figure + table of final errors",
                        description="Train plain<d> and resnet<d> with one recipe and the same seeds; "
                                    "write runs/degradation-<data>-<time>/ with degradation.png (Figure 6 "
@@ -29,6 +34,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
                    help="other registered nets trained with the same recipe and seeds (e.g. densenet_bc100, "
                         "lesson_resnet18); in the table and in depth.png at their weighted depth")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. optim.lr=0.05")
+
+
+def _add_landscape(exp: argparse._SubParsersAction, sources: list[str]) -> None:
     ls = exp.add_parser("landscape", help="loss landscapes of plain56 and resnet56 on digits, side by side",
                         description="Train the models on digits (degradation recipe, one seed), then draw "
                                     "their loss landscapes along the same kind of filter-normalised random "
@@ -42,6 +50,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     _landscape_options(ls, images=128)
     ls.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
     ls.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
+
+
+def _add_responses(exp: argparse._SubParsersAction, sources: list[str]) -> None:
     rs = exp.add_parser("responses", help="layer responses (Fig. 7) of plain20/56, resnet20/56/110 on digits",
                         description="Train the models on digits (degradation recipe, one seed), then write "
                                     "the std of every 3x3 layer's response on the test split: "
@@ -53,12 +64,15 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     rs.add_argument("--data", default="digits", choices=sources, help="data source (default digits)")
     rs.add_argument("--jobs", type=int, help="training worker processes (default 2 on CPU)")
     rs.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every training run")
+
+
+def _add_transfer(exp: argparse._SubParsersAction, sources: list[str]) -> None:
     t = exp.add_parser("transfer", help="pretrain on digits 0-4, then learn 5-9 from N images per class four ways",
                        description="Pretrain resnet20 on digits 0-4 (one net per seed), then train on digits "
                                    "5-9 with N labelled images per class: from scratch, linear probe, full "
                                    "fine-tune, stem frozen. Writes runs/transfer-digits-<time>/ with table.md, "
                                    "table.csv, transfer.png; prints the table.")
-    t.add_argument("--n", default="5,10,20,50", help="labelled images per class (default 5,10,20,50)")
+    t.add_argument("--n", dest="ns", metavar="N", default="5,10,20,50", help="labelled images per class (default 5,10,20,50)")
     t.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
     t.add_argument("--ways", default="scratch,probe,finetune,stem-frozen", help="which ways (default all four)")
     t.add_argument("--steps", type=int, default=100, help="optimiser steps per fine-tuning run (default 100)")
@@ -70,6 +84,9 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--pretrain-images", type=int, metavar="N", help="pretrain on a seeded draw of N images")
     t.add_argument("--jobs", type=int, help="worker processes (default 2 single-thread ones on CPU, 1 on GPU)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run, e.g. run.root=out")
+
+
+def _add_cifar_table(exp: argparse._SubParsersAction, sources: list[str]) -> None:
     c = exp.add_parser("cifar-table", help="Table 6: resnet20..110 on local CIFAR-10, ours vs the paper's",
                        description="Train the packaged recipes cifar10_resnet{20,32,44,56,110} on local CIFAR-10 "
                                    "files and print our test error next to the paper's. For GPUs: prints "
@@ -77,9 +94,12 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--depths", default="20,32,44,56,110", help="which of Table 6's nets (default all five)")
     c.add_argument("--seeds", default="0", help="seeds per net (default 0)")
     c.add_argument("--yes", action="store_true", help="train even on a CPU")
-    c.add_argument("--configs", metavar="DIR", help="folder with cifar10_resnet<d>.yaml (default: the packaged recipes)")
+    c.add_argument("--configs", dest="configs_dir", metavar="DIR", help="folder with cifar10_resnet<d>.yaml (default: the packaged recipes)")
     c.add_argument("--estimate-steps", type=int, default=5, help="optimiser steps timed per net (default 5)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=~/data/cifar10")
+
+
+def _add_fashion_table(exp: argparse._SubParsersAction, sources: list[str]) -> None:
     f = exp.add_parser("fashion-table", help="resnet20/56/110, plain twins, densenet_bc100, lesson_resnet18 on "
                                              "Fashion-MNIST beside the published leaderboard",
                        description="Train each net with its packaged recipe fashion_mnist_<net> (plain twins with "
@@ -134,7 +154,7 @@ def _reproduce_degradation(args: argparse.Namespace) -> int:
 def _reproduce_transfer(args: argparse.Namespace) -> int:
     from resnetlab.analysis.transfer import run_transfer
 
-    tr = run_transfer(args.n, args.seeds, args.ways, steps=args.steps, pretrain_epochs=args.pretrain_epochs,
+    tr = run_transfer(args.ns, args.seeds, args.ways, steps=args.steps, pretrain_epochs=args.pretrain_epochs,
                       overrides=args.overrides, jobs=args.jobs, source=args.source, target=args.target,
                       pretrain_images=args.pretrain_images)
     print(tr.markdown)
@@ -145,7 +165,7 @@ def _reproduce_transfer(args: argparse.Namespace) -> int:
 def _reproduce_cifar_table(args: argparse.Namespace) -> int:
     from resnetlab.analysis import run_cifar_table
 
-    table = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs,
+    table = run_cifar_table(args.depths, args.seeds, args.overrides, yes=args.yes, configs_dir=args.configs_dir,
                             estimate_steps=args.estimate_steps, on_estimate=print)
     if not table.ran:
         print("resnetlab reproduce cifar-table: this is meant for a GPU; on this CPU it would take the "
@@ -166,19 +186,21 @@ def _reproduce_fashion_table(args: argparse.Namespace) -> int:
     return ft.exit_code
 
 
-# `reproduce EXPERIMENT`: the experiment's name -> the function that runs it and prints its result
-REPRODUCE: dict[str, Callable[[argparse.Namespace], int]] = {
-    "degradation": _reproduce_degradation,
-    "landscape": _reproduce_landscape,
-    "responses": _reproduce_responses,
-    "transfer": _reproduce_transfer,
-    "cifar-table": _reproduce_cifar_table,
-    "fashion-table": _reproduce_fashion_table,
+# `reproduce EXPERIMENT`: the experiment's name -> (declare its arguments, run it and print its
+# result); `resnetlab reproduce --help` lists them in this order
+REPRODUCE: dict[str, tuple[Callable[[argparse._SubParsersAction, list[str]], None],
+                           Callable[[argparse.Namespace], int]]] = {
+    "degradation": (_add_degradation, _reproduce_degradation),
+    "landscape": (_add_landscape, _reproduce_landscape),
+    "responses": (_add_responses, _reproduce_responses),
+    "transfer": (_add_transfer, _reproduce_transfer),
+    "cifar-table": (_add_cifar_table, _reproduce_cifar_table),
+    "fashion-table": (_add_fashion_table, _reproduce_fashion_table),
 }
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    return REPRODUCE[args.experiment](args)
+    return REPRODUCE[args.experiment][1](args)
 
 
 def add_gradients(sub: argparse._SubParsersAction) -> None:
