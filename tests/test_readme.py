@@ -184,6 +184,39 @@ def test_readme_gradient_ratios_are_the_committed_measurement() -> None:
     assert expected in README.read_text(), f"README's gradient block differs from {RESULTS}/gradients:\n{expected}"
 
 
+def test_readme_gradient_paragraph_is_the_committed_measurement() -> None:
+    """The sentences reading the gradient run (spans, peak block) are made from its committed CSV."""
+    import csv
+
+    from resnetlab.analysis.findings import gradient_paragraph
+
+    doc = _gradient_summary()
+    with (RESULTS / "gradients" / "gradients.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = gradient_paragraph(doc["ratio_first_to_last_block"], rows, doc["steps"])
+    assert expected in " ".join(README.read_text().split()), f"README's gradient paragraph differs:\n{expected}"
+
+
+def test_readme_responses_are_the_committed_run() -> None:
+    """The layer-responses table and the sentences under it are made from docs/results/responses."""
+    import csv
+
+    from resnetlab.analysis.findings import responses_sentence, training_errors_sentence
+    from resnetlab.analysis.plots import read_run_metrics
+    from resnetlab.analysis.responses import responses_markdown, summarize_responses
+
+    folder = RESULTS / "responses"
+    with (folder / "responses.csv").open(newline="") as f:
+        summary = summarize_responses([{**r, "std": float(r["std"])} for r in csv.DictReader(f)])
+    errors = {m: read_run_metrics(folder / m)[-1]["train_err"] for m in summary}
+    epochs = json.loads((folder / "plain20" / "result.json").read_text())["epochs"]
+    text = README.read_text()
+    assert responses_markdown(summary) in text, "README's responses table differs from docs/results/responses"
+    sentences = (responses_sentence(summary, [("plain20", "resnet20"), ("plain56", "resnet56")]) + " "
+                 + training_errors_sentence(errors, epochs))
+    assert sentences in " ".join(text.split()), f"README's responses sentences differ:\n{sentences}"
+
+
 def test_gradient_ratios_at_init_recomputed(tmp_path: Path) -> None:
     """Recompute the cheap half (initialisation: one forward/backward per model) and compare.
 

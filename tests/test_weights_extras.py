@@ -297,3 +297,20 @@ def test_lesson_ships_and_copies(tmp_path: Path, capsys) -> None:
     assert "exists" in capsys.readouterr().err
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "notebooks/*.ipynb" in project["tool"]["setuptools"]["package-data"]["resnetlab"]
+
+
+def test_lesson_copy_takes_a_data_source(tmp_path: Path, capsys) -> None:
+    """`resnetlab lesson --data fashion_mnist` sets the copy's DATA default; nothing else changes."""
+    import json
+
+    from resnetlab.cli import main
+
+    assert main(["lesson", str(tmp_path), "--data", "fashion_mnist"]) == 0
+    copy = json.loads((tmp_path / "lesson.ipynb").read_text())
+    shipped = json.loads((ROOT / "docs" / "lesson.ipynb").read_text())
+    changed = [(a, b) for a, b in zip(shipped["cells"], copy["cells"], strict=True) if a != b]
+    assert len(changed) == 1 and "parameters" in changed[0][1]["metadata"]["tags"]
+    assert 'DATA = os.environ.get("RESNETLAB_LESSON_DATA", "fashion_mnist")' in "".join(changed[0][1]["source"])
+    assert main(["lesson", str(tmp_path / "b"), "--data", "fashion"]) == 2
+    err = capsys.readouterr().err
+    assert "--data must be one of" in err and "'fashion'" in err and not (tmp_path / "b").exists()

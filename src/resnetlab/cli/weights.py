@@ -142,6 +142,25 @@ def add_lesson(sub: argparse._SubParsersAction) -> None:
                                    "(pip install 'resnetlab[notebook]').")
     p.add_argument("dest", nargs="?", default=".", help="folder to copy into (default .)")
     p.add_argument("--force", action="store_true", help="overwrite an existing lesson.ipynb")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="the copy's default data source (its DATA parameter; default digits): any that "
+                        "`resnetlab reproduce degradation --data` takes")
+
+
+def lesson_with_data(text: str, data: str) -> str:
+    """The notebook ``text`` (JSON) with its parameters cell's default ``DATA`` set to ``data``."""
+    import json
+    import re
+
+    nb = json.loads(text)
+    line = re.compile(r'^(DATA = os\.environ\.get\("RESNETLAB_LESSON_DATA", )"[^"]*"\)', re.M)
+    for cell in nb["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = "".join(cell["source"])
+            if line.search(source):
+                cell["source"] = line.sub(lambda m: f'{m.group(1)}"{data}")', source).splitlines(keepends=True)
+                return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    raise ValueError("lesson.ipynb has no parameters cell setting DATA")  # a packaging mistake, not user input
 
 
 def run_lesson(args: argparse.Namespace) -> int:
@@ -154,8 +173,17 @@ def run_lesson(args: argparse.Namespace) -> int:
     if target.exists() and not args.force:
         print(f"resnetlab lesson: error: {target} exists; pass --force to overwrite it", file=sys.stderr)
         return 2
+    text = src.read_bytes().decode("utf-8")
+    if args.data is not None:
+        from resnetlab.analysis.degradation import data_choices
+
+        if args.data not in data_choices():
+            print(f"resnetlab lesson: error: --data must be one of {', '.join(data_choices())}, got {args.data!r}",
+                  file=sys.stderr)
+            return 2
+        text = lesson_with_data(text, args.data)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(src.read_bytes())
+    target.write_bytes(text.encode("utf-8"))
     print(f"wrote {target}; open it with `jupyter lab {target}` (pip install 'resnetlab[notebook]')")
     return 0
 
