@@ -31,9 +31,10 @@ def test_hub_entry_points_documented() -> None:
 
 
 def test_hub_load_shipped_weights_offline() -> None:
-    model = torch.hub.load(str(REPO), "resnet20", weights="fashion_mnist", source="local", trust_repo=True)
+    model = torch.hub.load(str(REPO), "resnet56", weights="fashion_mnist", source="local", trust_repo=True)
     state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in get("resnet20.fashion_mnist").state_dict().items())
+    shipped = get("resnet56.fashion_mnist").state_dict()
+    assert state.keys() == shipped.keys() and all(torch.equal(state[k], v) for k, v in shipped.items())
     assert model.pretrained_cfg["input_size"] == [1, 28, 28]
     other = torch.hub.load(str(REPO), "resnet", name="resnet32", num_classes=7, source="local", trust_repo=True)
     assert other.arch == "resnet32" and other.fc.out_features == 7
