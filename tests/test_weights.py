@@ -120,3 +120,16 @@ def test_readme_table_is_read_from_the_cards() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("<!-- weights-table -->\n")[1].split("<!-- /weights-table -->")[0]
     assert block.strip() == markdown_table(), "regenerate: python -c 'from resnetlab.weights.zoo import markdown_table; print(markdown_table())'"
+
+
+def test_readme_states_the_shipped_weights_size() -> None:
+    """The install section's size of the weights folder is the folder's (MB, one decimal)."""
+    import re
+
+    from resnetlab.weights.zoo import FILES
+
+    total = sum(p.stat().st_size for p in Path(FILES).rglob("*") if p.is_file()) / 1e6
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    stated = re.search(r"([0-9.]+) MB in `src/resnetlab/weights/files/`", " ".join(readme.split()))
+    assert stated, "README's install section no longer states the size of the shipped weights"
+    assert float(stated[1]) == round(total, 1), f"the weights folder holds {total:.2f} MB"
