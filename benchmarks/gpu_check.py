@@ -616,7 +616,8 @@ def _race_resnetlab(device: torch.device, plan: Plan, workdir: Path, root: Path 
         overrides.append(f"data.root={root}")
     cfg = resnetlab.load_config("fashion_mnist", overrides + _race_overrides(plan))
     result = resnetlab.train(cfg, on_step=on_step)
-    for r in read_jsonl(run_dir / "metrics.jsonl")[len(curve):]:  # epochs after the last check
+    log = run_dir / "metrics.jsonl"  # absent when the time limit stopped the race inside epoch 1
+    for r in (read_jsonl(log) if log.is_file() else [])[len(curve):]:  # epochs after the last check
         curve.append((r["epoch"], time.perf_counter() - t0, 100.0 - r["test_top1_err"]))
         if curve[-1][2] >= TARGET_ACC and not reached:
             reached.append(curve[-1][1])
