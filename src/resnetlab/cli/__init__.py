@@ -2,8 +2,9 @@
 
 Each subcommand is a pair: ``add_<name>(subparsers)`` declares its arguments and
 ``run_<name>(args)`` calls the library and returns the exit code. The pairs live in one module per
-area (train, info, use, serve, analysis), each with a ``COMMANDS`` table; this module only builds
-the parser from those tables, maps errors to exit codes and runs the chosen command.
+area (train, info, use, serve, reproduce, analysis, weights), each with a ``COMMANDS`` table; this
+module only builds the parser from those tables, maps errors to exit codes and runs the chosen
+command.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from resnetlab.cli import analysis, info, serve, train, use, weights
+from resnetlab.cli import analysis, info, reproduce, serve, train, use, weights
 from resnetlab.exit_codes import EXIT_FAILURE, EXIT_USER_ERROR, exit_code
 from resnetlab.params import flags_of, for_cli
 
@@ -56,7 +57,8 @@ def _setup_logging(quiet: bool = False) -> None:
 
 # `resnetlab --help` lists the commands in this order
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
-    **train.COMMANDS, **info.COMMANDS, **use.COMMANDS, **serve.COMMANDS, **analysis.COMMANDS,
+    **train.COMMANDS, **info.COMMANDS, **use.COMMANDS, **serve.COMMANDS, **reproduce.COMMANDS,
+    **analysis.COMMANDS,
     **weights.COMMANDS,
 }
 
