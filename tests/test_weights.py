@@ -133,3 +133,16 @@ def test_readme_states_the_shipped_weights_size() -> None:
     stated = re.search(r"([0-9.]+) MB in `src/resnetlab/weights/files/`", " ".join(readme.split()))
     assert stated, "README's install section no longer states the size of the shipped weights"
     assert float(stated[1]) == round(total, 1), f"the weights folder holds {total:.2f} MB"
+
+
+def test_each_architecture_has_one_default_and_pretrained_loads_it() -> None:
+    """`resnetlab weights` marks one default per architecture, and it is what pretrained=True loads."""
+    from resnetlab.weights.zoo import describe
+
+    rows = describe()
+    for arch in {r["arch"] for r in rows}:
+        marked = [r["name"] for r in rows if r["arch"] == arch and r["default"]]
+        assert len(marked) == 1, (arch, marked)
+        model = resnetlab.create_model(arch, pretrained=True)
+        assert f"{arch}.{model.pretrained_cfg['tag']}" == marked[0]
+    assert [r["name"] for r in rows if r["arch"] == "resnet20" and r["default"]] == ["resnet20.digits"]

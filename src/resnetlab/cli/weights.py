@@ -34,11 +34,12 @@ def run_weights(args: argparse.Namespace) -> int:
         if not rows:
             print("no weights ship with this installation")
             return 0
-        print(f"{'name':<26} {'dataset':<14} {'test top-1':>10} {'params':>10} {'file':>9}")
+        print(f"{'name':<26} {'dataset':<14} {'test top-1':>10} {'params':>10} {'file':>9}  default")
         for r in rows:
             acc = f"{r['top1_acc']:.2f}%" if r["top1_acc"] is not None else "-"
             print(f"{r['name']:<26} {r['dataset'] or '-':<14} {acc:>10} {r['num_params']:>10,} "
-                  f"{r['file_size'] / 2**20:>7.2f}MB")
+                  f"{r['file_size'] / 2**20:>7.2f}MB  {'yes' if r['default'] else ''}".rstrip())
+        print("default: what pretrained=True (or weights='DEFAULT') loads for that architecture")
         return 0
     if not args.name:
         print(f"resnetlab weights {args.action}: error: name the weights, e.g. `resnetlab weights "

@@ -278,15 +278,18 @@ def resolve(arch: str, weights: Weights | str | None, pretrained: bool = False) 
 
 
 def describe(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """One row per shipped weight (name, dataset, metric, parameters, file size), for listings."""
+    """One row per shipped weight (name, dataset, metric, parameters, file size, and whether it is
+    its architecture's default: what ``pretrained=True`` loads), for listings."""
     rows = []
     for name in names if names is not None else list_weights():
         w = _shipped()[name]
         m = w.meta
         test = m.get("metrics", {}).get("test", {})
+        default = default_weights(w.arch)
         rows.append({"name": name, "arch": w.arch, "dataset": m.get("dataset"),
                      "top1_acc": test.get("top1_acc"), "num_params": m.get("num_params"),
-                     "file_size": m.get("file_size"), "budget": m.get("budget")})
+                     "file_size": m.get("file_size"), "budget": m.get("budget"),
+                     "default": default is not None and default.name == name})
     return rows
 
 
