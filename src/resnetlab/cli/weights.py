@@ -22,8 +22,7 @@ def add_weights(sub: argparse._SubParsersAction) -> None:
 def run_weights(args: argparse.Namespace) -> int:
     import json
 
-    from resnetlab.params import for_cli
-    from resnetlab.weights import WeightsError, get
+    from resnetlab.weights import get
     from resnetlab.weights.zoo import describe
 
     if args.action == "list":
@@ -45,17 +44,14 @@ def run_weights(args: argparse.Namespace) -> int:
         print(f"resnetlab weights {args.action}: error: name the weights, e.g. `resnetlab weights "
               f"{args.action} resnet20.digits` (`resnetlab weights` lists them)", file=sys.stderr)
         return 2
-    try:
-        w = get(args.name)
-        if args.action == "show":
-            print(json.dumps({"name": w.name, "file": str(w.file), **w.meta}, indent=2))
-            return 0
-        from resnetlab.weights.build import verify
+    # a WeightsError reaches main's handler, which prints it with its flags and exits 2
+    w = get(args.name)
+    if args.action == "show":
+        print(json.dumps({"name": w.name, "file": str(w.file), **w.meta}, indent=2))
+        return 0
+    from resnetlab.weights.build import verify
 
-        result = verify(w, args.overrides)
-    except WeightsError as e:
-        print(f"resnetlab weights: error: {for_cli(e, args._flags)}", file=sys.stderr)
-        return 2
+    result = verify(w, args.overrides)
     if args.json:
         print(json.dumps({**vars(result), "ok": result.ok}, indent=2))
     else:
