@@ -39,7 +39,7 @@ from resnetlab.calibration import (
 )
 from resnetlab.config import Config, ConfigError, parse_override
 from resnetlab.data import DataError, DataMeta, build_loader
-from resnetlab.engine.metrics import SumMeter
+from resnetlab.engine.metrics import SumMeter, mirror_log_probs
 from resnetlab.inference import NonFiniteOutputError, open_run, output_dir
 from resnetlab.outputs import write_output
 
@@ -179,9 +179,9 @@ def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: 
         cal = calibration_metrics(logits, labels, t)
         out |= {"temperature": t, "ece_calibrated": cal["ece"], "nll_calibrated": cal["nll"]}
     if logits_flip is not None:
-        probs = (torch.softmax(logits.double(), 1) + torch.softmax(logits_flip.double(), 1)) / 2
+        both = mirror_log_probs(logits, logits_flip)  # [n, k]
         plain = 100.0 * float((logits.argmax(1) == labels).double().mean())
-        out["top1_acc_flip"] = 100.0 * float((probs.argmax(1) == labels).double().mean())
+        out["top1_acc_flip"] = 100.0 * float((both.argmax(1) == labels).double().mean())
         out["top1_acc_flip_gain"] = out["top1_acc_flip"] - plain
     bins = calibration_bins(torch.softmax(logits.double() / t, 1), labels)
     return out, bins

@@ -53,7 +53,7 @@ RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.device", "train.threads", "train.quiet", "train.tensorboard",
     "train.compile", "train.channels_last", "train.cudnn_benchmark", "train.tf32", "train.sync_every",
     "train.checkpoint_every_steps", "train.eval_every", "train.eval_batch_size", "train.test_at_end",
-    "train.test_every_epoch", "train.resume", "train.sync_bn",  # SyncBN over W ranks = one process's BN
+    "train.test_every_epoch", "train.test_tta", "train.resume", "train.sync_bn",  # SyncBN over W ranks = one process's BN
     "data.num_workers", "data.in_memory", "data.check_images",
     "data.root",  # the same files moved elsewhere; the split is drawn from the seed and the files
 })

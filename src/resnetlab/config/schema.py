@@ -98,6 +98,7 @@ class TrainConfig:
     eval_every: int = 1  # validate every N epochs (and always after the last)
     test_at_end: bool = True  # evaluate the test split once, after training
     test_every_epoch: bool = False  # also test after every epoch, for figures; models are chosen on val
+    test_tta: Literal["flip"] | None = None  # flip: the final test also scores image + mirror (test.top1_acc_flip)
     quiet: bool = False  # no progress bar
     tensorboard: bool = True  # write event files when tensorboard is installed
     threads: int = 0  # torch CPU threads, 0 = torch's default

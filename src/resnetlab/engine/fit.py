@@ -436,7 +436,8 @@ def _final_test(run: Run) -> dict[str, Any] | None:
         ckpt.load_weights(model, state, source=str(best))
     loader = run.loaders.test_every_epoch or build_loader(
         data.test, run.meta, cfg.data, train=False, batch_size=cfg.train.eval_batch_size, **run.loaders.kwargs)
-    test: dict[str, Any] = dict(evaluate(model, loader, device=run.device, amp=cfg.train.amp))
+    test: dict[str, Any] = dict(evaluate(model, loader, device=run.device, amp=cfg.train.amp,
+                                         tta_flip=cfg.train.test_tta == "flip"))
     if current is not None:
         model.load_state_dict(current)
     if not math.isfinite(test["loss"]):

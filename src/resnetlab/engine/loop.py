@@ -17,7 +17,7 @@ from torch import nn
 
 from resnetlab.data.loaders import Loader
 from resnetlab.engine.dist import all_reduce_sum
-from resnetlab.engine.metrics import SumMeter
+from resnetlab.engine.metrics import SumMeter, mirror_log_probs
 from resnetlab.engine.optim import ModelEMA, set_lr
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,9 +120,12 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader, *, device: torch.device, amp: str = "none",
-             criterion: nn.Module | None = None) -> dict[str, float]:
+             criterion: nn.Module | None = None, tta_flip: bool = False) -> dict[str, float]:
     """Loss and top-1/top-5 error and accuracy (percent) over every sample of ``loader``.
 
+    ``tta_flip`` also runs every image mirrored left-right and adds ``loss_flip``,
+    ``top1_acc_flip``, ``top1_err_flip`` and ``top5_acc_flip``: the same measures of the mean
+    softmax of each image and its mirror (:func:`~resnetlab.engine.metrics.mirror_log_probs`).
     Under DDP each rank evaluates its shard and the sums are all-reduced, so every rank
     returns the metrics of the whole split.
     """
@@ -130,13 +133,21 @@ def evaluate(model: nn.Module, loader: Loader, *, device: torch.device, amp: str
     was_training = model.training
     model.eval()
     meter = SumMeter(device)
+    mirrored = SumMeter(device)
     t0 = time.perf_counter()
     for x, y in loader.iterate(0):
         with autocast(device, amp):
-            logits = model(x)
-        meter.update(criterion(logits.float(), y), logits.float(), y)
+            logits = model(x).float()  # [b, k]
+            flipped = model(x.flip(dims=[3])).float() if tta_flip else None  # mirror the width axis
+        meter.update(criterion(logits, y), logits, y)
+        if flipped is not None:
+            both = mirror_log_probs(logits, flipped)  # [b, k]
+            mirrored.update(criterion(both, y), both, y)
     all_reduce_sum(meter.sums)
-    model.train(was_training)
     out = meter.summary()
+    if tta_flip:
+        all_reduce_sum(mirrored.sums)
+        out |= {f"{k}_flip": v for k, v in mirrored.summary().items() if k != "count"}
+    model.train(was_training)
     out["seconds"] = time.perf_counter() - t0
     return out

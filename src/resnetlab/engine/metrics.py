@@ -24,6 +24,17 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] =
     return [hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]
 
 
+def mirror_log_probs(logits: torch.Tensor, logits_flip: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: ``log`` of the mean softmax of each image and its mirror.
+
+    ``[b, k]`` in, ``[b, k]`` out (float64). Its argmax is the TTA prediction and, fed to
+    ``CrossEntropyLoss`` (whose log-softmax leaves log-probabilities as they are), its loss is the
+    NLL of the averaged probabilities.
+    """
+    probs = (torch.softmax(logits.double(), 1) + torch.softmax(logits_flip.double(), 1)) / 2
+    return probs.log()
+
+
 class SumMeter:
     """Sums of loss, top-1/top-5 hits and sample count, kept as device tensors.
 
