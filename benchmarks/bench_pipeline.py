@@ -186,7 +186,8 @@ class Reference:
 
 def throughput(n_images: int, workers: int, batch: int, rounds: int) -> dict[str, Any]:
     root = make_photo_folder(n_images)
-    contenders = {"resnetlab": Ours(root, workers, batch), "torchvision": Reference(root, workers, batch)}
+    contenders: dict[str, Ours | Reference] = {"resnetlab": Ours(root, workers, batch),
+                                                "torchvision": Reference(root, workers, batch)}
     for c in contenders.values():  # start the persistent workers, warm the page cache
         c.epoch_pass()
     rates: dict[str, list[float]] = {name: [] for name in contenders}

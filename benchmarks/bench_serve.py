@@ -321,7 +321,7 @@ def _backend_in_process(ckpt: Path, images: list[bytes], count: int, backend: st
     from resnetlab.serve.backends import make_backend
 
     b = make_backend(ckpt, backend, model_file=model_file, threads=threads).load()
-    decoded = [Image.open(io.BytesIO(x)) for x in images]
+    decoded: list[Image.Image] = [Image.open(io.BytesIO(x)) for x in images]
     batches = [[decoded[(i + j) % len(decoded)] for j in range(MAX_BATCH)] for i in range(0, count, MAX_BATCH)]
 
     def one(batch: list[Image.Image]) -> None:

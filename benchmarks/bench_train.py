@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -216,7 +216,7 @@ def baseline_contender(name: str, plan: Plan, images: torch.Tensor, labels: torc
                        device: torch.device, amp: str, compile_: bool,
                        workers: int) -> Callable[[], tuple[int, float]]:
     model = baseline_model(name).to(device)
-    net = torch.compile(model) if compile_ else model
+    net = cast(nn.Module, torch.compile(model)) if compile_ else model
     opt = sgd(model)
     batches = forever(baseline_loader(images, labels, plan, workers, device))
 
@@ -236,7 +236,7 @@ def resnetlab_parts(name: str, device: torch.device, compile_: bool) -> tuple[nn
     from resnetlab.models import create_model
 
     model = create_model(name, num_classes=NUM_CLASSES).to(device).to(memory_format=torch.channels_last)
-    net = torch.compile(model) if compile_ else model
+    net = cast(nn.Module, torch.compile(model)) if compile_ else model
     return model, net, build_optimizer(model, OptimConfig(lr=LR, weight_decay=1e-4))
 
 
@@ -559,7 +559,7 @@ def run(quick: bool = False, device: str = "auto", compile_: bool = False,
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     common = {"machine": machine, "quick": quick, "amp": amp, "compile": compile_}
-    out = {
+    out: dict[str, dict[str, Any]] = {
         "a": {"case": "a", "title": "training images/s, resnetlab vs idiomatic PyTorch loop",
               **common, "target": TARGETS["a"], "higher_is_better": True,
               "results": [{k: v for k, v in r.items() if k not in ("utilisation",)} for r in rows]},

@@ -49,7 +49,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -159,9 +159,13 @@ class _DeviceBatches:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
         self.x, self.y, self.n = x, y, n
+        self.batch_size = int(y.shape[0])
 
     def __len__(self) -> int:
         return self.n
+
+    def num_samples(self) -> int:
+        return self.n * self.batch_size
 
     def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for _ in range(start_batch, self.n):
@@ -188,7 +192,7 @@ def resnetlab_contender(case: Case, device: torch.device, plan: Plan) -> Callabl
     from resnetlab.models import create_model
 
     model = _layout(create_model(case.model, num_classes=NUM_CLASSES).to(device), case)
-    net = torch.compile(model, backend=plan.compile_backend) if case.compile else model
+    net = cast(nn.Module, torch.compile(model, backend=plan.compile_backend)) if case.compile else model
     opt = build_optimizer(model, OptimConfig(lr=0.01, weight_decay=5e-5))
     scaler = torch.amp.GradScaler(device.type) if case.amp == "fp16" else None
     x, y = _batch(case, device)
@@ -221,7 +225,7 @@ def reference_contender(case: Case, device: torch.device, plan: Plan) -> Callabl
     model: nn.Module = (_cifar_resnet(20, NUM_CLASSES) if case.model == "resnet20"
                         else getattr(torchvision.models, case.model)(num_classes=NUM_CLASSES))
     model = _layout(model.to(device), case)
-    net = torch.compile(model, backend=plan.compile_backend) if case.compile else model
+    net = cast(nn.Module, torch.compile(model, backend=plan.compile_backend)) if case.compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)
     scaler = torch.amp.GradScaler(device.type) if case.amp == "fp16" else None
     x, y = _batch(case, device)
@@ -343,7 +347,7 @@ def _bn_step_seconds(device: torch.device, sync_bn: str, steps: int, batch: int,
     from resnetlab.engine.dist import convert_sync_batchnorm
     from resnetlab.models import create_model
 
-    model = create_model("resnet50", num_classes=NUM_CLASSES).to(device).to(memory_format=torch.channels_last)
+    model: nn.Module = create_model("resnet50", num_classes=NUM_CLASSES).to(device).to(memory_format=torch.channels_last)
     if sync_bn == "resnetlab":
         model = convert_sync_batchnorm(model, device)
     elif sync_bn == "torch":
@@ -386,7 +390,7 @@ def ddp_check(device: torch.device, plan: Plan, dry: bool) -> dict[str, Any]:
     tdist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         out: dict[str, Any] = {"backend": backend, "syncbn_vs_torch": _syncbn_against_torch(device)}
-        model = create_model("resnet20", num_classes=10).to(device).to(memory_format=torch.channels_last)
+        model: nn.Module = create_model("resnet20", num_classes=10).to(device).to(memory_format=torch.channels_last)
         model = convert_sync_batchnorm(model, device)
         ids = [device.index or 0] if device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -522,7 +526,8 @@ def fit_compile_check(device: torch.device, plan: Plan, workdir: Path) -> dict[s
     seen: dict[str, Any] = {}
 
     def on_step(info: dict[str, Any]) -> None:
-        w = unwrap(info["model"]).conv1.weight.detach()
+        conv1 = cast(nn.Conv2d, unwrap(info["model"]).conv1)
+        w = conv1.weight.detach()
         if info["step"] == 1:
             seen["first"] = w.clone()
         elif info["epoch"] == 0:
@@ -682,7 +687,7 @@ def make_image_folder(root: Path, n: int, px: int, classes: int = 10) -> Path:
     def one(i: int) -> None:
         rng = np.random.default_rng(i)
         small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((px, px), Image.BILINEAR)
+        img = Image.fromarray(small).resize((px, px), Image.Resampling.BILINEAR)
         folder = root / "train" / f"c{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         img.save(folder / f"{i:05d}.jpg", quality=90)
@@ -873,7 +878,8 @@ def main(argv: list[str] | None = None) -> int:
                 out[name].setdefault("seconds", time.perf_counter() - t0)
                 log(f"  {json.dumps({k: v for k, v in out[name].items() if k not in ('traceback', 'curve')}, default=str)[:600]}")
             save()
-    rows = out.get("throughput") if isinstance(out.get("throughput"), list) else []
+    found = out.get("throughput")
+    rows: list[dict[str, Any]] = found if isinstance(found, list) else []
     print("\n" + format_table(rows))
     failures = [r["label"] for r in rows if r.get("status") == "error"]
     failures += [n for n in PARTS if isinstance(out.get(n), dict) and out[n].get("ok") is False]

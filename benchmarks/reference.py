@@ -15,7 +15,9 @@ measure the same loop a PyTorch user writes from a recipe's numbers.
   ``resnetlab.engine.optim.lr_at`` step for step);
 - loss: cross-entropy with the recipe's label smoothing; ``train.amp`` autocast (GradScaler for
   fp16) and channels_last as options;
-- evaluation: top-1 on the official test images, after every epoch or once at the end.
+- evaluation: top-1 on the official test images, after every epoch or once at the end; with
+  ``train.test_tta: flip`` the prediction is the argmax of the mean softmax of each image and its
+  left-right mirror (the plain top-1 is kept beside it).
 """
 
 from __future__ import annotations
@@ -87,10 +89,13 @@ def backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.
 class ReferenceResult:
     """What one run of the loop did: wall seconds from its start to the last test score, the last
     test accuracy (%), test images, epochs and optimiser steps run, and the per-epoch curve when
-    tested every epoch (``{"epoch", "seconds", "test_acc"}``)."""
+    tested every epoch (``{"epoch", "seconds", "test_acc"}``). ``test_acc`` is the recipe's
+    measure (with flip test-time augmentation where ``train.test_tta`` asks for it);
+    ``test_acc_plain`` is the top-1 of the images alone."""
 
     seconds: float
     test_acc: float
+    test_acc_plain: float
     test_images: int
     epochs: int
     steps: int
@@ -148,16 +153,26 @@ def train(cfg: Config, tv_root: Path, device: torch.device, *, workers: int, cha
     sched = build_scheduler(opt, o, len(train_loader), tr.epochs)
     scaler = torch.amp.GradScaler(device.type) if tr.amp == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
-    out = ReferenceResult(seconds=0.0, test_acc=float("nan"), test_images=len(test_set), epochs=0, steps=0)
+    out = ReferenceResult(seconds=0.0, test_acc=float("nan"), test_acc_plain=float("nan"),
+                          test_images=len(test_set), epochs=0, steps=0)
+    flip_tta = tr.test_tta == "flip"
 
     def test() -> float:
+        """Top-1 (%) of the recipe's measure; sets ``out.test_acc_plain`` on the way."""
         model.eval()
-        correct = torch.zeros((), device=device)
+        correct = torch.zeros(2, device=device)  # plain, flip TTA
         with torch.no_grad(), autocast(device, tr.amp):
             for x, y in test_loader:
                 x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
-                correct += (model(x).argmax(1) == y.to(device, non_blocking=True)).sum()
-        return 100.0 * float(correct) / len(test_set)
+                y = y.to(device, non_blocking=True)
+                logits = model(x).float()
+                correct[0] += (logits.argmax(1) == y).sum()
+                if flip_tta:
+                    probs = logits.softmax(1) + model(x.flip(3)).float().softmax(1)
+                    correct[1] += (probs.argmax(1) == y).sum()
+        plain, flipped = (100.0 * c / len(test_set) for c in correct.tolist())
+        out.test_acc_plain = plain
+        return flipped if flip_tta else plain
 
     for epoch in range(tr.epochs):
         model.train()

@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"}
                 write_json(case, payloads[case])
 
-    train_cases = [c for c in ("a", "b", "c") if c in cases]
+    train_cases: list[str] = [c for c in ("a", "b", "c") if c in cases]
     if train_cases:
         from benchmarks import bench_train
 

@@ -223,7 +223,7 @@ def run(quick: bool = False, device: str = "auto", node_gbit: float = NODE_GBIT,
         nbytes = grad_bytes(resnetlab.create_model(name, num_classes=1000 if image > 64 else 10))
         stated = (step_ms or {}).get(name)
         step = stated / 1e3 if stated else measure_step(name, image, batch, dev, steps)
-        row = {"model": name, "step_time": "stated" if stated else f"measured on {dev.type}", "image_size": image, "batch_per_worker": batch, "step_ms": step * 1e3,
+        row: dict[str, Any] = {"model": name, "step_time": "stated" if stated else f"measured on {dev.type}", "image_size": image, "batch_per_worker": batch, "step_ms": step * 1e3,
                "grad_bytes": nbytes, "node_gbit": node_gbit,
                "nodes": table(step, nbytes, node_gbit), "nodes_fast_network": table(step, nbytes, FAST_NODE_GBIT)}
         results.append(row)

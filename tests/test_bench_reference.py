@@ -77,3 +77,16 @@ def test_reference_loop_trains_one_step(tmp_path: Path, amp: str) -> None:
     assert 0.0 <= r.test_acc <= 100.0 and r.seconds > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_reference_loop_scores_flips_beside_the_plain_top1(tmp_path: Path) -> None:
+    files = _tiny_fashion(tmp_path / "idx", n_train=16, n_test=12)
+    root = reference.torchvision_layout(files, tmp_path / "tv")
+    cfg = resnetlab.load_config("fashion_speedrun", ["train.epochs=1", "train.batch_size=16",
+                                                     "train.eval_batch_size=5", "train.test_tta=flip"])
+    torch.manual_seed(0)
+    model = resnetlab.create_model(cfg.model.name, num_classes=10, in_chans=1)
+    r = reference.train(cfg, root, torch.device("cpu"), workers=0, channels_last=False, model=model)
+    # 12 test images: every accuracy is a whole number of twelfths
+    for acc in (r.test_acc, r.test_acc_plain):
+        assert 0.0 <= acc <= 100.0 and round(acc * 12 / 100, 6).is_integer()
