@@ -47,6 +47,21 @@ def test_weights_ship_with_cards() -> None:
     assert total < 4 * MAX_FILE
 
 
+def test_zoo_recipes_still_train_what_shipped() -> None:
+    """`zoo build NAME` trains the config the shipped card records, key for key (recipes move on:
+    the zoo recipe pins what made the file). Keys that do not shape the weights may differ: those
+    a resumed run may change (device, logging, the final test) and run.* (where the run went)."""
+    from resnetlab.config import RESUMABLE_KEYS, leaves
+
+    for name in list_weights():
+        r = RECIPES[name]
+        stored = dict(leaves(resnetlab.load_config(str(get(name).folder / "train_config.yaml"))))
+        rebuilt = dict(leaves(resnetlab.load_config(r.recipe, list(r.overrides))))
+        differ = {k: (stored[k], v) for k, v in rebuilt.items()
+                  if v != stored[k] and not k.startswith("run.") and k.split("[", 1)[0] not in RESUMABLE_KEYS}
+        assert not differ, f"{name}: zoo build would train another config: {differ}"
+
+
 def test_create_model_with_weights_equals_loading_the_folder() -> None:
     w = get("resnet20.digits")
     model = resnetlab.create_model("resnet20", weights="digits").eval()
