@@ -78,7 +78,12 @@ WRAPPER = textwrap.dedent("""
             marker.touch()
             os._exit(1)  # no cleanup, no checkpoint: as a crash or an OOM kill would
 
-    sys.exit(resnetlab.train(None, sys.argv[4:], on_step=on_step).exit_code)
+    code = resnetlab.train(None, sys.argv[4:], on_step=on_step).exit_code
+    # fit() has left the process group: the threads alive now live on to the interpreter's exit
+    threads = sorted((t / "comm").read_text().strip() for t in Path("/proc/self/task").iterdir())
+    with open(log.with_name("threads.log"), "a") as f:
+        f.write(f"{rank} {restart} {' '.join(threads)}\\n")
+    sys.exit(code)
 """)
 
 
@@ -146,7 +151,10 @@ def elastic(root: Path, reference: dict[int, Path]) -> dict[str, object]:
                      cwd=root, max_restarts=1)
     starts = [tuple(map(int, line.split())) for line in log.read_text().splitlines()] \
         if log.is_file() else []
-    return {"proc": proc, "marker": marker, "starts": starts, "run_dir": run_dir}
+    threads = root / "threads.log"
+    after_fit = {(int(r), int(n)): names.split() for r, n, names in
+                 (line.split(" ", 2) for line in threads.read_text().splitlines())} if threads.is_file() else {}
+    return {"proc": proc, "marker": marker, "starts": starts, "run_dir": run_dir, "after_fit": after_fit}
 
 
 def test_sync_batchnorm_conversion_keeps_the_optimisers_parameters() -> None:
@@ -323,6 +331,21 @@ def test_rank_killed_once_restarts_from_last_checkpoint_and_completes(elastic: d
     result = json.loads((run / "result.json").read_text())
     assert result["epochs"] == 2 and result["test"]["count"] > 0
     assert ckpt.load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 2 * STEPS_PER_EPOCH
+
+
+def test_no_gloo_thread_outlives_fit(elastic: dict) -> None:
+    """fit() destroys the process group it joined, and gloo's worker threads go with it.
+
+    A group that outlives fit() (torch._dynamo imported after init_process_group keeps
+    references to it; engine.dist._import_dynamo_first) keeps its threads to the interpreter's
+    exit, where one still releasing the last collective's tensors aborts the finished rank with
+    SIGABRT ("terminate called without an active exception"). The restarted round's two ranks
+    list their threads after fit() returns; the first round's ranks did not finish.
+    """
+    _ok(elastic)
+    assert sorted(elastic["after_fit"]) == [(0, 1), (1, 1)]
+    for (rank, _), names in elastic["after_fit"].items():
+        assert not [n for n in names if "gloo" in n], f"rank {rank} after fit(): {names}"
 
 
 def test_checkpoints_move_between_one_and_two_processes(

@@ -50,6 +50,7 @@ def init_from_env(device_type: str) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     owns = not tdist.is_initialized()
     if owns:
+        _import_dynamo_first()
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
@@ -63,6 +64,23 @@ def init_from_env(device_type: str) -> DistInfo:
     if rank != 0:
         log.setLevel(logging.WARNING)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, owns_group=owns)
+
+
+def _import_dynamo_first() -> None:
+    """Import ``torch._dynamo`` before the process group exists, so that the group can be destroyed.
+
+    Imported after ``init_process_group`` (DDP's constructor and the functional collectives of
+    :class:`SyncBatchNorm2d` import it), torch._dynamo keeps 10 references to the world group
+    (``sys.getrefcount`` 10 -> 20, torch 2.14). ``destroy_process_group`` then cannot free it,
+    and gloo's worker threads live on to the interpreter's exit. A worker that is still releasing
+    the last collective's tensors then needs the GIL of a finalising interpreter; Python ends
+    that thread with ``pthread_exit``, whose unwinding through a ``noexcept`` destructor is
+    ``std::terminate``: a finished run's rank aborts ("terminate called without an active
+    exception", SIGABRT), seen on a cold page cache when the destructor's code page faults in.
+    Imported first, the group is freed by :func:`shutdown` and its threads are joined there
+    (tests/test_distributed.py checks that no gloo thread outlives ``fit``).
+    """
+    import torch._dynamo  # noqa: F401  (DDP imports it anyway: no cost in practice)
 
 
 ROUND_PREFIX = "resnetlab/round"  # keys of one restart round live under f"{ROUND_PREFIX}{n}/"
