@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import resnetlab
+from resnetlab.cli import main
 from resnetlab.config import ConfigError
 from resnetlab.engine.loop import evaluate
 
@@ -61,12 +62,15 @@ def test_without_flip_no_flip_metrics() -> None:
     assert not any(k.endswith("_flip") for k in out)
 
 
-def test_train_scores_the_test_split_with_and_without_flips(quick) -> None:
-    res = resnetlab.train(resnetlab.load_config("digits", quick + ["train.epochs=1", "train.test_tta=flip"]))
-    assert res.test is not None and {"top1_acc", "top1_acc_flip", "loss_flip"} <= set(res.test)
-    assert 0.0 <= res.test["top1_acc_flip"] <= 100.0
-    saved = json.loads((res.run_dir / "result.json").read_text())["test"]
-    assert saved["top1_acc_flip"] == res.test["top1_acc_flip"]
+def test_train_scores_the_test_split_with_and_without_flips(quick, tmp_path, capsys) -> None:
+    assert main(["train", "-c", "digits", *quick, "run.name=flip", "train.epochs=1", "train.test_tta=flip"]) == 0
+    saved = json.loads((tmp_path / "runs" / "flip" / "result.json").read_text())["test"]
+    assert {"top1_acc", "top1_acc_flip", "top5_acc_flip", "loss_flip"} <= set(saved)
+    assert 0.0 <= saved["top1_acc_flip"] <= 100.0
+    assert saved["top1_err_flip"] == pytest.approx(100.0 - saved["top1_acc_flip"])
+    out = capsys.readouterr().out  # both scores printed, as result.json has them
+    assert f"test: top-1 acc {saved['top1_acc']:.2f}%" in out
+    assert f"test with flips: top-1 acc {saved['top1_acc_flip']:.2f}% (err {saved['top1_err_flip']:.2f}%)" in out
 
 
 def test_an_unknown_tta_is_refused_by_name() -> None:

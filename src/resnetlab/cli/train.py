@@ -92,6 +92,9 @@ def run_train(args: argparse.Namespace) -> int:
         t = result.test
         print(f"test: top-1 acc {t['top1_acc']:.2f}% (err {t['top1_err']:.2f}%), "
               f"top-5 acc {t['top5_acc']:.2f}%, loss {t['loss']:.4f} | {result.run_dir}")
+        if "top1_acc_flip" in t:  # train.test_tta=flip: the mean softmax of each image and its mirror
+            print(f"test with flips: top-1 acc {t['top1_acc_flip']:.2f}% (err {t['top1_err_flip']:.2f}%), "
+                  f"top-5 acc {t['top5_acc_flip']:.2f}%, loss {t['loss_flip']:.4f}")
     return result.exit_code
 
 
