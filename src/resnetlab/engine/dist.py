@@ -69,10 +69,12 @@ def init_from_env(device_type: str) -> DistInfo:
 def _import_dynamo_first() -> None:
     """Import ``torch._dynamo`` before the process group exists, so that the group can be destroyed.
 
-    Imported after ``init_process_group`` (DDP's constructor and the functional collectives of
-    :class:`SyncBatchNorm2d` import it), torch._dynamo keeps 10 references to the world group
-    (``sys.getrefcount`` 10 -> 20, torch 2.14). ``destroy_process_group`` then cannot free it,
-    and gloo's worker threads live on to the interpreter's exit. A worker that is still releasing
+    torch._dynamo imports ``torch.distributed.nn.functional``, whose functions take
+    ``group=group.WORLD`` as a default argument: imported after ``init_process_group`` (DDP's
+    constructor and the functional collectives of :class:`SyncBatchNorm2d` import torch._dynamo),
+    those 10 defaults hold the world group (``sys.getrefcount`` 10 -> 20, torch 2.14), and
+    ``destroy_process_group`` cannot free it: gloo's worker threads live on to the interpreter's
+    exit. A worker that is still releasing
     the last collective's tensors then needs the GIL of a finalising interpreter; Python ends
     that thread with ``pthread_exit``, whose unwinding through a ``noexcept`` destructor is
     ``std::terminate``: a finished run's rank aborts ("terminate called without an active
