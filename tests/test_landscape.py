@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnetlab.analysis import AnalysisError
-from resnetlab.analysis.landscape import load_landscape, plot_landscapes
+from resnetlab.analysis.landscape import (
+    LandscapeResult,
+    load_landscape,
+    plot_landscapes,
+    roughness_markdown,
+)
 from resnetlab.analysis.loss_surface import (
     filter_normalized_direction,
     grid_points,
@@ -219,3 +224,12 @@ def test_responses_cli_writes_csv_and_figure(tiny_run: Path, tmp_path: Path, cap
     assert len(rows) == 19 and all(float(r["std"]) > 0 for r in rows)  # resnet20: 19 3x3 convs
     assert (tmp_path / "resp" / "responses.png").stat().st_size > 1000
     assert "resnet20 | 19 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("dims", "where"), [(1, "along the line."), (2, "over the grid, both axes.")])
+def test_roughness_note_names_the_scan_it_was_measured_on(tmp_path: Path, dims: int, where: str) -> None:
+    shape = (5,) if dims == 1 else (5, 5)
+    r = LandscapeResult("resnet20", tmp_path, [-1.0, -0.5, 0.0, 0.5, 1.0], dims, torch.ones(shape),
+                        torch.ones(shape), 1.0, {"second_difference": 0.0})
+    note = roughness_markdown([r]).splitlines()[-1]
+    assert note.startswith("Mean abs 2nd difference") and f"h^2 {where}" in note

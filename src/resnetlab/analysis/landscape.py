@@ -358,7 +358,8 @@ def roughness_markdown(results: Sequence[LandscapeResult]) -> str:
         lines.append(f"| {r['model']} | {f(r['train_err'], '.2f')} | {f(r['loss_at_zero'], '.4f')} | "
                      f"{f(r['second_difference'])} | {f(r['lambda_max'])} | {f(r['lambda_min'])} | "
                      f"{f(r['ratio'])} |")
-    lines += ["", "Mean abs 2nd difference: mean |L(a+h) - 2L(a) + L(a-h)| / h^2 over the grid, both "
-              "axes. lambda: Hessian eigenvalues at the trained weights (power iteration on "
+    where = "along the line" if all(r.dims == 1 for r in results) else "over the grid, both axes"
+    lines += ["", f"Mean abs 2nd difference: mean |L(a+h) - 2L(a) + L(a-h)| / h^2 {where}. "
+              "lambda: Hessian eigenvalues at the trained weights (power iteration on "
               "Hessian-vector products); abs(lambda_min / lambda_max) near 0 = locally convex."]
     return "\n".join(lines) + "\n"

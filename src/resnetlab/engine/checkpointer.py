@@ -173,7 +173,10 @@ class Checkpointer:
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             return  # unreadable: resume_config refused it already, unless train.resume=auto
         after = dict(flatten(to_dict(cfg)))
-        changed = {k: [before.get(k), v] for k, v in after.items() if before.get(k) != v and k != "run.root"}
+        # run.root may differ with the same folder; train.resume is how this process started
+        # (auto on every resume), which the line's "resumed" already says
+        changed = {k: [before.get(k), v] for k, v in after.items()
+                   if before.get(k) != v and k not in ("run.root", "train.resume")}
         if changed:
             append_jsonl(self.run_dir / HISTORY, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                   "resumed": True, "changed": changed})
