@@ -74,11 +74,11 @@ def _import_dynamo_first() -> None:
     constructor and the functional collectives of :class:`SyncBatchNorm2d` import torch._dynamo),
     those 10 defaults hold the world group (``sys.getrefcount`` 10 -> 20, torch 2.14), and
     ``destroy_process_group`` cannot free it: gloo's worker threads live on to the interpreter's
-    exit. A worker that is still releasing
-    the last collective's tensors then needs the GIL of a finalising interpreter; Python ends
-    that thread with ``pthread_exit``, whose unwinding through a ``noexcept`` destructor is
-    ``std::terminate``: a finished run's rank aborts ("terminate called without an active
-    exception", SIGABRT), seen on a cold page cache when the destructor's code page faults in.
+    exit. A worker that is still releasing the last collective's tensors then needs the GIL of a
+    finalising interpreter; Python ends that thread with ``pthread_exit``, whose unwinding through
+    a ``noexcept`` destructor is ``std::terminate``: a finished run's rank aborts ("terminate
+    called without an active exception", SIGABRT), seen on a cold page cache when the
+    destructor's code page faults in.
     Imported first, the group is freed by :func:`shutdown` and its threads are joined there
     (tests/test_distributed.py checks that no gloo thread outlives ``fit``).
     """
