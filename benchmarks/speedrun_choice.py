@@ -33,6 +33,7 @@ TABLE = RESULTS_DIR / "speedrun-choice.md"
 def run_candidate(note: str, overrides: list[str], rows: Path = ROWS) -> dict[str, Any]:
     """Train the recipe with ``overrides`` (flip-scored test) and append its row to ``rows``."""
     import resnetlab
+    from resnetlab.engine.metrics import append_jsonl
 
     with tempfile.TemporaryDirectory(prefix="speedrun-choice-") as tmp:
         t0 = time.perf_counter()
@@ -46,8 +47,7 @@ def run_candidate(note: str, overrides: list[str], rows: Path = ROWS) -> dict[st
            "test_acc": result.test["top1_acc"], "test_acc_flip": result.test["top1_acc_flip"],
            "seconds": seconds, "threads": cfg.train.threads, "note": note}
     rows.parent.mkdir(parents=True, exist_ok=True)
-    with rows.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(rows, row)
     return row
 
 

@@ -90,12 +90,16 @@ def run_train(args: argparse.Namespace) -> int:
     result = fit_cleanly(resolve_train_config(args))
     if result.interrupted is None and result.test is not None and os.environ.get("RANK", "0") == "0":
         t = result.test
-        print(f"test: top-1 acc {t['top1_acc']:.2f}% (err {t['top1_err']:.2f}%), "
-              f"top-5 acc {t['top5_acc']:.2f}%, loss {t['loss']:.4f} | {result.run_dir}")
+        print(f"test: {_scores(t)} | {result.run_dir}")
         if "top1_acc_flip" in t:  # train.test_tta=flip: the mean softmax of each image and its mirror
-            print(f"test with flips: top-1 acc {t['top1_acc_flip']:.2f}% (err {t['top1_err_flip']:.2f}%), "
-                  f"top-5 acc {t['top5_acc_flip']:.2f}%, loss {t['loss_flip']:.4f}")
+            print(f"test with flips: {_scores(t, '_flip')}")
     return result.exit_code
+
+
+def _scores(test: dict[str, Any], suffix: str = "") -> str:
+    """Top-1 (and its error), top-5 and loss of a test result; ``suffix`` picks a variant's keys."""
+    return (f"top-1 acc {test['top1_acc' + suffix]:.2f}% (err {test['top1_err' + suffix]:.2f}%), "
+            f"top-5 acc {test['top5_acc' + suffix]:.2f}%, loss {test['loss' + suffix]:.4f}")
 
 
 def add_recipes(sub: argparse._SubParsersAction) -> None:
